@@ -1,0 +1,47 @@
+r"""The embedded default: moving sprites, 8x32x32 clips, small enough to train on a 2-core CPU.
+
+Run (both stages once stage 2 lands; today the tokenizer):
+  python -m vqvdm_jax.main --config=configs/demo.py --workdir=/tmp/demo --mode=train_vqgan
+  python -m vqvdm_jax.main --config=configs/demo.py --workdir=/tmp/demo --mode=evaluate_vqgan
+"""
+
+from vqvdm_jax.config import base_config
+
+
+def get_config(arg: str | None = None):
+  del arg
+  config = base_config()
+  config.data.name = "synthetic"
+  config.data.num_frames = 8
+  config.data.resolution = 32
+  config.data.num_train_clips = 1024
+  config.data.num_eval_clips = 32
+
+  model = config.vqgan.model
+  model.channels = 32
+  model.channel_multipliers = (1, 2, 2, 2)
+  model.num_res_blocks = 1
+  model.temporal_downsample = 4
+  model.spatial_downsample = 8
+  model.num_groups = 8
+
+  config.vqgan.quantizer.codebook_size = 256
+  config.vqgan.quantizer.dead_code_restart = True
+  config.vqgan.quantizer.dead_code_steps = 50
+  config.vqgan.loss.lpips_frames = 2
+  config.vqgan.loss.disc_start = 400
+  config.vqgan.discriminator.channels = 16
+  config.vqgan.optim.learning_rate = 1e-3
+  config.vqgan.optim.disc_learning_rate = 2e-4
+  config.vqgan.optim.warmup_steps = 50
+  config.vqgan.optim.ema_decay = 0.99
+
+  train = config.vqgan.train
+  train.batch_size = 8
+  train.num_steps = 600
+  train.log_every = 50
+  train.checkpoint_every = 200
+  train.eval_every = 300
+  config.vqgan.eval.num_clips = 32
+  config.vqgan.eval.batch_size = 8
+  return config

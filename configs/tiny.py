@@ -1,0 +1,45 @@
+r"""A few-channel model on 8x16x16 clips, for the tests: compiles and steps in seconds on a CPU.
+
+Run:
+  python -m vqvdm_jax.main --config=configs/tiny.py --workdir=/tmp/tiny --mode=train_vqgan
+"""
+
+from vqvdm_jax.config import base_config
+
+
+def get_config(arg: str | None = None):
+  del arg
+  config = base_config()
+  config.data.name = "synthetic"
+  config.data.num_frames = 8
+  config.data.resolution = 16
+  config.data.num_train_clips = 32
+  config.data.num_eval_clips = 8
+
+  model = config.vqgan.model
+  model.channels = 8
+  model.channel_multipliers = (1, 2, 2)
+  model.num_res_blocks = 1
+  model.temporal_downsample = 4
+  model.spatial_downsample = 4
+  model.num_groups = 4
+  model.attention_at_lowest = True
+
+  config.vqgan.quantizer.codebook_size = 32
+  config.vqgan.loss.lpips_frames = 1
+  config.vqgan.loss.disc_start = 2
+  config.vqgan.discriminator.channels = 8
+  config.vqgan.discriminator.num_layers = 2
+  config.vqgan.optim.learning_rate = 1e-3
+  config.vqgan.optim.warmup_steps = 1
+
+  train = config.vqgan.train
+  train.batch_size = 8
+  train.num_steps = 4
+  train.log_every = 2
+  train.checkpoint_every = 2
+  train.eval_every = 4
+  train.num_eval_videos = 2
+  config.vqgan.eval.num_clips = 8
+  config.vqgan.eval.batch_size = 8
+  return config

@@ -1,0 +1,26 @@
+r"""UCF-101, 16x128x128, class + FPS conditioning: the paper's settings (SPEC.md §2, §4).
+
+Run:
+  python -m vqvdm_jax.main --config=configs/ucf101.py --workdir=/tmp/ucf101
+A few-step smoke run of this exact model:
+  python -m vqvdm_jax.main --config=configs/ucf101.py:runlocal --workdir=/tmp/ucf101_smoke
+"""
+
+from vqvdm_jax.config import base_config
+
+
+def get_config(arg: str | None = None):
+  config = base_config()
+  config.data.name = "ucf101"
+  config.data.num_classes = 101
+  config.data.num_workers = 8
+  config.vqgan.loss.disc_start = 10_000
+  config.vqgan.train.batch_size = 16
+  if arg == "runlocal":
+    config.data.name = "synthetic"
+    config.data.num_workers = 0
+    config.vqgan.train.batch_size = 2
+    config.vqgan.train.num_steps = 3
+    config.vqgan.train.log_every = 1
+    config.vqgan.loss.disc_start = 1
+  return config

@@ -1,0 +1,192 @@
+"""The experiment configuration: defaults shared by every ``configs/*.py`` and its validation.
+
+A config file calls :func:`base_config`, overrides what its experiment changes and returns it.
+Every field a user may change lives here; code reads fields, never magic numbers.
+Values shared between groups (clip length, resolution) are ``FieldReference``s, so an override
+on the command line (``--config.data.num_frames=8``) reaches every group that uses them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults: the paper's settings (SPEC.md §2) where the paper gives them, ours elsewhere."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  num_frames = config_dict.FieldReference(16)
+  resolution = config_dict.FieldReference(128)
+
+  # ---------------------------------------------------------------- data
+  config.data = data = ml_collections.ConfigDict()
+  data.name = "synthetic"  # 'synthetic' is the embedded moving-sprites dataset.
+  data.num_frames = num_frames
+  data.resolution = resolution
+  data.num_classes = 4  # synthetic: sprite shapes (square, disc, triangle, cross).
+  data.fps_values = (4.0, 8.0, 16.0)  # synthetic: per-clip frame rates.
+  data.num_train_clips = 2048  # synthetic: size of the train split.
+  data.num_eval_clips = 64  # synthetic: size of the held-out split.
+  data.num_workers = 0  # grain worker processes (0 = in the main process).
+  data.prefetch_buffer_size = 2
+
+  # ---------------------------------------------------------------- stage 1: 3D VQGAN
+  config.vqgan = vqgan = ml_collections.ConfigDict()
+  vqgan.num_frames = num_frames
+  vqgan.resolution = resolution
+
+  vqgan.model = model = ml_collections.ConfigDict()
+  model.channels = 64  # width of the first level.
+  model.channel_multipliers = (1, 2, 2, 4)  # one level per entry; a downsampling between levels.
+  model.num_res_blocks = 2  # residual blocks per level.
+  model.temporal_downsample = 4  # T -> T / 4   (a power of two)
+  model.spatial_downsample = 8  # H, W -> H / 8 (a power of two)
+  model.latent_channels = 4
+  model.attention_at_lowest = True  # self-attention block at the lowest resolution.
+  model.attention_heads = 1
+  model.num_groups = 32  # GroupNorm groups (clipped to the channel count).
+  model.causal = False  # MAGVIT-v2 causal tokenizer: frame t never sees frames > t.
+  model.conv_impl = "auto"  # 'native' 3D conv, 'taps' (sum of 2D convs over time), 'auto'.
+  model.dtype = "float32"  # compute dtype; parameters stay float32.
+
+  vqgan.quantizer = quantizer = ml_collections.ConfigDict()
+  quantizer.kind = "vq"  # 'vq' (codebook loss), 'ema' (VQ-VAE-2 EMA codebook), 'lfq' (MAGVIT-v2).
+  quantizer.codebook_size = 16384  # ignored by 'lfq' (2 ** latent_channels codes).
+  quantizer.beta = 0.25  # commitment weight (VQ-VDM eq. 2).
+  quantizer.ema_decay = 0.99  # gamma of the VQ-VAE-2 EMA update.
+  quantizer.ema_epsilon = 1e-5  # Laplace smoothing of the EMA cluster sizes.
+  quantizer.dead_code_restart = False  # re-seed codes unused for `dead_code_steps` steps.
+  quantizer.dead_code_steps = 200
+  quantizer.usage_window = 100  # a code counts as used if chosen in the last N steps.
+  quantizer.entropy_weight = 0.1  # lfq: weight of the entropy penalty.
+  quantizer.entropy_weight_final = 0.1  # lfq: weight after annealing (= entropy_weight: none).
+  quantizer.entropy_anneal_steps = 0  # lfq: linear annealing length (0: no annealing).
+  quantizer.entropy_temperature = 0.01  # lfq: temperature of the soft code assignment.
+
+  vqgan.loss = loss = ml_collections.ConfigDict()
+  loss.l2_weight = 1.0
+  loss.lpips_weight = 1.0
+  loss.lpips_frames = 0  # LPIPS on this many random frames per clip (0: every frame).
+  loss.vq_weight = 1.0  # lambda_1
+  loss.disc_weight = 0.5  # lambda_2
+  loss.feature_matching_weight = 1.0  # lambda_3
+  loss.disc_start = 10000  # GAN terms (L_disc and L_disc_aux) are off before this step.
+  loss.gan_loss = "vanilla"  # 'vanilla' (log D, SPEC eq. 3) or 'hinge'.
+  loss.adaptive_disc_weight = False  # Taming's gradient-norm ratio at the decoder's last layer.
+  loss.adaptive_weight_max = 1e4
+  loss.lecam_weight = 0.0  # LeCam regularisation of the discriminator (0: off).
+  loss.lecam_ema_decay = 0.999
+
+  vqgan.discriminator = disc = ml_collections.ConfigDict()
+  disc.channels = 64
+  disc.num_layers = 3  # each layer downsamples (stride 2) in time and space.
+
+  vqgan.optim = optim = ml_collections.ConfigDict()
+  optim.learning_rate = 1e-4
+  optim.disc_learning_rate = 1e-4
+  optim.b1 = 0.5
+  optim.b2 = 0.9
+  optim.weight_decay = 0.0
+  optim.warmup_steps = 1000
+  optim.grad_clip_norm = 1.0  # global-norm clipping (0: off).
+  optim.ema_decay = 0.999  # EMA of the generator weights used for evaluation (0: off).
+
+  vqgan.train = train = ml_collections.ConfigDict()
+  train.batch_size = 8  # global batch, split over the mesh's data axis.
+  train.num_steps = 200_000
+  train.log_every = 50
+  train.checkpoint_every = 2000
+  train.keep_checkpoints = 3
+  train.eval_every = 5000  # reconstructions written as GIF/MP4.
+  train.num_eval_videos = 4
+
+  vqgan.eval = ml_collections.ConfigDict()
+  vqgan.eval.num_clips = 64
+  vqgan.eval.batch_size = 8
+
+  # ---------------------------------------------------------------- devices
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.shape = (-1,)  # -1 takes every remaining device.
+  mesh.axes = ("data",)
+  return config
+
+
+_CONV_IMPLS = ("auto", "native", "taps")
+_QUANTIZERS = ("vq", "ema", "lfq")
+_GAN_LOSSES = ("vanilla", "hinge")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A config value is unknown or inconsistent; the message names the field and the fix."""
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+  if not condition:
+    raise ConfigError(f"config.{field}: {message}")
+
+
+def _is_power_of_two(value: int) -> bool:
+  return value >= 1 and (value & (value - 1)) == 0
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Fails at start-up, naming the field and the fix, on values the code cannot run with."""
+  data, model = config.data, config.vqgan.model
+  _require(data.num_frames >= 1, "data.num_frames", f"must be >= 1, got {data.num_frames}.")
+  _require(data.resolution >= 1, "data.resolution", f"must be >= 1, got {data.resolution}.")
+  _require(model.conv_impl in _CONV_IMPLS, "vqgan.model.conv_impl",
+           f"got {model.conv_impl!r}; choose one of {_CONV_IMPLS}.")
+  _require(model.dtype in _DTYPES, "vqgan.model.dtype",
+           f"got {model.dtype!r}; choose one of {_DTYPES}.")
+  for axis in ("temporal_downsample", "spatial_downsample"):
+    factor = model[axis]
+    _require(_is_power_of_two(factor), f"vqgan.model.{axis}",
+             f"must be a power of two, got {factor}.")
+  num_downsamplings = max(int(math.log2(model.temporal_downsample)),
+                          int(math.log2(model.spatial_downsample)))
+  _require(len(model.channel_multipliers) == num_downsamplings + 1,
+           "vqgan.model.channel_multipliers",
+           f"has {len(model.channel_multipliers)} levels but downsampling by "
+           f"{model.temporal_downsample} (time) and {model.spatial_downsample} (space) needs "
+           f"{num_downsamplings + 1} (one level per factor of two, plus one).")
+  _require(data.resolution % model.spatial_downsample == 0, "data.resolution",
+           f"{data.resolution} is not divisible by vqgan.model.spatial_downsample="
+           f"{model.spatial_downsample}; pick a multiple of it.")
+  if model.causal:
+    _require(data.num_frames == 1 or (data.num_frames - 1) % model.temporal_downsample == 0,
+             "data.num_frames",
+             f"{data.num_frames} frames with the causal tokenizer: the first frame is encoded "
+             f"alone, so use 1 + k * vqgan.model.temporal_downsample frames "
+             f"(e.g. {1 + 4 * model.temporal_downsample}) or 1.")
+  else:
+    _require(data.num_frames % model.temporal_downsample == 0, "data.num_frames",
+             f"{data.num_frames} is not divisible by vqgan.model.temporal_downsample="
+             f"{model.temporal_downsample}; use a multiple of it (the paper uses 16).")
+  quantizer = config.vqgan.quantizer
+  _require(quantizer.kind in _QUANTIZERS, "vqgan.quantizer.kind",
+           f"got {quantizer.kind!r}; choose one of {_QUANTIZERS}.")
+  if quantizer.kind == "lfq":
+    _require(model.latent_channels <= 16, "vqgan.model.latent_channels",
+             f"LFQ has 2 ** latent_channels codes; {model.latent_channels} is too many (max 16).")
+  else:
+    _require(quantizer.codebook_size >= 2, "vqgan.quantizer.codebook_size",
+             f"must be >= 2, got {quantizer.codebook_size}.")
+  _require(0.0 <= quantizer.ema_decay < 1.0, "vqgan.quantizer.ema_decay",
+           f"must be in [0, 1), got {quantizer.ema_decay}.")
+  _require(config.vqgan.loss.gan_loss in _GAN_LOSSES, "vqgan.loss.gan_loss",
+           f"got {config.vqgan.loss.gan_loss!r}; choose one of {_GAN_LOSSES}.")
+  _require(config.vqgan.loss.lpips_frames >= 0, "vqgan.loss.lpips_frames",
+           f"must be >= 0 (0: every frame), got {config.vqgan.loss.lpips_frames}.")
+  train = config.vqgan.train
+  _require(train.batch_size >= 1, "vqgan.train.batch_size", f"must be >= 1, got {train.batch_size}.")
+  for field in ("log_every", "checkpoint_every", "eval_every"):
+    _require(train[field] >= 1, f"vqgan.train.{field}", f"must be >= 1, got {train[field]}.")
+  _require(len(config.mesh.shape) == len(config.mesh.axes), "mesh.shape",
+           f"{tuple(config.mesh.shape)} and mesh.axes {tuple(config.mesh.axes)} differ in length.")
+  _require("data" in config.mesh.axes, "mesh.axes",
+           f"must contain 'data' (the batch axis), got {tuple(config.mesh.axes)}.")
