@@ -1,0 +1,88 @@
+"""``--mode=evaluate_vqgan``: reconstruction quality of the latest stage-1 checkpoint.
+
+Writes ``DIR/vqgan/eval.json`` (PSNR, SSIM, LPIPS, codebook usage and perplexity over the
+held-out clips) and ``DIR/vqgan/eval_grid.{gif,mp4}`` (originals above reconstructions).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from vqvdm_jax import losses, video_io
+from vqvdm_jax.data import pipeline
+from vqvdm_jax.evaluation import reconstruction
+from vqvdm_jax.training import vqgan_trainer
+
+
+def codebook_statistics(indices: np.ndarray, codebook_size: int) -> dict[str, float]:
+  """Fraction of the codebook used and perplexity exp(H) of the code histogram."""
+  counts = np.bincount(indices.reshape(-1), minlength=codebook_size).astype(np.float64)
+  probabilities = counts / counts.sum()
+  nonzero = probabilities[probabilities > 0]
+  return {"codebook_usage": float((counts > 0).mean()),
+          "codebook_perplexity": float(np.exp(-(nonzero * np.log(nonzero)).sum()))}
+
+
+def codebook_size(config: ml_collections.ConfigDict) -> int:
+  if config.vqgan.quantizer.kind == "lfq":
+    return 2 ** config.vqgan.model.latent_channels
+  return config.vqgan.quantizer.codebook_size
+
+
+def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  """Evaluates the latest checkpoint in ``workdir``; fails clearly when there is none."""
+  trainer = vqgan_trainer.VQGANTrainer(config, workdir)
+  state = trainer.checkpointer.restore(trainer.abstract_state())
+  if state is None:
+    raise FileNotFoundError(
+        f"No stage-1 checkpoint in {trainer.checkpointer.directory}. Train one first: "
+        f"python -m vqvdm_jax.main --config=... --workdir={workdir} --mode=train_vqgan")
+  params = vqgan_trainer.eval_params(state, config)
+  lpips_module, lpips_params = trainer.lpips_module, trainer.lpips_params
+
+  @jax.jit
+  def clip_metrics(video_uint8):
+    video = pipeline.to_model_input(video_uint8)
+    x_hat, quantized = trainer.model.apply(
+        {"params": params, "quantizer_state": state.quantizer_state}, video, train=False)
+    x_hat = jnp.clip(x_hat, -1.0, 1.0)
+    frames, frames_hat = (x.reshape((-1, *x.shape[2:])) for x in (video, x_hat))
+    frame_lpips = losses.lpips_distance(lpips_module, lpips_params, frames, frames_hat)
+    return {"psnr": reconstruction.psnr(video, x_hat),
+            "ssim": reconstruction.ssim(video, x_hat),
+            "lpips": frame_lpips.reshape(video.shape[:2]).mean(axis=1),
+            "indices": quantized.indices, "x_hat": pipeline.to_uint8(x_hat)}
+
+  eval_config = config.vqgan.eval
+  per_clip = {"psnr": [], "ssim": [], "lpips": []}
+  all_indices, originals, reconstructions = [], [], []
+  for batch in pipeline.eval_batches(config.data, eval_config.batch_size, eval_config.num_clips,
+                                     config.seed):
+    out = jax.device_get(clip_metrics(batch["video"]))
+    for name in per_clip:
+      per_clip[name].append(np.asarray(out[name], np.float64))
+    all_indices.append(np.asarray(out["indices"]))
+    if len(originals) < 1:
+      originals.append(batch["video"][:8])
+      reconstructions.append(np.asarray(out["x_hat"])[:8])
+  results = {name: float(np.mean(np.concatenate(values))) for name, values in per_clip.items()}
+  results.update(codebook_statistics(np.concatenate([i.reshape(-1) for i in all_indices]),
+                                     codebook_size(config)))
+  results.update({"step": int(jax.device_get(state.step)),
+                  "num_clips": int(sum(len(v) for v in per_clip["psnr"])),
+                  "weights": "ema" if config.vqgan.optim.ema_decay > 0 else "raw",
+                  "psnr_data_range": "[-1, 1] (2.0)"})
+  out_dir = vqgan_trainer.stage_dir(workdir)
+  if jax.process_index() == 0:
+    (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    video_io.write_comparison_grid(out_dir / "eval_grid", originals[0], reconstructions[0], fps=8)
+  logging.info("Stage-1 evaluation at step %d: %s", results["step"], results)
+  trainer.checkpointer.close()
+  return results

@@ -1,0 +1,66 @@
+"""Every Orbax call of the project: save and restore a train state with its input iterator.
+
+The rest of the code sees ``Checkpointer.save(step, state, data_iterator)`` and
+``Checkpointer.restore(abstract_state, data_iterator)``. Saves are atomic (Orbax writes to a
+temporary directory and renames), so an interrupted save never corrupts an earlier checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class Checkpointer:
+  """A directory of step-numbered checkpoints: state (pytree) + optional grain iterator state."""
+
+  def __init__(self, directory: str | Path, save_every: int, keep: int):
+    self.directory = Path(directory).absolute()
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=save_every, create=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, data_iterator: Any | None = None,
+           force: bool = False) -> bool:
+    """Saves if ``step`` is on the save interval (or ``force``); returns whether it saved."""
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if saved:
+      logging.info("Saving checkpoint at step %d to %s.", step, self.directory)
+    return saved
+
+  def restore(self, abstract_state: Any, data_iterator: Any | None = None,
+              step: int | None = None) -> Any | None:
+    """The state of ``step`` (default: the latest) laid out like ``abstract_state``, or None.
+
+    ``abstract_state`` is a pytree of arrays or ``jax.ShapeDtypeStruct``s with shardings; the
+    restored arrays take those shardings. The iterator, if given, is moved to its saved position.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return None
+    abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    logging.info("Restored checkpoint of step %d from %s.", step, self.directory)
+    return restored["state"]
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

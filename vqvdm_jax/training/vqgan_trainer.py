@@ -1,0 +1,338 @@
+"""Stage 1: training the 3D VQGAN (VQ-VDM eq. 5) with a pure, jitted GAN step.
+
+One step updates the generator (encoder, quantizer, decoder) and the 3D discriminator, as
+MAGVIT does. The objective is
+
+  L = L_recon + λ1 L_vq + [step >= disc_start] (λ2 w L_disc + λ3 L_disc_aux),
+
+with L_recon = ‖x − x̂‖² + LPIPS(x, x̂) and w = 1, or Taming's adaptive weight when asked.
+Workdir layout (stage 1): ``vqgan/checkpoints``, ``vqgan/summaries``, ``vqgan/reconstructions``.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from vqvdm_jax import config as config_lib
+from vqvdm_jax import losses, video_io
+from vqvdm_jax.data import pipeline
+from vqvdm_jax.models.discriminator import Discriminator3D
+from vqvdm_jax.models.vqgan import VQGAN3D, make_vqgan
+from vqvdm_jax.training import checkpointing, reporting, sharding
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class VQGANTrainState:
+  """Everything a stage-1 run needs to continue bit-identically after a restart."""
+
+  step: jax.Array
+  params: PyTree  # generator: encoder, quantizer, decoder
+  quantizer_state: PyTree  # non-gradient quantizer variables (EMA codebook, usage counters)
+  ema_params: PyTree  # EMA of `params`, used for evaluation
+  disc_params: PyTree
+  gen_opt_state: PyTree
+  disc_opt_state: PyTree
+  lecam_ema: PyTree  # EMAs of the discriminator's mean real / fake logits (LeCam)
+  rng: jax.Array  # base key; step keys are fold_in(rng, step)
+
+
+def stage_dir(workdir: str | Path) -> Path:
+  return Path(workdir) / "vqgan"
+
+
+def make_discriminator(config: ml_collections.ConfigDict) -> Discriminator3D:
+  disc = config.vqgan.discriminator
+  return Discriminator3D(channels=disc.channels, num_layers=disc.num_layers,
+                         conv_impl=config.vqgan.model.conv_impl)
+
+
+def make_optimizer(learning_rate: float, optim: ml_collections.ConfigDict
+                   ) -> optax.GradientTransformation:
+  """Adam(W) with linear warm-up and optional global-norm clipping."""
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, learning_rate, max(optim.warmup_steps, 1)),
+       optax.constant_schedule(learning_rate)], [max(optim.warmup_steps, 1)])
+  chain = []
+  if optim.grad_clip_norm > 0:
+    chain.append(optax.clip_by_global_norm(optim.grad_clip_norm))
+  chain.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay))
+  return optax.chain(*chain)
+
+
+def dummy_video(config: ml_collections.ConfigDict, batch_size: int = 1) -> jax.Array:
+  data = config.data
+  return jnp.zeros((batch_size, data.num_frames, data.resolution, data.resolution, 3),
+                   jnp.float32)
+
+
+def init_train_state(config: ml_collections.ConfigDict, model: VQGAN3D,
+                     discriminator: Discriminator3D, gen_tx: optax.GradientTransformation,
+                     disc_tx: optax.GradientTransformation) -> VQGANTrainState:
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, quantizer_rng, disc_rng, state_rng = jax.random.split(rng, 4)
+  video = dummy_video(config)
+  variables = model.init({"params": init_rng, "quantizer": quantizer_rng}, video)
+  params = variables["params"]
+  disc_params = discriminator.init(disc_rng, video)["params"]
+  return VQGANTrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      quantizer_state=variables.get("quantizer_state", {}),
+      ema_params=params,
+      disc_params=disc_params,
+      gen_opt_state=gen_tx.init(params),
+      disc_opt_state=disc_tx.init(disc_params),
+      lecam_ema={"real": jnp.zeros((), jnp.float32), "fake": jnp.zeros((), jnp.float32)},
+      rng=state_rng)
+
+
+def _keep_if(condition: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+  return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: VQGAN3D,
+                    discriminator: Discriminator3D, gen_tx: optax.GradientTransformation,
+                    disc_tx: optax.GradientTransformation, lpips_module: nn.Module
+                    ) -> Callable[[VQGANTrainState, dict, PyTree], tuple[VQGANTrainState, dict]]:
+  """The pure step ``(state, batch, lpips_params) -> (state, metrics)``; jit it once."""
+  loss_config = config.vqgan.loss
+  ema_decay = config.vqgan.optim.ema_decay
+
+  def generator_terms(params, quantizer_state, disc_params, lpips_params, video, rng):
+    lpips_rng, quantizer_rng = jax.random.split(rng)
+    (x_hat, quantized), updated = model.apply(
+        {"params": params, "quantizer_state": quantizer_state}, video, train=True,
+        mutable=["quantizer_state"], rngs={"quantizer": quantizer_rng})
+    l2 = losses.l2_reconstruction_loss(video, x_hat)
+    perceptual = losses.video_lpips(lpips_module, lpips_params, video, x_hat,
+                                    loss_config.lpips_frames, lpips_rng)
+    reconstruction = loss_config.l2_weight * l2 + loss_config.lpips_weight * perceptual
+    logits_fake, features_fake = discriminator.apply({"params": disc_params}, x_hat)
+    _, features_real = discriminator.apply({"params": disc_params}, video)
+    adversarial = losses.generator_adversarial_loss(logits_fake, loss_config.gan_loss)
+    feature_matching = losses.feature_matching_loss(features_real, features_fake)
+    return dict(x_hat=x_hat, quantized=quantized, quantizer_state=updated.get("quantizer_state", {}),
+                l2=l2, lpips=perceptual, reconstruction=reconstruction,
+                adversarial=adversarial, feature_matching=feature_matching)
+
+  def adaptive_weight(params, quantizer_state, disc_params, lpips_params, video, rng):
+    """Taming eq. 7 at the decoder's output conv; costs two extra backward passes."""
+    def last_layer_grad(term):
+      grads = jax.grad(lambda p: generator_terms(
+          p, quantizer_state, disc_params, lpips_params, video, rng)[term])(params)
+      return grads["decoder"]["conv_out"]["kernel"]
+    return losses.adaptive_disc_weight(last_layer_grad("reconstruction"),
+                                       last_layer_grad("adversarial"),
+                                       loss_config.adaptive_weight_max)
+
+  def train_step(state: VQGANTrainState, batch: dict, lpips_params: PyTree):
+    rng = jax.random.fold_in(state.rng, state.step)
+    gen_rng, disc_rng = jax.random.split(rng)
+    video = pipeline.to_model_input(batch["video"])
+    gan_active = state.step >= loss_config.disc_start
+
+    if loss_config.adaptive_disc_weight:
+      disc_factor = adaptive_weight(state.params, state.quantizer_state, state.disc_params,
+                                    lpips_params, video, gen_rng)
+    else:
+      disc_factor = jnp.ones((), jnp.float32)
+    gan_gate = gan_active.astype(jnp.float32)
+
+    def generator_loss(params):
+      terms = generator_terms(params, state.quantizer_state, state.disc_params, lpips_params,
+                              video, gen_rng)
+      total = (terms["reconstruction"] + loss_config.vq_weight * terms["quantized"].loss
+               + gan_gate * (loss_config.disc_weight * disc_factor * terms["adversarial"]
+                             + loss_config.feature_matching_weight * terms["feature_matching"]))
+      return total, terms
+
+    (gen_loss, terms), gen_grads = jax.value_and_grad(generator_loss, has_aux=True)(state.params)
+    updates, gen_opt_state = gen_tx.update(gen_grads, state.gen_opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if ema_decay > 0:
+      ema_params = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
+    else:
+      ema_params = params
+
+    x_hat = jax.lax.stop_gradient(terms["x_hat"])
+
+    def discriminator_objective(disc_params):
+      logits_real, _ = discriminator.apply({"params": disc_params}, video)
+      logits_fake, _ = discriminator.apply({"params": disc_params}, x_hat)
+      loss = losses.discriminator_loss(logits_real, logits_fake, loss_config.gan_loss)
+      lecam = losses.lecam_regularization(logits_real, logits_fake, state.lecam_ema["real"],
+                                          state.lecam_ema["fake"])
+      return loss + loss_config.lecam_weight * lecam, (loss, lecam, logits_real, logits_fake)
+
+    del disc_rng  # the discriminator is deterministic; the key is split for future use.
+    (_, (disc_loss, lecam, logits_real, logits_fake)), disc_grads = jax.value_and_grad(
+        discriminator_objective, has_aux=True)(state.disc_params)
+    disc_updates, disc_opt_state = disc_tx.update(disc_grads, state.disc_opt_state,
+                                                  state.disc_params)
+    disc_params = optax.apply_updates(state.disc_params, disc_updates)
+    lecam_ema = {
+        "real": losses.update_lecam_ema(state.lecam_ema["real"], logits_real,
+                                        loss_config.lecam_ema_decay),
+        "fake": losses.update_lecam_ema(state.lecam_ema["fake"], logits_fake,
+                                        loss_config.lecam_ema_decay)}
+    # Before disc_start the discriminator is frozen: its params, optimizer and EMAs stay put.
+    disc_params, disc_opt_state, lecam_ema = _keep_if(
+        gan_active, (disc_params, disc_opt_state, lecam_ema),
+        (state.disc_params, state.disc_opt_state, state.lecam_ema))
+
+    quantized = terms["quantized"]
+    metrics = {
+        "loss/generator": gen_loss, "loss/l2": terms["l2"], "loss/lpips": terms["lpips"],
+        "loss/reconstruction": terms["reconstruction"], "loss/vq": quantized.loss,
+        "loss/adversarial": terms["adversarial"],
+        "loss/feature_matching": terms["feature_matching"],
+        "loss/discriminator": disc_loss, "loss/lecam": lecam,
+        "gan/active": gan_gate, "gan/adaptive_weight": disc_factor,
+        "gan/logits_real": jnp.mean(logits_real), "gan/logits_fake": jnp.mean(logits_fake),
+        "grad_norm/generator": optax.global_norm(gen_grads),
+        "grad_norm/discriminator": optax.global_norm(disc_grads),
+    }
+    metrics.update({f"quantizer/{k}": v for k, v in quantized.terms.items()})
+    metrics.update({f"codebook/{k}": v for k, v in quantized.stats.items()})
+    new_state = state.replace(
+        step=state.step + 1, params=params, quantizer_state=terms["quantizer_state"],
+        ema_params=ema_params, disc_params=disc_params, gen_opt_state=gen_opt_state,
+        disc_opt_state=disc_opt_state, lecam_ema=lecam_ema)
+    return new_state, metrics
+
+  return train_step
+
+
+class VQGANTrainer:
+  """Builds the model, optimizers, mesh, jitted step and checkpointer of a stage-1 run."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path,
+               devices: list | None = None):
+    config_lib.validate(config)
+    self.config = config
+    self.workdir = stage_dir(workdir)
+    self.mesh = sharding.make_mesh(config.mesh, devices)
+    sharding.check_batch_size(config.vqgan.train.batch_size, self.mesh, "vqgan.train.batch_size")
+    self.model = make_vqgan(config)
+    self.discriminator = make_discriminator(config)
+    optim = config.vqgan.optim
+    self.gen_tx = make_optimizer(optim.learning_rate, optim)
+    self.disc_tx = make_optimizer(optim.disc_learning_rate, optim)
+    self.lpips_module, lpips_params = losses.load_lpips()
+    self.replicated = sharding.replicated(self.mesh)
+    self.lpips_params = jax.device_put(lpips_params, self.replicated)
+    self.checkpointer = checkpointing.Checkpointer(
+        self.workdir / "checkpoints", config.vqgan.train.checkpoint_every,
+        config.vqgan.train.keep_checkpoints)
+
+    init = functools.partial(init_train_state, config, self.model, self.discriminator,
+                             self.gen_tx, self.disc_tx)
+    abstract = jax.eval_shape(init)
+    self.state_sharding = sharding.tree_shardings(abstract, self.replicated)
+    self._init = jax.jit(init, out_shardings=self.state_sharding)
+    batch_spec = sharding.batch_sharding(self.mesh)
+    step = make_train_step(config, self.model, self.discriminator, self.gen_tx, self.disc_tx,
+                           self.lpips_module)
+    self.train_step = jax.jit(
+        step, in_shardings=(self.state_sharding, batch_spec, self.replicated),
+        out_shardings=(self.state_sharding, self.replicated), donate_argnums=(0,))
+
+  def initial_state(self) -> VQGANTrainState:
+    return self._init()
+
+  def abstract_state(self) -> VQGANTrainState:
+    abstract = jax.eval_shape(self._init)
+    return jax.tree.map(lambda leaf, spec: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                                 sharding=spec),
+                        abstract, self.state_sharding)
+
+  def restore_or_init(self, data_iterator: Any | None = None) -> VQGANTrainState:
+    """The latest checkpoint of the workdir (moving the iterator along), else a fresh state."""
+    restored = self.checkpointer.restore(self.abstract_state(), data_iterator)
+    return self.initial_state() if restored is None else restored
+
+  def step(self, state: VQGANTrainState, batch: dict[str, np.ndarray]
+           ) -> tuple[VQGANTrainState, dict]:
+    return self.train_step(state, sharding.shard_batch(batch, self.mesh), self.lpips_params)
+
+  def reconstruct(self, params: PyTree, quantizer_state: PyTree, video_uint8: np.ndarray
+                  ) -> np.ndarray:
+    """uint8 clips -> uint8 reconstructions through the quantizer (eval mode)."""
+    x_hat, _ = self._reconstruct(params, quantizer_state, jnp.asarray(video_uint8))
+    return np.asarray(jax.device_get(pipeline.to_uint8(x_hat)))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def _reconstruct(self, params, quantizer_state, video_uint8):
+    return self.model.apply({"params": params, "quantizer_state": quantizer_state},
+                            pipeline.to_model_input(video_uint8), train=False)
+
+
+def eval_params(state: VQGANTrainState, config: ml_collections.ConfigDict) -> PyTree:
+  """The weights evaluation uses: the EMA copy when it is kept, else the raw parameters."""
+  return state.ema_params if config.vqgan.optim.ema_decay > 0 else state.params
+
+
+def write_reconstructions(trainer: VQGANTrainer, state: VQGANTrainState,
+                          videos: np.ndarray, step: int) -> Path:
+  stem = trainer.workdir / "reconstructions" / f"step_{step:07d}"
+  reconstructions = trainer.reconstruct(eval_params(state, trainer.config),
+                                        state.quantizer_state, videos)
+  if jax.process_index() == 0:
+    video_io.write_comparison_grid(stem, videos, reconstructions, fps=8)
+  return stem
+
+
+def train_vqgan(config: ml_collections.ConfigDict, workdir: str | Path) -> VQGANTrainState:
+  """Trains stage 1 to ``config.vqgan.train.num_steps``, resuming from the workdir if it can."""
+  trainer = VQGANTrainer(config, workdir)
+  train = config.vqgan.train
+  data_iterator = pipeline.train_iterator(config.data, train.batch_size, config.seed)
+  state = trainer.restore_or_init(data_iterator)
+  start_step = int(jax.device_get(state.step))
+  if start_step >= train.num_steps:
+    logging.info("Stage 1 already trained to step %d (num_steps=%d); nothing to do.",
+                 start_step, train.num_steps)
+    trainer.checkpointer.close()
+    return state
+  logging.info("Stage 1: training from step %d to %d on %d device(s).", start_step,
+               train.num_steps, trainer.mesh.size)
+  eval_videos = next(pipeline.eval_batches(config.data, train.num_eval_videos,
+                                           train.num_eval_videos, config.seed))["video"]
+  writer = reporting.make_metric_writer(trainer.workdir / "summaries")
+  progress = reporting.make_progress_reporter(train.num_steps, writer, train.log_every)
+  step_started = time.time()
+  for step in range(start_step + 1, train.num_steps + 1):
+    batch = next(data_iterator)
+    state, metrics = trainer.step(state, batch)
+    progress(step)
+    if step % train.log_every == 0 or step == train.num_steps:
+      metrics = jax.device_get(metrics)
+      metrics["clips_per_second"] = (train.log_every * train.batch_size
+                                     / max(time.time() - step_started, 1e-9))
+      step_started = time.time()
+      writer.write_scalars(step, {k: float(v) for k, v in metrics.items()})
+      if not np.isfinite(metrics["loss/generator"]):
+        raise FloatingPointError(
+            f"Stage-1 loss became {metrics['loss/generator']} at step {step}; the last good "
+            f"checkpoint is step {trainer.checkpointer.latest_step()} in "
+            f"{trainer.checkpointer.directory}. Lower config.vqgan.optim.learning_rate.")
+    trainer.checkpointer.save(step, state, data_iterator, force=step == train.num_steps)
+    if step % train.eval_every == 0 or step == train.num_steps:
+      write_reconstructions(trainer, state, eval_videos, step)
+  writer.flush()
+  trainer.checkpointer.close()
+  return state
