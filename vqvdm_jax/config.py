@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   vqgan.quantizer = quantizer = ml_collections.ConfigDict()
   quantizer.kind = "vq"  # 'vq' (codebook loss), 'ema' (VQ-VAE-2 EMA codebook), 'lfq' (MAGVIT-v2).
   quantizer.codebook_size = 16384  # ignored by 'lfq' (2 ** latent_channels codes).
+  quantizer.codebook_init_stddev = 1.0  # N(0, s) init, on the scale of the encoder output.
   quantizer.beta = 0.25  # commitment weight (VQ-VDM eq. 2).
   quantizer.ema_decay = 0.99  # gamma of the VQ-VAE-2 EMA update.
   quantizer.ema_epsilon = 1e-5  # Laplace smoothing of the EMA cluster sizes.

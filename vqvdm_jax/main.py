@@ -9,6 +9,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vqvdm_jax import config as config_lib
+from vqvdm_jax import runtime
 
 MODES = ("train_vqgan", "evaluate_vqgan")
 
@@ -22,6 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def run(mode: str, config, workdir: str) -> None:
   config_lib.validate(config)
+  runtime.configure_jax()
   if mode == "train_vqgan":
     from vqvdm_jax.training.vqgan_trainer import train_vqgan
     train_vqgan(config, workdir)

@@ -31,7 +31,7 @@ Dtype = Any
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
-  """Sinusoidal encoding PE(t) of Vaswani et al. 2017 §3.5 (ADM's cos-then-sin order): [B] -> [B, dim].
+  """Sinusoidal encoding PE(t) of Vaswani et al. 2017 §3.5, cos then sin as in ADM: [B] -> [B, dim].
 
   Used for diffusion timesteps and, with the same form, for FPS (VQ-VDM eq. 6); accepts
   integers or floats, so fractional frame rates (29.97) are encoded as they are.

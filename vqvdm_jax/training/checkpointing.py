@@ -21,10 +21,10 @@ class Checkpointer:
 
   def __init__(self, directory: str | Path, save_every: int, keep: int):
     self.directory = Path(directory).absolute()
+    self.save_every = save_every
+    # The interval is applied here, not by Orbax, which would also save the first step it sees.
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=save_every, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -32,10 +32,14 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_iterator: Any | None = None,
            force: bool = False) -> bool:
     """Saves if ``step`` is on the save interval (or ``force``); returns whether it saved."""
+    if not force and step % self.save_every:
+      return False
+    if step == self.latest_step():
+      return False
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     if saved:
       logging.info("Saving checkpoint at step %d to %s.", step, self.directory)
     return saved

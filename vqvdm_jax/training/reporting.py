@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import jax
-from absl import logging
 from clu import metric_writers, periodic_actions
 
 
-def make_metric_writer(logdir: str | Path) -> metric_writers.MetricWriter:
-  """clu's default writer: console always, TensorBoard files when TensorFlow is installed.
+def _keep_tensorflow_off_accelerators() -> None:
+  """clu writes summaries through TensorFlow; it must never take GPU memory from JAX."""
+  import tensorflow as tf  # clu.metric_writers has imported it already; this is free.
+  tf.config.set_visible_devices([], "GPU")
 
-  Processes other than 0 only log to the console, so summaries are written once per run.
-  """
-  just_logging = jax.process_index() > 0
-  if not just_logging and importlib.util.find_spec("tensorflow") is None:
-    logging.warning("TensorFlow is not installed: metrics go to the console only. "
-                    "`pip install 'vqvdm_jax[tensorboard]'` adds TensorBoard event files.")
-    just_logging = True
+
+def make_metric_writer(logdir: str | Path) -> metric_writers.MetricWriter:
+  """clu's default writer: console, plus TensorBoard event files on process 0 only."""
+  _keep_tensorflow_off_accelerators()
   return metric_writers.create_default_writer(
-      str(logdir), just_logging=just_logging, asynchronous=False)
+      str(logdir), just_logging=jax.process_index() > 0, asynchronous=False)
 
 
 def make_progress_reporter(num_steps: int, writer: metric_writers.MetricWriter,

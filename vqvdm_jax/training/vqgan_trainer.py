@@ -60,16 +60,20 @@ def make_discriminator(config: ml_collections.ConfigDict) -> Discriminator3D:
                          conv_impl=config.vqgan.model.conv_impl)
 
 
+def warmup_schedule(learning_rate: float, warmup_steps: int) -> optax.Schedule:
+  """Linear warm-up to ``learning_rate`` over ``warmup_steps`` updates; the first update is not 0."""
+  warmup_steps = max(warmup_steps, 1)
+  return lambda count: learning_rate * jnp.minimum(1.0, (count + 1) / warmup_steps)
+
+
 def make_optimizer(learning_rate: float, optim: ml_collections.ConfigDict
                    ) -> optax.GradientTransformation:
   """Adam(W) with linear warm-up and optional global-norm clipping."""
-  schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, learning_rate, max(optim.warmup_steps, 1)),
-       optax.constant_schedule(learning_rate)], [max(optim.warmup_steps, 1)])
   chain = []
   if optim.grad_clip_norm > 0:
     chain.append(optax.clip_by_global_norm(optim.grad_clip_norm))
-  chain.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay))
+  chain.append(optax.adamw(warmup_schedule(learning_rate, optim.warmup_steps), b1=optim.b1,
+                           b2=optim.b2, weight_decay=optim.weight_decay))
   return optax.chain(*chain)
 
 
@@ -203,8 +207,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: VQGAN3D,
         "loss/discriminator": disc_loss, "loss/lecam": lecam,
         "gan/active": gan_gate, "gan/adaptive_weight": disc_factor,
         "gan/logits_real": jnp.mean(logits_real), "gan/logits_fake": jnp.mean(logits_fake),
-        "grad_norm/generator": optax.global_norm(gen_grads),
-        "grad_norm/discriminator": optax.global_norm(disc_grads),
+        "grad_norm/generator": optax.tree.norm(gen_grads),
+        "grad_norm/discriminator": optax.tree.norm(disc_grads),
     }
     metrics.update({f"quantizer/{k}": v for k, v in quantized.terms.items()})
     metrics.update({f"codebook/{k}": v for k, v in quantized.stats.items()})

@@ -1,0 +1,65 @@
+"""Shared measurement helpers for the benchmark scripts (PERFORMANCE.md's method).
+
+Every timing is the median of several calls after a warm-up compile, with
+``jax.block_until_ready`` on the outputs; beside it, achieved GFLOP/s from XLA's cost analysis
+and the same run's float32 matmul rate, so each row also reads as a fraction of this machine.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def compiled_flops(fn: Callable, *args: Any) -> float:
+  """FLOPs of one call as XLA counts them (0 when the backend does not report them)."""
+  analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get("flops", 0.0))
+
+
+def time_call(fn: Callable, *args: Any, repeats: int = 5) -> tuple[float, float]:
+  """(median, stdev) seconds of ``fn(*args)`` after one warm-up call."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), (statistics.stdev(times) if len(times) > 1 else 0.0)
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+  """This run's float32 matmul rate: the reference each row is a fraction of."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  seconds, _ = time_call(matmul, a, repeats=repeats)
+  return 2 * size ** 3 / seconds / 1e9
+
+
+def peak_memory_gib() -> float | None:
+  """Peak bytes in use on device 0 since start, where the backend reports it (GPU/TPU)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 2 ** 30
+
+
+def device_description() -> str:
+  device = jax.devices()[0]
+  kind = getattr(device, "device_kind", device.platform)
+  return (f"{len(jax.devices())} x {kind} ({device.platform}), jax {jax.__version__}, "
+          f"{platform.processor() or platform.machine()}")
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+  print(f"\n### {title}\n")
+  print("| " + " | ".join(header) + " |")
+  print("| " + " | ".join("---" for _ in header) + " |")
+  for row in rows:
+    print("| " + " | ".join(row) + " |")

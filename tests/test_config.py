@@ -1,0 +1,53 @@
+"""Config validation: bad values fail at start-up, naming the field."""
+
+import pytest
+from helpers import load_config
+
+from vqvdm_jax import config as config_lib
+
+
+@pytest.mark.parametrize("name", ["ucf101", "sky_timelapse", "demo", "tiny"])
+def test_every_shipped_config_validates(name):
+  config_lib.validate(load_config(name))
+
+
+def test_runlocal_variant_is_a_short_run_of_the_real_model():
+  full, smoke = load_config("ucf101"), load_config("ucf101", "runlocal")
+  assert smoke.vqgan.train.num_steps < 10
+  assert smoke.vqgan.model.to_dict() == full.vqgan.model.to_dict()
+
+
+def test_clip_length_not_divisible_by_temporal_downsampling_names_the_field():
+  config = load_config("tiny")
+  config.data.num_frames = 6
+  with pytest.raises(config_lib.ConfigError, match=r"config\.data\.num_frames.*divisible"):
+    config_lib.validate(config)
+
+
+def test_causal_tokenizer_needs_one_plus_multiple_of_factor_frames():
+  config = load_config("tiny")
+  config.vqgan.model.causal = True
+  with pytest.raises(config_lib.ConfigError, match=r"config\.data\.num_frames.*1 \+ k"):
+    config_lib.validate(config)
+  config.data.num_frames = 9
+  config_lib.validate(config)
+
+
+def test_unknown_quantizer_is_rejected_with_choices():
+  config = load_config("tiny")
+  config.vqgan.quantizer.kind = "kmeans"
+  with pytest.raises(config_lib.ConfigError, match=r"vqgan\.quantizer\.kind.*'vq', 'ema', 'lfq'"):
+    config_lib.validate(config)
+
+
+def test_level_count_must_match_downsampling_factors():
+  config = load_config("tiny")
+  config.vqgan.model.channel_multipliers = (1, 2)
+  with pytest.raises(config_lib.ConfigError, match="channel_multipliers"):
+    config_lib.validate(config)
+
+
+def test_shared_fields_are_references_so_one_override_reaches_every_group():
+  config = load_config("tiny")
+  config.data.num_frames = 12
+  assert config.vqgan.num_frames == 12

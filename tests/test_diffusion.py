@@ -1,0 +1,239 @@
+"""Noise schedules, the forward process and posterior, the samplers and classifier-free guidance."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vqvdm_jax.diffusion.samplers import (
+    ddim_sample,
+    ddpm_sample,
+    guided_epsilon,
+    make_guided_model_fn,
+    sampling_timesteps,
+)
+from vqvdm_jax.diffusion.schedule import (
+    cosine_beta_schedule,
+    eps_from_v,
+    linear_beta_schedule,
+    make_schedule,
+    predict_eps_from_x0,
+    predict_x0_from_eps,
+    q_posterior_mean_variance,
+    q_posterior_mean_variance_strided,
+    q_sample,
+    training_target,
+    v_target,
+    x0_from_v,
+)
+
+SHAPE = (2, 4, 8, 8, 4)  # [B, T, H, W, C] latents
+
+
+def normal(seed: int, shape=SHAPE) -> jax.Array:
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_alphas_cumprod_monotone_decreasing_in_open_unit_interval(kind):
+  schedule = make_schedule(kind, 1000)
+  alpha_bar = np.asarray(schedule.alphas_cumprod, np.float64)
+  assert alpha_bar.shape == (1000,) and schedule.num_steps == 1000
+  assert np.all(np.diff(alpha_bar) < 0)
+  assert np.all((alpha_bar > 0) & (alpha_bar < 1))
+  assert schedule.betas.dtype == jnp.float32
+  assert float(schedule.betas.max()) <= 0.999 + 1e-6  # the cosine clip, in float32
+
+
+def test_cosine_schedule_follows_its_closed_form():
+  num_steps, s = 50, 0.008
+  f = lambda t: np.cos((t / num_steps + s) / (1 + s) * np.pi / 2) ** 2  # noqa: E731
+  expected = f(np.arange(1, num_steps + 1)) / f(0)
+  # the last beta is clipped to 0.999, so compare before it
+  np.testing.assert_allclose(cosine_beta_schedule(num_steps).alphas_cumprod[:-1], expected[:-1],
+                             rtol=1e-5)
+
+
+def test_q_sample_matches_closed_form():
+  schedule = linear_beta_schedule(1000)
+  x0, noise, t = normal(0), normal(1), jnp.array([0, 637])
+  alpha_bar = np.cumprod(1 - np.linspace(1e-4, 2e-2, 1000))[np.asarray(t)]
+  alpha_bar = alpha_bar[:, None, None, None, None]
+  expected = (np.sqrt(alpha_bar) * np.asarray(x0, np.float64)
+              + np.sqrt(1 - alpha_bar) * np.asarray(noise, np.float64))
+  np.testing.assert_allclose(q_sample(schedule, x0, t, noise), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_posterior_mean_and_variance_match_ho_eq7():
+  betas = np.linspace(1e-4, 2e-2, 1000)
+  schedule = linear_beta_schedule(1000)
+  x0, xt = normal(0), normal(1)
+  for step in (0, 1, 250, 999):
+    t = jnp.array([step, step])
+    alpha_bar = np.cumprod(1 - betas)
+    alpha_bar_prev = 1.0 if step == 0 else alpha_bar[step - 1]
+    beta, ab = betas[step], alpha_bar[step]
+    x0_64, xt_64 = np.asarray(x0, np.float64), np.asarray(xt, np.float64)
+    mean_expected = (np.sqrt(alpha_bar_prev) * beta / (1 - ab) * x0_64
+                     + np.sqrt(1 - beta) * (1 - alpha_bar_prev) / (1 - ab) * xt_64)
+    variance_expected = (1 - alpha_bar_prev) / (1 - ab) * beta
+    mean, variance, _ = q_posterior_mean_variance(schedule, x0, xt, t)
+    np.testing.assert_allclose(mean, mean_expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(variance[:, 0, 0, 0, 0], variance_expected, rtol=1e-5, atol=1e-12)
+    # The respaced form between t and t - 1 is the same posterior.
+    strided_mean, strided_variance = q_posterior_mean_variance_strided(
+        schedule, x0, xt, t, t - 1)
+    np.testing.assert_allclose(strided_mean, mean_expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(strided_variance[:, 0, 0, 0, 0], variance_expected, rtol=1e-4,
+                               atol=1e-12)
+
+
+def test_eps_and_x0_predictions_invert_each_other():
+  schedule = linear_beta_schedule(1000)
+  x0, noise, t = normal(0), normal(1), jnp.array([3, 900])
+  xt = q_sample(schedule, x0, t, noise)
+  np.testing.assert_allclose(predict_x0_from_eps(schedule, xt, t, noise), x0, atol=1e-3)
+  np.testing.assert_allclose(predict_eps_from_x0(schedule, xt, t, x0), noise, atol=1e-3)
+
+
+def test_v_prediction_target_round_trip():
+  schedule = cosine_beta_schedule(1000)
+  x0, noise, t = normal(0), normal(1), jnp.array([0, 511])
+  xt = q_sample(schedule, x0, t, noise)
+  v = v_target(schedule, x0, t, noise)
+  np.testing.assert_allclose(x0_from_v(schedule, xt, t, v), x0, atol=1e-5)
+  np.testing.assert_allclose(eps_from_v(schedule, xt, t, v), noise, atol=1e-5)
+  np.testing.assert_array_equal(training_target(schedule, x0, t, noise, "v"), v)
+  np.testing.assert_array_equal(training_target(schedule, x0, t, noise, "eps"), noise)
+  with pytest.raises(ValueError, match="prediction"):
+    training_target(schedule, x0, t, noise, "x0")
+
+
+def perfect_model_fn(schedule, x0, prediction="eps"):
+  """The true ε (or v) of x_t given the known x_0: eps = (x_t − sqrt(ᾱ)x_0) / sqrt(1 − ᾱ)."""
+
+  def model_fn(z, t):
+    alpha_bar = schedule.alphas_cumprod[t][:, None, None, None, None]
+    eps = (z - jnp.sqrt(alpha_bar) * x0) / jnp.sqrt(1 - alpha_bar)
+    return eps if prediction == "eps" else jnp.sqrt(alpha_bar) * eps - jnp.sqrt(1 - alpha_bar) * x0
+
+  return model_fn
+
+
+@pytest.mark.parametrize("sampler, prediction", [
+    ("ddpm", "eps"), ("ddpm_strided", "eps"), ("ddim", "eps"), ("ddim_eta1", "eps"), ("ddim", "v")])
+def test_samplers_with_a_perfect_predictor_recover_x0(sampler, prediction):
+  schedule = make_schedule("linear", 200)
+  x0 = 0.5 * normal(3)
+  model_fn = perfect_model_fn(schedule, x0, prediction)
+  run = {
+      "ddpm": lambda rng: ddpm_sample(model_fn, schedule, SHAPE, rng, prediction),
+      "ddpm_strided": lambda rng: ddpm_sample(model_fn, schedule, SHAPE, rng, prediction,
+                                              num_steps=20),
+      "ddim": lambda rng: ddim_sample(model_fn, schedule, SHAPE, rng, 20, 0.0, prediction),
+      "ddim_eta1": lambda rng: ddim_sample(model_fn, schedule, SHAPE, rng, 20, 1.0, prediction),
+  }[sampler]
+  z0 = jax.jit(run)(jax.random.PRNGKey(0))
+  np.testing.assert_allclose(z0, x0, atol=1e-4)
+
+
+def test_sampling_is_deterministic_for_a_seed():
+  schedule = make_schedule("cosine", 50)
+  model_fn = lambda z, t: 0.1 * z  # noqa: E731
+  sample = jax.jit(lambda rng: ddpm_sample(model_fn, schedule, SHAPE, rng))
+  first, again = sample(jax.random.PRNGKey(7)), sample(jax.random.PRNGKey(7))
+  np.testing.assert_array_equal(first, again)
+  assert float(jnp.abs(first - sample(jax.random.PRNGKey(8))).max()) > 1e-3
+  ddim = jax.jit(lambda rng: ddim_sample(model_fn, schedule, SHAPE, rng, 10, eta=0.5))
+  np.testing.assert_array_equal(ddim(jax.random.PRNGKey(7)), ddim(jax.random.PRNGKey(7)))
+
+
+def test_sampler_traces_the_model_once():
+  schedule = make_schedule("linear", 100)
+  traces = []
+
+  def model_fn(z, t):
+    traces.append(1)  # runs only while tracing
+    return 0.1 * z
+
+  jax.jit(lambda rng: ddpm_sample(model_fn, schedule, SHAPE, rng))(jax.random.PRNGKey(0))
+  assert len(traces) == 1
+
+
+def test_sampling_timesteps_descend_from_last_step_to_zero():
+  full = sampling_timesteps(1000, None)
+  assert full[0] == 999 and full[-1] == 0 and len(full) == 1000
+  strided = sampling_timesteps(1000, 100)
+  assert strided[0] == 999 and strided[-1] == 0 and len(strided) == 100
+  assert np.all(np.diff(strided) < 0)
+  with pytest.raises(ValueError, match="num_steps"):
+    sampling_timesteps(10, 11)
+
+
+def test_guided_epsilon_is_vqvdm_eq9():
+  conditional, unconditional = normal(0), normal(1)
+  for w in (0.0, 1.0, 3.5):
+    np.testing.assert_allclose(guided_epsilon(conditional, unconditional, w),
+                               w * (conditional - unconditional) + unconditional, rtol=1e-6)
+  np.testing.assert_allclose(guided_epsilon(conditional, unconditional, 1.0), conditional,
+                             atol=1e-6)
+
+
+def fake_apply_fn(calls):
+  """A stand-in network whose output depends on z, t, fps and labels; records batch sizes."""
+
+  def apply_fn(params, z, t, fps, labels):
+    calls.append(z.shape[0])
+    out = params * z + 0.01 * t[:, None, None, None, None] + fps[:, None, None, None, None]
+    return out + labels[:, None, None, None, None].astype(z.dtype)
+
+  return apply_fn
+
+
+def test_guidance_uses_one_batched_forward_and_w1_is_conditional():
+  z, t = normal(0), jnp.array([10, 20])
+  fps, labels, null_label = jnp.array([8.0, 16.0]), jnp.array([1, 2]), 5
+  calls = []
+  apply_fn = fake_apply_fn(calls)
+  conditional = apply_fn(2.0, z, t, fps, labels)
+  unconditional = apply_fn(2.0, z, t, fps, jnp.full_like(labels, null_label))
+  calls.clear()
+
+  guided = make_guided_model_fn(apply_fn, 2.0, fps, labels, null_label, 3.0)(z, t)
+  assert calls == [4]  # one forward on the 2B batch
+  np.testing.assert_allclose(guided, 3.0 * (conditional - unconditional) + unconditional,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      make_guided_model_fn(apply_fn, 2.0, fps, labels, null_label, 1.0)(z, t), conditional)
+  np.testing.assert_allclose(
+      make_guided_model_fn(apply_fn, 2.0, fps, labels, null_label, 0.0)(z, t), unconditional)
+  # A traced (jnp) scale takes the batched path, and w = 1 still gives the conditional output.
+  np.testing.assert_allclose(
+      make_guided_model_fn(apply_fn, 2.0, fps, labels, null_label, jnp.float32(1.0))(z, t),
+      conditional, rtol=1e-5, atol=1e-5)
+
+
+def test_guided_model_fn_drives_a_sampler():
+  schedule = make_schedule("linear", 20)
+  calls = []
+  model_fn = make_guided_model_fn(fake_apply_fn(calls), 0.1, jnp.array([8.0, 8.0]),
+                                  jnp.array([0, 1]), 2, 2.0)
+  z0 = jax.jit(lambda rng: ddim_sample(model_fn, schedule, SHAPE, rng, 5))(
+      jax.random.PRNGKey(0))
+  assert z0.shape == SHAPE and np.all(np.isfinite(np.asarray(z0)))
+
+
+def test_ddim_with_eta_one_is_strided_ddpm():
+  # DDIM eq. 16 with η = 1 makes σ_t² the respaced DDPM posterior variance, and the two samplers
+  # draw the same noise for a seed, so the chains coincide.
+  schedule = make_schedule("linear", 100)
+  model_fn = lambda z, t: 0.3 * jnp.tanh(z)  # noqa: E731
+  rng = jax.random.PRNGKey(4)
+  ddpm = jax.jit(lambda: ddpm_sample(model_fn, schedule, SHAPE, rng, num_steps=10))()
+  ddim = jax.jit(lambda: ddim_sample(model_fn, schedule, SHAPE, rng, 10, eta=1.0))()
+  np.testing.assert_allclose(ddim, ddpm, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_schedule_is_an_error():
+  with pytest.raises(ValueError, match="linear"):
+    make_schedule("quadratic", 10)

@@ -1,0 +1,66 @@
+"""3D convolution building blocks: replicate padding, causality, and the two conv forms."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vqvdm_jax.models import layers
+
+
+def test_replicate_padding_equals_numpy_edge_padding():
+  x = np.random.default_rng(0).normal(size=(2, 3, 4, 5, 2)).astype(np.float32)
+  pads = ((2, 0), (1, 1), (0, 2))
+  expected = np.pad(x, ((0, 0), *pads, (0, 0)), mode="edge")
+  np.testing.assert_array_equal(np.asarray(layers.replicate_pad(jnp.asarray(x), pads)), expected)
+
+
+def test_conv3d_pads_with_edge_values_not_zeros():
+  # A constant video through a kernel of ones: replicate padding keeps the border equal to the
+  # interior, where zero padding would darken it.
+  conv = layers.Conv3D(1, use_bias=False, conv_impl="native")
+  x = jnp.full((1, 4, 5, 5, 1), 2.0)
+  params = {"params": {"kernel": jnp.ones((3, 3, 3, 1, 1))}}
+  out = conv.apply(params, x)
+  np.testing.assert_allclose(np.asarray(out), 54.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("strides", [(1, 1, 1), (2, 2, 2), (1, 2, 2), (2, 1, 1)])
+def test_temporal_taps_conv_equals_native_conv(causal, strides):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 12, 12, 3))
+  native = layers.Conv3D(5, strides=strides, causal=causal, conv_impl="native")
+  params = native.init(jax.random.PRNGKey(1), x)
+  taps = layers.Conv3D(5, strides=strides, causal=causal, conv_impl="taps")
+  np.testing.assert_allclose(np.asarray(native.apply(params, x)),
+                             np.asarray(taps.apply(params, x)), atol=2e-5)
+
+
+def test_causal_strided_conv_maps_one_plus_2k_frames_to_one_plus_k():
+  conv = layers.Conv3D(2, strides=(2, 1, 1), causal=True)
+  for frames, expected in ((1, 1), (5, 3), (9, 5), (16, 8)):
+    x = jnp.zeros((1, frames, 4, 4, 1))
+    out = jax.eval_shape(lambda v, x=x: conv.apply(v, x), conv.init(jax.random.PRNGKey(0), x))
+    assert out.shape[1] == expected
+
+
+def test_causal_conv_output_ignores_future_frames():
+  conv = layers.Conv3D(3, causal=True)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 6, 4, 4, 2))
+  params = conv.init(jax.random.PRNGKey(1), x)
+  changed = x.at[:, 3].add(1.0)
+  before, after = conv.apply(params, x), conv.apply(params, changed)
+  np.testing.assert_array_equal(np.asarray(before[:, :3]), np.asarray(after[:, :3]))
+  assert not np.allclose(np.asarray(before[:, 3]), np.asarray(after[:, 3]))
+
+
+def test_frame_causal_mask_lets_tokens_see_only_current_and_past_frames():
+  mask = np.asarray(layers.frame_causal_mask(3, 2))
+  expected = np.kron(np.tril(np.ones((3, 3), bool)), np.ones((2, 2), bool))
+  np.testing.assert_array_equal(mask, expected)
+
+
+def test_group_count_divides_channels():
+  assert layers.group_count(48, 32) == 24
+  assert layers.group_count(8, 32) == 8
+  assert layers.group_count(12, 8) == 6

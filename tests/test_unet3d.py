@@ -1,0 +1,98 @@
+"""The spatio-temporal 3D U-Net: causality of temporal attention, shapes, conditioning."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vqvdm_jax.models.unet3d import TemporalAttention, UNet3D, timestep_embedding
+
+LATENT_SHAPE = (2, 4, 8, 8, 4)  # [B, T, H, W, C]
+
+
+def init_key(seed: int) -> jax.Array:
+  # 'rbg' keys: on XLA:CPU, compiling many partitionable-threefry draws (one per parameter)
+  # takes minutes; rbg compiles in seconds. Only the initial values differ.
+  return jax.random.key(seed, impl="rbg")
+
+
+def normal(seed: int, shape) -> jax.Array:
+  """Test inputs from numpy: no RNG computation to compile."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def small_unet(**overrides) -> UNet3D:
+  fields = dict(channels=8, channel_multipliers=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                num_heads=2, num_groups=4, num_classes=3, use_fps=True)
+  fields.update(overrides)
+  return UNet3D(**fields)
+
+
+@pytest.fixture(scope="module")
+def conditional_unet():
+  model = small_unet()
+  z = normal(0, LATENT_SHAPE)
+  params = jax.jit(model.init)(init_key(1), z, jnp.array([3, 700]), jnp.array([8.0, 29.97]),
+                               jnp.array([0, 2]))
+  return model, params, z
+
+
+def test_causal_temporal_attention_ignores_future_frames():
+  x = normal(0, (2, 5, 3, 3, 8))
+  attention = TemporalAttention(num_heads=2, num_groups=4)
+  params = attention.init(init_key(1), x)
+  apply = jax.jit(attention.apply)
+  base = apply(params, x)
+  for frame in (1, 3):
+    # Random, not constant: a per-frame GroupNorm would erase a constant shift of one frame.
+    bump = normal(frame, x[:, frame].shape)
+    perturbed = apply(params, x.at[:, frame].add(bump))
+    np.testing.assert_allclose(perturbed[:, :frame], base[:, :frame], atol=1e-6)
+    changes = jnp.abs(perturbed - base).max(axis=(0, 2, 3, 4))
+    assert np.all(np.asarray(changes[frame:]) > 1e-4), changes
+
+
+def test_timestep_embedding_shape_and_range():
+  embedding = timestep_embedding(jnp.array([0, 10, 999]), 9)
+  assert embedding.shape == (3, 9)
+  assert float(jnp.abs(embedding).max()) <= 1.0
+
+
+def test_unet_output_shape_equals_input_with_class_and_fps(conditional_unet):
+  model, params, z = conditional_unet
+  out = jax.jit(model.apply)(params, z, jnp.array([3, 700]), jnp.array([8.0, 29.97]),
+                             jnp.array([0, 2]))
+  assert out.shape == z.shape and out.dtype == jnp.float32
+  assert np.all(np.isfinite(np.asarray(out)))
+
+
+def test_unet_output_shape_equals_input_without_conditioning():
+  model = small_unet(num_classes=0, use_fps=False, attention_levels=(0, 1))
+  z = normal(0, LATENT_SHAPE)
+  t = jnp.array([1.0, 500.0])  # float timesteps are accepted too.
+  params = jax.jit(model.init)(init_key(1), z, t)
+  assert "fps_embedding" not in params["params"] and "class_embedding" not in params["params"]
+  assert jax.jit(model.apply)(params, z, t).shape == z.shape
+
+
+def test_class_conditioning_changes_the_output(conditional_unet):
+  model, params, z = conditional_unet
+  # Move every parameter off its initial value so no zero-initialised bias hides the label.
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  params = jax.tree_util.tree_unflatten(
+      treedef, [leaf + 0.05 * normal(seed, leaf.shape) for seed, leaf in enumerate(leaves)])
+  apply = jax.jit(model.apply)
+  t, fps = jnp.array([5, 5]), jnp.array([8.0, 8.0])
+  first = apply(params, z, t, fps, jnp.array([0, 0]))
+  second = apply(params, z, t, fps, jnp.array([1, 2]))
+  null = apply(params, z, t, fps, jnp.array([3, 3]))  # label num_classes is the null label
+  unconditional = apply(params, z, t, fps, None)
+  assert float(jnp.abs(first - second).max()) > 1e-4
+  assert float(jnp.abs(first - unconditional).max()) > 1e-4
+  np.testing.assert_allclose(unconditional, null, atol=1e-5)
+
+
+def test_missing_fps_is_an_error(conditional_unet):
+  model, params, z = conditional_unet
+  with pytest.raises(ValueError, match="use_fps"):
+    model.apply(params, z, jnp.array([1, 1]), None, jnp.array([0, 0]))

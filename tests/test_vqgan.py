@@ -1,0 +1,95 @@
+"""The 3D VQGAN tokenizer: shapes, causality, gradients and the MaskGIT tokenizer surface."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from helpers import load_config
+
+from vqvdm_jax.models.vqgan import VQGAN3D, latent_shape, make_vqgan
+
+
+def test_ucf101_latent_is_4_channels_of_4x16x16_for_16x128x128_clips():
+  config = load_config("ucf101")
+  assert latent_shape(config, batch_size=2) == (2, 4, 16, 16, 4)
+
+
+def _init(config, video):
+  model = make_vqgan(config)
+  variables = model.init({"params": jax.random.PRNGKey(0), "quantizer": jax.random.PRNGKey(1)},
+                         video)
+  return model, variables
+
+
+def test_reconstruction_has_the_input_shape_and_codes_the_latent_grid():
+  config = load_config("tiny")
+  video = jax.random.uniform(jax.random.PRNGKey(2), (2, 8, 16, 16, 3), minval=-1, maxval=1)
+  model, variables = _init(config, video)
+  x_hat, quantized = model.apply(variables, video)
+  assert x_hat.shape == video.shape
+  assert quantized.indices.shape == (2, 2, 4, 4)
+  indices = model.apply(variables, video, method=VQGAN3D.encode_to_indices)
+  np.testing.assert_array_equal(np.asarray(indices), np.asarray(quantized.indices))
+
+
+def test_decode_from_indices_equals_decoding_the_quantized_latent():
+  config = load_config("tiny")
+  video = jax.random.uniform(jax.random.PRNGKey(2), (1, 8, 16, 16, 3), minval=-1, maxval=1)
+  model, variables = _init(config, video)
+  x_hat, quantized = model.apply(variables, video)
+  from_indices = model.apply(variables, quantized.indices, method=VQGAN3D.decode_from_indices)
+  np.testing.assert_allclose(np.asarray(from_indices), np.asarray(x_hat), atol=1e-5)
+
+
+def test_straight_through_gradient_reaches_the_encoder():
+  config = load_config("tiny")
+  video = jax.random.uniform(jax.random.PRNGKey(2), (1, 8, 16, 16, 3), minval=-1, maxval=1)
+  model, variables = _init(config, video)
+
+  def reconstruction_error(params):
+    x_hat, _ = model.apply({**variables, "params": params}, video)
+    return jnp.mean((x_hat - video) ** 2)
+
+  grads = jax.grad(reconstruction_error)(variables["params"])
+  encoder_norm = sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(grads["encoder"]))
+  assert encoder_norm > 0.0
+
+
+def test_causal_tokenizer_code_of_earlier_frames_ignores_later_frames():
+  config = load_config("tiny")
+  config.vqgan.model.causal = True
+  config.data.num_frames = 9  # 1 + 2 * 4: latent frames cover {0}, {1..4}, {5..8}
+  video = jax.random.uniform(jax.random.PRNGKey(3), (1, 9, 16, 16, 3), minval=-1, maxval=1)
+  model, variables = _init(config, video)
+  encode = jax.jit(lambda v: model.apply(variables, v, method=VQGAN3D.encode))
+  latent = encode(video)
+  assert latent.shape[1] == 3
+  for frame in (1, 5):
+    changed = encode(video.at[:, frame].set(-video[:, frame]))
+    first_affected = (frame + 3) // 4  # latent frame j reads video frames <= 4j
+    np.testing.assert_array_equal(np.asarray(changed[:, :first_affected]),
+                                  np.asarray(latent[:, :first_affected]))
+    assert not np.allclose(np.asarray(changed[:, first_affected]),
+                           np.asarray(latent[:, first_affected]))
+
+
+def test_causal_tokenizer_encodes_and_decodes_single_images():
+  config = load_config("tiny")
+  config.vqgan.model.causal = True
+  config.data.num_frames = 9
+  video = jnp.zeros((1, 9, 16, 16, 3))
+  model, variables = _init(config, video)
+  image = jax.random.uniform(jax.random.PRNGKey(4), (1, 1, 16, 16, 3), minval=-1, maxval=1)
+  x_hat, quantized = model.apply(variables, image)
+  assert quantized.indices.shape == (1, 1, 4, 4)
+  assert x_hat.shape == image.shape
+
+
+def test_native_and_taps_convolutions_give_the_same_tokenizer():
+  config = load_config("tiny")
+  video = jax.random.uniform(jax.random.PRNGKey(5), (1, 8, 16, 16, 3), minval=-1, maxval=1)
+  config.vqgan.model.conv_impl = "native"
+  model, variables = _init(config, video)
+  native = model.apply(variables, video, method=VQGAN3D.encode)
+  config.vqgan.model.conv_impl = "taps"
+  taps = make_vqgan(config).apply(variables, video, method=VQGAN3D.encode)
+  np.testing.assert_allclose(np.asarray(native), np.asarray(taps), atol=1e-4)

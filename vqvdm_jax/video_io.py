@@ -1,0 +1,111 @@
+"""Writing videos for people to look at: GIF and MP4 files and side-by-side grids.
+
+Everything here takes uint8 ``[T, H, W, 3]`` videos (channel-last), the format the input pipeline
+produces; convert model outputs first with ``vqvdm_jax.data.pipeline.to_uint8``. GIFs play
+anywhere (TensorBoard, notebooks, GitHub); MP4s are smaller and keep colours exact enough for a
+closer look. MP4 uses imageio-ffmpeg's bundled ffmpeg binary, so no system ffmpeg is needed.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import imageio.v2 as imageio_v2
+import imageio.v3 as imageio_v3
+import numpy as np
+
+PathLike = str | pathlib.Path
+
+
+def _as_uint8_video(video: Any, name: str = "video", ndim: int = 4) -> np.ndarray:
+  """Checks dtype and layout once, so each writer fails with a message instead of garbage."""
+  video = np.asarray(video)
+  if video.dtype != np.uint8:
+    raise TypeError(
+        f"{name} must be uint8 in [0, 255], got dtype {video.dtype}; convert model outputs in "
+        f"[-1, 1] with vqvdm_jax.data.pipeline.to_uint8 first.")
+  if video.ndim != ndim or video.shape[-1] != 3:
+    layout = "[T, H, W, 3]" if ndim == 4 else "[N, T, H, W, 3]"
+    raise ValueError(f"{name} must have layout {layout}, got shape {video.shape}.")
+  return video
+
+
+def _prepare_path(path: PathLike) -> pathlib.Path:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  return path
+
+
+def write_gif(path: PathLike, video: Any, fps: float) -> pathlib.Path:
+  """Writes a looping GIF of a uint8 ``[T, H, W, 3]`` video at ``fps`` frames per second.
+
+  GIF stores frame delays in hundredths of a second, so rates above 100 fps are not possible and
+  others are rounded (16 fps plays at ~16.7). Pillow merges consecutive identical frames into one
+  longer frame: the playback time is right but the file may hold fewer than ``T`` frames.
+  """
+  video = _as_uint8_video(video)
+  path = _prepare_path(path)
+  imageio_v3.imwrite(path, video, extension=".gif", duration=1000.0 / fps, loop=0)
+  return path
+
+
+def write_mp4(path: PathLike, video: Any, fps: float) -> pathlib.Path:
+  """Writes an H.264 MP4 of a uint8 ``[T, H, W, 3]`` video at ``fps`` frames per second.
+
+  H.264 in yuv420p needs even heights and widths, so an odd edge is padded by repeating the last
+  row or column; ``macro_block_size=1`` stops imageio from resizing tiny frames (16x16) to 16s.
+  """
+  video = _as_uint8_video(video)
+  path = _prepare_path(path)
+  pad_height, pad_width = video.shape[1] % 2, video.shape[2] % 2
+  if pad_height or pad_width:
+    video = np.pad(video, ((0, 0), (0, pad_height), (0, pad_width), (0, 0)), mode="edge")
+  with imageio_v2.get_writer(path, format="FFMPEG", mode="I", fps=fps, codec="libx264",
+                             pixelformat="yuv420p", macro_block_size=1,
+                             ffmpeg_log_level="error") as writer:
+    for frame in video:
+      writer.append_data(frame)
+  return path
+
+
+def video_grid(videos: Any, columns: int, padding: int = 1, pad_value: int = 255) -> np.ndarray:
+  """Tiles ``[N, T, H, W, 3]`` videos into one ``[T, rows*H + (rows-1)*p, cols*W + (cols-1)*p, 3]``.
+
+  Cells fill row by row; ``padding`` pixels of ``pad_value`` separate neighbouring cells (none at
+  the border) so that similar-looking clips stay tellable apart. Unused cells of the last row are
+  left at ``pad_value``.
+  """
+  videos = _as_uint8_video(videos, name="videos", ndim=5)
+  if columns < 1:
+    raise ValueError(f"columns must be >= 1, got {columns}.")
+  count, frames, height, width, channels = videos.shape
+  columns = min(columns, count)
+  rows = -(-count // columns)
+  grid = np.full((frames, rows * height + (rows - 1) * padding,
+                  columns * width + (columns - 1) * padding, channels), pad_value, np.uint8)
+  for index, video in enumerate(videos):
+    row, column = divmod(index, columns)
+    top, left = row * (height + padding), column * (width + padding)
+    grid[:, top:top + height, left:left + width] = video
+  return grid
+
+
+def write_comparison_grid(path_stem: PathLike, originals: Any, reconstructions: Any,
+                          fps: float) -> tuple[pathlib.Path, pathlib.Path]:
+  """Writes ``<stem>.gif`` and ``<stem>.mp4``: originals on the top row, reconstructions below.
+
+  Each original sits directly above its reconstruction, so artefacts are seen at a glance.
+  ``originals`` and ``reconstructions`` are uint8 ``[N, T, H, W, 3]`` of the same shape.
+  Returns the two paths written.
+  """
+  originals = _as_uint8_video(originals, name="originals", ndim=5)
+  reconstructions = _as_uint8_video(reconstructions, name="reconstructions", ndim=5)
+  if originals.shape != reconstructions.shape:
+    raise ValueError(f"originals {originals.shape} and reconstructions "
+                     f"{reconstructions.shape} must have the same shape.")
+  grid = video_grid(np.concatenate([originals, reconstructions]), columns=len(originals))
+  path_stem = pathlib.Path(path_stem)
+  gif_path = write_gif(path_stem.with_name(path_stem.name + ".gif"), grid, fps)
+  mp4_path = write_mp4(path_stem.with_name(path_stem.name + ".mp4"), grid, fps)
+  return gif_path, mp4_path
