@@ -14,6 +14,9 @@ def get_config(arg: str | None = None):
   config.data.num_workers = 8
   config.vqgan.loss.disc_start = 10_000
   config.vqgan.train.batch_size = 16
+  config.diffusion.use_class = False  # no labels
+  config.diffusion.use_fps = False  # frame folders carry no frame rate
+  config.diffusion.class_drop_rate = 1.0  # rho = 1: every sample is trained unconditionally
   if arg == "runlocal":
     config.data.name = "synthetic"
     config.data.num_classes = 4
@@ -22,4 +25,10 @@ def get_config(arg: str | None = None):
     config.vqgan.train.num_steps = 3
     config.vqgan.train.log_every = 1
     config.vqgan.loss.disc_start = 1
+    config.diffusion.train.batch_size = 2
+    config.diffusion.train.num_steps = 3
+    config.diffusion.train.log_every = 1
+    config.diffusion.sample.num_steps = 2
+    config.diffusion.sample.num_videos = 2
+    config.diffusion.sample.batch_size = 2
   return config

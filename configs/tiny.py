@@ -42,4 +42,32 @@ def get_config(arg: str | None = None):
   train.num_eval_videos = 2
   config.vqgan.eval.num_clips = 8
   config.vqgan.eval.batch_size = 8
+
+  unet = config.diffusion.unet
+  unet.channels = 8
+  unet.channel_multipliers = (1, 2)
+  unet.num_res_blocks = 1
+  unet.attention_levels = (1,)
+  unet.num_heads = 2
+  unet.num_groups = 4
+  config.diffusion.schedule.num_steps = 50
+  # Ho et al.'s betas are for 1000 steps; scale them by 1000 / 50 so the chain still ends in noise.
+  config.diffusion.schedule.beta_start = 2e-3
+  config.diffusion.schedule.beta_end = 0.4
+  config.diffusion.latents.encode_batch_size = 8
+  config.diffusion.latents.scale_estimate_clips = 16
+  config.diffusion.optim.learning_rate = 1e-3
+  config.diffusion.optim.warmup_steps = 1
+  config.diffusion.optim.ema_decay = 0.9
+  dtrain = config.diffusion.train
+  dtrain.batch_size = 8
+  dtrain.num_steps = 4
+  dtrain.log_every = 2
+  dtrain.checkpoint_every = 2
+  dtrain.sample_every = 0
+  sample = config.diffusion.sample
+  sample.num_steps = 5
+  sample.guidance_scale = 2.0
+  sample.num_videos = 4
+  sample.batch_size = 4
   return config

@@ -16,6 +16,7 @@ def get_config(arg: str | None = None):
   config.data.num_workers = 8
   config.vqgan.loss.disc_start = 10_000
   config.vqgan.train.batch_size = 16
+  config.diffusion.class_drop_rate = 0.5  # rho of the paper's UCF-101 runs
   if arg == "runlocal":
     config.data.name = "synthetic"
     config.data.num_workers = 0
@@ -23,4 +24,11 @@ def get_config(arg: str | None = None):
     config.vqgan.train.num_steps = 3
     config.vqgan.train.log_every = 1
     config.vqgan.loss.disc_start = 1
+    config.data.num_classes = 4
+    config.diffusion.train.batch_size = 2
+    config.diffusion.train.num_steps = 3
+    config.diffusion.train.log_every = 1
+    config.diffusion.sample.num_steps = 2
+    config.diffusion.sample.num_videos = 2
+    config.diffusion.sample.batch_size = 2
   return config

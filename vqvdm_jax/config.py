@@ -109,6 +109,64 @@ def base_config() -> ml_collections.ConfigDict:
   vqgan.eval.num_clips = 64
   vqgan.eval.batch_size = 8
 
+  # ---------------------------------------------------------------- stage 2: latent diffusion
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.unet = unet = ml_collections.ConfigDict()
+  unet.channels = 128
+  unet.channel_multipliers = (1, 2, 4)  # down path halves H, W and multiplies channels.
+  unet.num_res_blocks = 2
+  unet.attention_levels = (0, 1, 2)  # levels whose blocks have spatial + temporal attention.
+  unet.num_heads = 4
+  unet.dropout = 0.0
+  unet.num_groups = 32
+  unet.conv_impl = "auto"
+  unet.dtype = "float32"
+  diffusion.use_class = True  # class conditioning (with a null label for guidance).
+  diffusion.use_fps = True  # FPS embedding added to the timestep embedding (VQ-VDM eq. 6).
+  diffusion.class_drop_rate = 0.5  # rho: probability of training with the null label.
+
+  diffusion.schedule = schedule = ml_collections.ConfigDict()
+  schedule.kind = "linear"  # 'linear' (Ho et al.) or 'cosine' (Nichol & Dhariwal).
+  schedule.num_steps = 1000
+  schedule.beta_start = 1e-4
+  schedule.beta_end = 2e-2
+  schedule.cosine_s = 0.008
+  diffusion.prediction = "eps"  # 'eps' (Ho et al., the paper) or 'v' (Salimans & Ho).
+
+  diffusion.latents = latents = ml_collections.ConfigDict()
+  latents.source = "quantized"  # 'quantized' (after the codebook) or 'encoder' (before it).
+  latents.encode_batch_size = 16
+  latents.scale_estimate_clips = 256  # clips whose latents set the scale factor (1 / std).
+
+  diffusion.optim = doptim = ml_collections.ConfigDict()
+  doptim.learning_rate = 1e-4
+  doptim.b1 = 0.9
+  doptim.b2 = 0.999
+  doptim.weight_decay = 0.0
+  doptim.warmup_steps = 1000
+  doptim.grad_clip_norm = 1.0
+  doptim.ema_decay = 0.9999  # EMA of the U-Net weights; sampling uses it.
+
+  diffusion.train = dtrain = ml_collections.ConfigDict()
+  dtrain.batch_size = 32
+  dtrain.num_steps = 400_000
+  dtrain.log_every = 100
+  dtrain.checkpoint_every = 5000
+  dtrain.keep_checkpoints = 3
+  dtrain.sample_every = 20_000  # a small sample grid during training (0: never).
+
+  diffusion.sample = sample = ml_collections.ConfigDict()
+  sample.sampler = "ddpm"  # 'ddpm' (ancestral) or 'ddim'.
+  sample.num_steps = 100  # sampling steps (respaced when < schedule.num_steps).
+  sample.eta = 0.0  # DDIM stochasticity (0: deterministic).
+  sample.guidance_scale = 1.0  # w of VQ-VDM eq. 9 (1: conditional model alone).
+  sample.label = -1  # class to sample; -1 cycles through every class.
+  sample.fps = 16.0  # frame rate to condition on.
+  sample.num_videos = 8
+  sample.batch_size = 8
+  sample.seed = 0
+  sample.clip_x0 = 0.0  # clip predicted x0 to [-c, c] in scaled latent units (0: off).
+
   # ---------------------------------------------------------------- devices
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.shape = (-1,)  # -1 takes every remaining device.
@@ -120,6 +178,10 @@ _CONV_IMPLS = ("auto", "native", "taps")
 _QUANTIZERS = ("vq", "ema", "lfq")
 _GAN_LOSSES = ("vanilla", "hinge")
 _DTYPES = ("float32", "bfloat16", "float16")
+_SCHEDULES = ("linear", "cosine")
+_PREDICTIONS = ("eps", "v")
+_SAMPLERS = ("ddpm", "ddim")
+_LATENT_SOURCES = ("quantized", "encoder")
 
 
 class ConfigError(ValueError):
@@ -187,7 +249,53 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(train.batch_size >= 1, "vqgan.train.batch_size", f"must be >= 1, got {train.batch_size}.")
   for field in ("log_every", "checkpoint_every", "eval_every"):
     _require(train[field] >= 1, f"vqgan.train.{field}", f"must be >= 1, got {train[field]}.")
+  _validate_diffusion(config)
   _require(len(config.mesh.shape) == len(config.mesh.axes), "mesh.shape",
            f"{tuple(config.mesh.shape)} and mesh.axes {tuple(config.mesh.axes)} differ in length.")
   _require("data" in config.mesh.axes, "mesh.axes",
            f"must contain 'data' (the batch axis), got {tuple(config.mesh.axes)}.")
+
+
+def _validate_diffusion(config: ml_collections.ConfigDict) -> None:
+  diffusion = config.diffusion
+  unet = diffusion.unet
+  _require(unet.conv_impl in _CONV_IMPLS, "diffusion.unet.conv_impl",
+           f"got {unet.conv_impl!r}; choose one of {_CONV_IMPLS}.")
+  _require(unet.dtype in _DTYPES, "diffusion.unet.dtype",
+           f"got {unet.dtype!r}; choose one of {_DTYPES}.")
+  latent_size = config.data.resolution // config.vqgan.model.spatial_downsample
+  levels = len(unet.channel_multipliers)
+  _require(latent_size % 2 ** (levels - 1) == 0, "diffusion.unet.channel_multipliers",
+           f"{levels} levels halve the {latent_size}x{latent_size} latent {levels - 1} times; "
+           f"use fewer levels or a larger data.resolution.")
+  _require(all(0 <= level < levels for level in unet.attention_levels),
+           "diffusion.unet.attention_levels",
+           f"{tuple(unet.attention_levels)} names levels outside 0..{levels - 1}.")
+  _require(unet.channels % unet.num_heads == 0, "diffusion.unet.num_heads",
+           f"{unet.num_heads} heads do not divide diffusion.unet.channels={unet.channels}.")
+  _require(diffusion.schedule.kind in _SCHEDULES, "diffusion.schedule.kind",
+           f"got {diffusion.schedule.kind!r}; choose one of {_SCHEDULES}.")
+  _require(diffusion.prediction in _PREDICTIONS, "diffusion.prediction",
+           f"got {diffusion.prediction!r}; choose one of {_PREDICTIONS}.")
+  _require(diffusion.sample.sampler in _SAMPLERS, "diffusion.sample.sampler",
+           f"got {diffusion.sample.sampler!r}; choose one of {_SAMPLERS}.")
+  _require(diffusion.latents.source in _LATENT_SOURCES, "diffusion.latents.source",
+           f"got {diffusion.latents.source!r}; choose one of {_LATENT_SOURCES}.")
+  _require(1 <= diffusion.sample.num_steps <= diffusion.schedule.num_steps,
+           "diffusion.sample.num_steps",
+           f"{diffusion.sample.num_steps} must be in 1..diffusion.schedule.num_steps="
+           f"{diffusion.schedule.num_steps}.")
+  _require(0.0 <= diffusion.class_drop_rate <= 1.0, "diffusion.class_drop_rate",
+           f"must be a probability, got {diffusion.class_drop_rate}.")
+  if diffusion.use_class:
+    _require(config.data.num_classes >= 1, "diffusion.use_class",
+             f"class conditioning needs labels, but data.num_classes={config.data.num_classes}; "
+             f"set --config.diffusion.use_class=False.")
+    _require(-1 <= diffusion.sample.label < config.data.num_classes, "diffusion.sample.label",
+             f"{diffusion.sample.label} is not a class of 0..{config.data.num_classes - 1} "
+             f"(or -1 for all classes).")
+  dtrain = diffusion.train
+  _require(dtrain.batch_size >= 1, "diffusion.train.batch_size",
+           f"must be >= 1, got {dtrain.batch_size}.")
+  for field in ("log_every", "checkpoint_every"):
+    _require(dtrain[field] >= 1, f"diffusion.train.{field}", f"must be >= 1, got {dtrain[field]}.")

@@ -11,27 +11,37 @@ from ml_collections import config_flags
 from vqvdm_jax import config as config_lib
 from vqvdm_jax import runtime
 
-MODES = ("train_vqgan", "evaluate_vqgan")
+MODES = ("train", "train_vqgan", "evaluate_vqgan", "train_diffusion", "sample")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and outputs.")
-flags.DEFINE_enum("mode", "train_vqgan", MODES, "What to run.")
+flags.DEFINE_enum("mode", "train", MODES,
+                  "train: both stages then samples, resuming what the workdir already holds.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def run(mode: str, config, workdir: str) -> None:
+  if mode not in MODES:
+    raise ValueError(f"--mode={mode!r} is not one of {MODES}.")
   config_lib.validate(config)
   runtime.configure_jax()
-  if mode == "train_vqgan":
+  # Imports are per mode so `--help` and config errors answer before JAX compiles anything.
+  if mode in ("train", "train_vqgan"):
     from vqvdm_jax.training.vqgan_trainer import train_vqgan
+    logging.info("Stage 1 of 2: the 3D VQGAN tokenizer.")
     train_vqgan(config, workdir)
-  elif mode == "evaluate_vqgan":
+  if mode == "evaluate_vqgan":
     from vqvdm_jax.evaluation.evaluate_vqgan import evaluate_vqgan
     evaluate_vqgan(config, workdir)
-  else:
-    raise ValueError(f"--mode={mode!r} is not one of {MODES}.")
+  if mode in ("train", "train_diffusion"):
+    from vqvdm_jax.training.diffusion_trainer import train_diffusion
+    logging.info("Stage 2 of 2: latent diffusion with the 3D U-Net.")
+    train_diffusion(config, workdir)
+  if mode in ("train", "sample"):
+    from vqvdm_jax.sampling import sample
+    sample(config, workdir)
 
 
 def main(argv: list[str]) -> None:

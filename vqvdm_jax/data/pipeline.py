@@ -76,11 +76,19 @@ def eval_batches(data_config: Any, batch_size: int, num_clips: int,
   clips): metrics then cover exactly ``num_clips`` clips, and callers that need a fixed shape
   (e.g. for jit) pad it themselves. Every process reads the same clips; it is not sharded.
   """
-  source = synthetic.make_source(data_config, "eval", seed)
+  return ordered_batches(data_config, "eval", batch_size, num_clips, seed)
+
+
+def ordered_batches(data_config: Any, split: str, batch_size: int, num_clips: int | None,
+                    seed: int) -> Iterator[dict[str, np.ndarray]]:
+  """The first ``num_clips`` (None: all) clips of ``split`` in order, in batches; one pass."""
+  source = synthetic.make_source(data_config, split, seed)
+  num_clips = len(source) if num_clips is None else num_clips
   if not 1 <= num_clips <= len(source):
+    field = "num_eval_clips" if split == "eval" else "num_train_clips"
     raise ValueError(
-        f"Asked for {num_clips} eval clips but config.data.num_eval_clips={len(source)}; "
-        f"ask for between 1 and {len(source)} clips or raise config.data.num_eval_clips.")
+        f"Asked for {num_clips} {split} clips but config.data.{field}={len(source)}; "
+        f"ask for between 1 and {len(source)} clips or raise config.data.{field}.")
   if batch_size < 1:
     raise ValueError(f"Eval batch size must be >= 1, got {batch_size}.")
   dataset = grain.MapDataset.source(source)[:num_clips].batch(batch_size, drop_remainder=False)

@@ -340,3 +340,61 @@ def train_vqgan(config: ml_collections.ConfigDict, workdir: str | Path) -> VQGAN
   writer.flush()
   trainer.checkpointer.close()
   return state
+
+
+class Tokenizer:
+  """A trained stage-1 model for stage 2: clips -> latents, latents -> clips (jitted)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, model: VQGAN3D, params: PyTree,
+               quantizer_state: PyTree, step: int):
+    self.config, self.model, self.step = config, model, step
+    self.variables = {"params": params, "quantizer_state": quantizer_state}
+    quantize_latents = config.diffusion.latents.source == "quantized"
+
+    @jax.jit
+    def encode(variables, video_uint8):
+      latent = model.apply(variables, pipeline.to_model_input(video_uint8),
+                           method=VQGAN3D.encode)
+      if quantize_latents:
+        latent = model.apply(variables, latent, method=VQGAN3D.quantize).quantized
+      return latent
+
+    @jax.jit
+    def decode(variables, latent):
+      quantized = model.apply(variables, latent, method=VQGAN3D.quantize).quantized
+      return pipeline.to_uint8(model.apply(variables, quantized, method=VQGAN3D.decode))
+
+    self._encode, self._decode = encode, decode
+
+  def encode_for_diffusion(self, video_uint8: np.ndarray) -> np.ndarray:
+    """uint8 clips -> the latents stage 2 learns (quantized or not, per the config)."""
+    return np.asarray(jax.device_get(self._encode(self.variables, jnp.asarray(video_uint8))))
+
+  def decode_latents(self, latent: jax.Array) -> jax.Array:
+    """Unscaled latents -> quantized -> decoded uint8 clips (VQ-VDM's sampling path)."""
+    return self._decode(self.variables, latent)
+
+
+def restore_tokenizer(config: ml_collections.ConfigDict, workdir: str | Path) -> Tokenizer:
+  """The latest stage-1 checkpoint of ``workdir`` as a :class:`Tokenizer`; fails clearly if none."""
+  model = make_vqgan(config)
+  discriminator = make_discriminator(config)
+  optim = config.vqgan.optim
+  gen_tx = make_optimizer(optim.learning_rate, optim)
+  disc_tx = make_optimizer(optim.disc_learning_rate, optim)
+  directory = stage_dir(workdir) / "checkpoints"
+  checkpointer = checkpointing.Checkpointer(directory, config.vqgan.train.checkpoint_every,
+                                            config.vqgan.train.keep_checkpoints)
+  abstract = jax.eval_shape(functools.partial(init_train_state, config, model, discriminator,
+                                              gen_tx, disc_tx))
+  replicated = sharding.replicated(sharding.make_mesh(config.mesh))
+  abstract = jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated), abstract)
+  state = checkpointer.restore(abstract)
+  checkpointer.close()
+  if state is None:
+    raise FileNotFoundError(
+        f"No stage-1 checkpoint in {directory}. Train the tokenizer first: "
+        f"python -m vqvdm_jax.main --config=... --workdir={workdir} --mode=train_vqgan")
+  return Tokenizer(config, model, eval_params(state, config), state.quantizer_state,
+                   int(jax.device_get(state.step)))

@@ -1,0 +1,115 @@
+"""The stage-2 training data: stage-1 latents of the train split, encoded once and cached.
+
+Stage 2 never runs the tokenizer's encoder in its train step. The first stage-2 start encodes
+the train split with the tokenizer checkpoint it finds and writes
+``DIR/diffusion/latents/tokenizer_<step>/`` (``latents.npy [N, t, h, w, c]``, ``labels.npy``,
+``fps.npy``, ``meta.json``). The folder is written under a temporary name and renamed when
+complete, so an interrupted encode never leaves a cache that looks finished. A new tokenizer
+checkpoint gets a new folder; an existing one is reused.
+
+The scale factor (latent-diffusion's ``scale_by_std``) is 1 / std of the cached latents over the
+first ``diffusion.latents.scale_estimate_clips`` clips, so the diffusion model sees unit-variance
+latents whatever the tokenizer's scale.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from vqvdm_jax.data import pipeline
+
+
+class LatentCache:
+  """Random-access view of a finished cache folder: ``cache[i] -> {latent, label, fps}``."""
+
+  def __init__(self, directory: str | Path):
+    self.directory = Path(directory)
+    meta_path = self.directory / "meta.json"
+    if not meta_path.exists():
+      raise FileNotFoundError(f"{self.directory} is not a finished latent cache (no meta.json).")
+    self.meta = json.loads(meta_path.read_text())
+    self.latents = np.load(self.directory / "latents.npy", mmap_mode="r")
+    self.labels = np.load(self.directory / "labels.npy")
+    self.fps = np.load(self.directory / "fps.npy")
+
+  @property
+  def scale_factor(self) -> float:
+    return float(self.meta["scale_factor"])
+
+  @property
+  def latent_shape(self) -> tuple[int, ...]:
+    return tuple(self.latents.shape[1:])
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return {"latent": np.asarray(self.latents[index], np.float32),
+            "label": self.labels[index], "fps": self.fps[index]}
+
+
+def cache_directory(workdir: str | Path, tokenizer_step: int) -> Path:
+  return Path(workdir) / "diffusion" / "latents" / f"tokenizer_{tokenizer_step:07d}"
+
+
+def scale_factor(latents: np.ndarray) -> float:
+  """latent-diffusion's scale_by_std: 1 / std, so the scaled latents have unit variance."""
+  std = float(np.std(np.asarray(latents, np.float64)))
+  if not np.isfinite(std) or std <= 0:
+    raise ValueError(f"Cached latents have std {std}; the tokenizer checkpoint looks broken.")
+  return 1.0 / std
+
+
+def build_or_load(config: ml_collections.ConfigDict, workdir: str | Path, tokenizer_step: int,
+                  encode_fn: Callable[[np.ndarray], np.ndarray]) -> LatentCache:
+  """The cache for ``tokenizer_step``, encoding the train split with ``encode_fn`` if needed.
+
+  ``encode_fn(video_uint8 [B, T, H, W, 3]) -> latents [B, t, h, w, c]`` (float32 numpy).
+  """
+  directory = cache_directory(workdir, tokenizer_step)
+  if (directory / "meta.json").exists():
+    logging.info("Stage 2: reusing the latent cache %s.", directory)
+    return LatentCache(directory)
+  latents_config = config.diffusion.latents
+  logging.info("Stage 2: encoding the train split with tokenizer step %d into %s.",
+               tokenizer_step, directory)
+  latents, labels, fps = [], [], []
+  for batch in pipeline.ordered_batches(config.data, "train", latents_config.encode_batch_size,
+                                        None, config.seed):
+    latents.append(np.asarray(encode_fn(batch["video"]), np.float32))
+    labels.append(np.asarray(batch["label"], np.int32))
+    fps.append(np.asarray(batch["fps"], np.float32))
+  latents = np.concatenate(latents)
+  scale = scale_factor(latents[:latents_config.scale_estimate_clips])
+  meta = {"tokenizer_step": tokenizer_step, "source": latents_config.source,
+          "num_clips": int(len(latents)), "latent_shape": list(latents.shape[1:]),
+          "latent_std": 1.0 / scale, "scale_factor": scale}
+  if jax.process_index() == 0:
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    np.save(partial / "latents.npy", latents)
+    np.save(partial / "labels.npy", np.concatenate(labels))
+    np.save(partial / "fps.npy", np.concatenate(fps))
+    (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    partial.rename(directory)
+  logging.info("Stage 2: cached %d latents of shape %s; scale factor %.4f.", len(latents),
+               latents.shape[1:], scale)
+  return LatentCache(directory)
+
+
+def train_iterator(cache: LatentCache, batch_size: int, seed: int) -> Any:
+  """Endless shuffled batches of cached latents for this process; checkpointable like stage 1's."""
+  local_batch_size = pipeline.per_process_batch_size(batch_size)
+  dataset = grain.MapDataset.source(cache)[jax.process_index()::jax.process_count()]
+  dataset = dataset.shuffle(seed=seed).repeat().batch(local_batch_size, drop_remainder=True)
+  return iter(dataset.to_iter_dataset())

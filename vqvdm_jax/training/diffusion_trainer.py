@@ -1,0 +1,229 @@
+"""Stage 2: the latent DDPM with the spatio-temporal 3D U-Net (VQ-VDM §3.2, eqs. 7-8).
+
+L = E ‖target − model(z_t, t, f, c)‖², target = ε (Ho et al. 2020) or v (Salimans & Ho), with
+the class replaced by the null label at rate ρ (joint training for classifier-free guidance).
+Latents come from the cache of :mod:`vqvdm_jax.data.latents`, multiplied by its scale factor.
+Workdir layout (stage 2): ``diffusion/checkpoints``, ``diffusion/summaries``, ``diffusion/latents``.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from vqvdm_jax import config as config_lib
+from vqvdm_jax.data import latents as latents_lib
+from vqvdm_jax.diffusion import schedule as schedule_lib
+from vqvdm_jax.models.unet3d import UNet3D
+from vqvdm_jax.training import checkpointing, reporting, sharding, vqgan_trainer
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class DiffusionTrainState:
+  step: jax.Array
+  params: PyTree
+  ema_params: PyTree  # sampling uses these
+  opt_state: PyTree
+  rng: jax.Array  # base key; step keys are fold_in(rng, step)
+  scale_factor: jax.Array  # latents are multiplied by it (scale_by_std), fixed at stage-2 start
+  tokenizer_step: jax.Array  # the stage-1 checkpoint whose latents this model learned
+
+
+def stage_dir(workdir: str | Path) -> Path:
+  return Path(workdir) / "diffusion"
+
+
+def null_label(config: ml_collections.ConfigDict) -> int:
+  """The extra class index meaning "no class" (classifier-free guidance)."""
+  return config.data.num_classes
+
+
+def make_unet(config: ml_collections.ConfigDict) -> UNet3D:
+  unet = config.diffusion.unet
+  return UNet3D(
+      channels=unet.channels, channel_multipliers=tuple(unet.channel_multipliers),
+      num_res_blocks=unet.num_res_blocks, attention_levels=tuple(unet.attention_levels),
+      num_heads=unet.num_heads, dropout=unet.dropout, num_groups=unet.num_groups,
+      num_classes=config.data.num_classes if config.diffusion.use_class else 0,
+      use_fps=config.diffusion.use_fps, conv_impl=unet.conv_impl, dtype=jnp.dtype(unet.dtype))
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> schedule_lib.DiffusionSchedule:
+  sched = config.diffusion.schedule
+  return schedule_lib.make_schedule(sched.kind, sched.num_steps, sched.beta_start,
+                                    sched.beta_end, sched.cosine_s)
+
+
+def apply_unet(unet: UNet3D, config: ml_collections.ConfigDict):
+  """``apply_fn(params, z, t, fps, labels)`` that drops what the config does not condition on."""
+  use_class, use_fps = config.diffusion.use_class, config.diffusion.use_fps
+
+  def apply_fn(params, z, t, fps, labels, train=False, rngs=None):
+    return unet.apply({"params": params}, z, t, fps if use_fps else None,
+                      labels if use_class else None, train=train, rngs=rngs)
+
+  return apply_fn
+
+
+def drop_labels(labels: jax.Array, rate: float, null: int, rng: jax.Array) -> jax.Array:
+  """Classifier-free guidance training: each label becomes the null label with probability ρ."""
+  return jnp.where(jax.random.bernoulli(rng, rate, labels.shape), null, labels)
+
+
+def make_train_step(config: ml_collections.ConfigDict, unet: UNet3D,
+                    schedule: schedule_lib.DiffusionSchedule, tx: optax.GradientTransformation):
+  """The pure step ``(state, batch) -> (state, metrics)``; batch = {latent, label, fps}."""
+  diffusion = config.diffusion
+  apply_fn = apply_unet(unet, config)
+  ema_decay = diffusion.optim.ema_decay
+
+  def train_step(state: DiffusionTrainState, batch: dict):
+    rng = jax.random.fold_in(state.rng, state.step)
+    time_rng, noise_rng, label_rng, dropout_rng = jax.random.split(rng, 4)
+    z0 = batch["latent"] * state.scale_factor
+    batch_size = z0.shape[0]
+    t = jax.random.randint(time_rng, (batch_size,), 0, schedule.num_steps)
+    noise = jax.random.normal(noise_rng, z0.shape, z0.dtype)
+    z_t = schedule_lib.q_sample(schedule, z0, t, noise)
+    target = schedule_lib.training_target(schedule, z0, t, noise, diffusion.prediction)
+    labels = drop_labels(batch["label"], diffusion.class_drop_rate, null_label(config), label_rng)
+
+    def loss_fn(params):
+      output = apply_fn(params, z_t, t, batch["fps"], labels, train=True,
+                        rngs={"dropout": dropout_rng})
+      return jnp.mean((output.astype(jnp.float32) - target) ** 2)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = (optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
+                  if ema_decay > 0 else params)
+    metrics = {"loss/diffusion": loss, "grad_norm/unet": optax.tree.norm(grads),
+               "conditioning/null_label_rate": jnp.mean(labels == null_label(config))}
+    return state.replace(step=state.step + 1, params=params, ema_params=ema_params,
+                         opt_state=opt_state), metrics
+
+  return train_step
+
+
+class DiffusionTrainer:
+  """Model, optimizer, mesh, jitted step and checkpointer of a stage-2 run."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path,
+               latent_shape: tuple[int, ...], devices: list | None = None):
+    config_lib.validate(config)
+    self.config = config
+    self.workdir = stage_dir(workdir)
+    self.latent_shape = tuple(latent_shape)  # [t, h, w, c]
+    self.mesh = sharding.make_mesh(config.mesh, devices)
+    sharding.check_batch_size(config.diffusion.train.batch_size, self.mesh,
+                              "diffusion.train.batch_size")
+    self.unet = make_unet(config)
+    self.schedule = make_schedule(config)
+    optim = config.diffusion.optim
+    self.tx = vqgan_trainer.make_optimizer(optim.learning_rate, optim)
+    self.replicated = sharding.replicated(self.mesh)
+    train = config.diffusion.train
+    self.checkpointer = checkpointing.Checkpointer(
+        self.workdir / "checkpoints", train.checkpoint_every, train.keep_checkpoints)
+    abstract = jax.eval_shape(functools.partial(self._init_state, 1.0, 0))
+    self.state_sharding = sharding.tree_shardings(abstract, self.replicated)
+    self._init = jax.jit(self._init_state, static_argnums=(1,),
+                         out_shardings=self.state_sharding)
+    self.train_step = jax.jit(
+        make_train_step(config, self.unet, self.schedule, self.tx),
+        in_shardings=(self.state_sharding, sharding.batch_sharding(self.mesh)),
+        out_shardings=(self.state_sharding, self.replicated), donate_argnums=(0,))
+
+  def _init_state(self, scale_factor, tokenizer_step: int) -> DiffusionTrainState:
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(self.config.seed + 1))
+    batch = 1
+    z = jnp.zeros((batch, *self.latent_shape), jnp.float32)
+    t = jnp.zeros((batch,), jnp.int32)
+    fps = jnp.ones((batch,), jnp.float32) if self.config.diffusion.use_fps else None
+    labels = jnp.zeros((batch,), jnp.int32) if self.config.diffusion.use_class else None
+    params = self.unet.init(init_rng, z, t, fps, labels)["params"]
+    return DiffusionTrainState(
+        step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+        opt_state=self.tx.init(params), rng=state_rng,
+        scale_factor=jnp.asarray(scale_factor, jnp.float32),
+        tokenizer_step=jnp.asarray(tokenizer_step, jnp.int32))
+
+  def initial_state(self, scale_factor: float, tokenizer_step: int) -> DiffusionTrainState:
+    return self._init(scale_factor, tokenizer_step)
+
+  def abstract_state(self) -> DiffusionTrainState:
+    abstract = jax.eval_shape(functools.partial(self._init_state, 1.0, 0))
+    return jax.tree.map(lambda leaf, spec: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                                 sharding=spec),
+                        abstract, self.state_sharding)
+
+  def restore(self, data_iterator: Any | None = None) -> DiffusionTrainState | None:
+    return self.checkpointer.restore(self.abstract_state(), data_iterator)
+
+  def step(self, state: DiffusionTrainState, batch: dict[str, np.ndarray]):
+    return self.train_step(state, sharding.shard_batch(batch, self.mesh))
+
+
+def train_diffusion(config: ml_collections.ConfigDict, workdir: str | Path
+                    ) -> DiffusionTrainState:
+  """Trains stage 2 to ``diffusion.train.num_steps`` on the latest stage-1 tokenizer's latents."""
+  tokenizer = vqgan_trainer.restore_tokenizer(config, workdir)
+  cache = latents_lib.build_or_load(config, workdir, tokenizer.step,
+                                    tokenizer.encode_for_diffusion)
+  trainer = DiffusionTrainer(config, workdir, cache.latent_shape)
+  train = config.diffusion.train
+  data_iterator = latents_lib.train_iterator(cache, train.batch_size, config.seed)
+  state = trainer.restore(data_iterator)
+  if state is None:
+    state = trainer.initial_state(cache.scale_factor, tokenizer.step)
+  elif int(state.tokenizer_step) != tokenizer.step:
+    logging.warning("Stage 2 resumes a model trained on tokenizer step %d latents; the latest "
+                    "tokenizer is step %d. Continuing with the model's own scale factor.",
+                    int(state.tokenizer_step), tokenizer.step)
+  start_step = int(jax.device_get(state.step))
+  if start_step >= train.num_steps:
+    logging.info("Stage 2 already trained to step %d (num_steps=%d); nothing to do.",
+                 start_step, train.num_steps)
+    trainer.checkpointer.close()
+    return state
+  logging.info("Stage 2: training from step %d to %d on %d device(s); latents %s, scale %.4f.",
+               start_step, train.num_steps, trainer.mesh.size, cache.latent_shape,
+               float(state.scale_factor))
+  writer = reporting.make_metric_writer(trainer.workdir / "summaries")
+  progress = reporting.make_progress_reporter(train.num_steps, writer, train.log_every)
+  window_start = time.time()
+  for step in range(start_step + 1, train.num_steps + 1):
+    state, metrics = trainer.step(state, next(data_iterator))
+    progress(step)
+    if step % train.log_every == 0 or step == train.num_steps:
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      metrics["clips_per_second"] = (train.log_every * train.batch_size
+                                     / max(time.time() - window_start, 1e-9))
+      window_start = time.time()
+      writer.write_scalars(step, metrics)
+      if not np.isfinite(metrics["loss/diffusion"]):
+        raise FloatingPointError(
+            f"Stage-2 loss became {metrics['loss/diffusion']} at step {step}; the last good "
+            f"checkpoint is step {trainer.checkpointer.latest_step()} in "
+            f"{trainer.checkpointer.directory}. Lower config.diffusion.optim.learning_rate.")
+    trainer.checkpointer.save(step, state, data_iterator, force=step == train.num_steps)
+    if train.sample_every and step % train.sample_every == 0 and step < train.num_steps:
+      from vqvdm_jax import sampling  # the sampler imports this module
+      sampling.write_samples(config, state, tokenizer, trainer.unet, trainer.schedule,
+                             trainer.mesh, trainer.workdir / "progress" / f"step_{step:07d}")
+  writer.flush()
+  trainer.checkpointer.close()
+  return state
