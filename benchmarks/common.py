@@ -7,6 +7,7 @@ and the same run's float32 matmul rate, so each row also reads as a fraction of 
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 import statistics
 import time
@@ -14,6 +15,14 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+
+
+def load_config(path: str, arg: str | None = None):
+  """``get_config(arg)`` of a config file, as ``--config=path`` would load it."""
+  spec = importlib.util.spec_from_file_location("benchmark_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def compiled_flops(fn: Callable, *args: Any) -> float:

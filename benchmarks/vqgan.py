@@ -9,7 +9,6 @@ float32 matmul rate, and peak device memory (where reported), for each conv impl
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import tempfile
 from pathlib import Path
@@ -37,13 +36,6 @@ flags.DEFINE_bool("train", True, "Also time the full train step.")
 FLAGS = flags.FLAGS
 
 
-def load_config(path: str):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def main(argv):
   del argv
   runtime.configure_jax()
@@ -52,7 +44,7 @@ def main(argv):
   rows = []
   for conv_impl in FLAGS.conv_impls:
     for batch_size in map(int, FLAGS.batch_sizes):
-      config = load_config(FLAGS.config)
+      config = common.load_config(FLAGS.config)
       config.data.name = "synthetic"
       config.data.num_frames = FLAGS.frames
       config.data.resolution = resolution

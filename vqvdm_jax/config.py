@@ -174,6 +174,21 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def apply_runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """big_vision's ``:runlocal`` variant: the same model, a few steps on the embedded data."""
+  config.data.name = "synthetic"
+  config.data.num_classes = 4
+  config.data.num_workers = 0
+  for stage in (config.vqgan.train, config.diffusion.train):
+    stage.batch_size = 2
+    stage.num_steps = 3
+    stage.log_every = 1
+  config.vqgan.loss.disc_start = 1
+  sample = config.diffusion.sample
+  sample.num_steps, sample.num_videos, sample.batch_size = 2, 2, 2
+  return config
+
+
 _CONV_IMPLS = ("auto", "native", "taps")
 _QUANTIZERS = ("vq", "ema", "lfq")
 _GAN_LOSSES = ("vanilla", "hinge")

@@ -166,9 +166,7 @@ class DiffusionTrainer:
 
   def abstract_state(self) -> DiffusionTrainState:
     abstract = jax.eval_shape(functools.partial(self._init_state, 1.0, 0))
-    return jax.tree.map(lambda leaf, spec: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                                                 sharding=spec),
-                        abstract, self.state_sharding)
+    return sharding.abstract_with_shardings(abstract, self.state_sharding)
 
   def restore(self, data_iterator: Any | None = None) -> DiffusionTrainState | None:
     return self.checkpointer.restore(self.abstract_state(), data_iterator)
@@ -207,8 +205,8 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str | Path
   window_start = time.time()
   for step in range(start_step + 1, train.num_steps + 1):
     state, metrics = trainer.step(state, next(data_iterator))
-    progress(step)
     if step % train.log_every == 0 or step == train.num_steps:
+      # device_get waits for the step, so the progress line times real compute, not dispatch.
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       metrics["clips_per_second"] = (train.log_every * train.batch_size
                                      / max(time.time() - window_start, 1e-9))
@@ -219,6 +217,7 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str | Path
             f"Stage-2 loss became {metrics['loss/diffusion']} at step {step}; the last good "
             f"checkpoint is step {trainer.checkpointer.latest_step()} in "
             f"{trainer.checkpointer.directory}. Lower config.diffusion.optim.learning_rate.")
+    progress(step)  # after the log step's device_get, so its steps/s times real compute
     trainer.checkpointer.save(step, state, data_iterator, force=step == train.num_steps)
     if train.sample_every and step % train.sample_every == 0 and step < train.num_steps:
       from vqvdm_jax import sampling  # the sampler imports this module

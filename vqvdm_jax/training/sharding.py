@@ -68,3 +68,10 @@ def check_batch_size(batch_size: int, mesh: Mesh, field: str) -> None:
 
 def tree_shardings(tree: Any, sharding: NamedSharding) -> Any:
   return jax.tree.map(lambda _: sharding, tree)
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+  """``jax.ShapeDtypeStruct``s carrying shardings: what a checkpoint restores onto."""
+  return jax.tree.map(
+      lambda leaf, spec: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=spec),
+      abstract, shardings)

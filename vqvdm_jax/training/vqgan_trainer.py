@@ -259,10 +259,7 @@ class VQGANTrainer:
     return self._init()
 
   def abstract_state(self) -> VQGANTrainState:
-    abstract = jax.eval_shape(self._init)
-    return jax.tree.map(lambda leaf, spec: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                                                 sharding=spec),
-                        abstract, self.state_sharding)
+    return sharding.abstract_with_shardings(jax.eval_shape(self._init), self.state_sharding)
 
   def restore_or_init(self, data_iterator: Any | None = None) -> VQGANTrainState:
     """The latest checkpoint of the workdir (moving the iterator along), else a fresh state."""
@@ -322,9 +319,8 @@ def train_vqgan(config: ml_collections.ConfigDict, workdir: str | Path) -> VQGAN
   for step in range(start_step + 1, train.num_steps + 1):
     batch = next(data_iterator)
     state, metrics = trainer.step(state, batch)
-    progress(step)
     if step % train.log_every == 0 or step == train.num_steps:
-      metrics = jax.device_get(metrics)
+      metrics = jax.device_get(metrics)  # waits for the step, so progress times real compute
       metrics["clips_per_second"] = (train.log_every * train.batch_size
                                      / max(time.time() - step_started, 1e-9))
       step_started = time.time()
@@ -334,6 +330,7 @@ def train_vqgan(config: ml_collections.ConfigDict, workdir: str | Path) -> VQGAN
             f"Stage-1 loss became {metrics['loss/generator']} at step {step}; the last good "
             f"checkpoint is step {trainer.checkpointer.latest_step()} in "
             f"{trainer.checkpointer.directory}. Lower config.vqgan.optim.learning_rate.")
+    progress(step)  # after the log step's device_get, so its steps/s times real compute
     trainer.checkpointer.save(step, state, data_iterator, force=step == train.num_steps)
     if step % train.eval_every == 0 or step == train.num_steps:
       write_reconstructions(trainer, state, eval_videos, step)
@@ -388,9 +385,8 @@ def restore_tokenizer(config: ml_collections.ConfigDict, workdir: str | Path) ->
   abstract = jax.eval_shape(functools.partial(init_train_state, config, model, discriminator,
                                               gen_tx, disc_tx))
   replicated = sharding.replicated(sharding.make_mesh(config.mesh))
-  abstract = jax.tree.map(
-      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated), abstract)
-  state = checkpointer.restore(abstract)
+  state = checkpointer.restore(sharding.abstract_with_shardings(
+      abstract, sharding.tree_shardings(abstract, replicated)))
   checkpointer.close()
   if state is None:
     raise FileNotFoundError(
