@@ -80,7 +80,7 @@ def _tiny_trainer(tmp_path, devices, **overrides):
   return config, trainer
 
 
-def test_tiny_stage2_run_lowers_its_loss(tmp_path):
+def test_tiny_stage2_run_lowers_its_loss_and_keeps_an_ema_of_the_weights(tmp_path):
   config, trainer = _tiny_trainer(tmp_path, jax.devices()[:1])
   # One latent per class: a learnable target whose ε is fully determined by z_t and t.
   pattern = np.random.default_rng(0).normal(size=(4, 2, 4, 4, 4)).astype(np.float32)
@@ -89,9 +89,19 @@ def test_tiny_stage2_run_lowers_its_loss(tmp_path):
            "fps": np.full(8, 8.0, np.float32)}
   state = trainer.initial_state(2.0, 0)
   losses = []
-  for _ in range(150):
+  for step in range(150):
+    previous = jax.device_get((state.params, state.ema_params)) if step < 2 else None
     state, metrics = trainer.step(state, batch)
     losses.append(float(metrics["loss/diffusion"]))
+    if previous is not None:  # EMA of the weights: ema <- d * ema + (1 - d) * params
+      decay = config.diffusion.optim.ema_decay
+      expected = jax.tree.map(lambda ema, new: decay * ema + (1 - decay) * new, previous[1],
+                              jax.device_get(state.params))
+      for got, want in zip(jax.tree.leaves(jax.device_get(state.ema_params)),
+                           jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+      assert not all(np.array_equal(a, b) for a, b in zip(
+          jax.tree.leaves(previous[0]), jax.tree.leaves(jax.device_get(state.params))))
   trainer.checkpointer.close()
   assert np.mean(losses[-20:]) < 0.75 * np.mean(losses[:5]), (losses[:5], losses[-20:])
 

@@ -79,7 +79,9 @@ def generate(config: ml_collections.ConfigDict, state: diffusion_trainer.Diffusi
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), start)
     latents = sample_fn(state.ema_params, jnp.asarray(batch_labels), jnp.asarray(batch_fps),
                         rng)
-    decoded = tokenizer.decode_latents(latents / state.scale_factor)
+    # Through the host: the tokenizer may live on another mesh than the sampler (it is small).
+    unscaled = np.asarray(jax.device_get(latents / state.scale_factor))
+    decoded = tokenizer.decode_latents(unscaled)
     videos.append(np.asarray(jax.device_get(decoded)))
   return np.concatenate(videos)[:len(labels)]
 
