@@ -206,17 +206,10 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str | Path
   for step in range(start_step + 1, train.num_steps + 1):
     state, metrics = trainer.step(state, next(data_iterator))
     if step % train.log_every == 0 or step == train.num_steps:
-      # device_get waits for the step, so the progress line times real compute, not dispatch.
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      metrics["clips_per_second"] = (train.log_every * train.batch_size
-                                     / max(time.time() - window_start, 1e-9))
-      window_start = time.time()
-      writer.write_scalars(step, metrics)
-      if not np.isfinite(metrics["loss/diffusion"]):
-        raise FloatingPointError(
-            f"Stage-2 loss became {metrics['loss/diffusion']} at step {step}; the last good "
-            f"checkpoint is step {trainer.checkpointer.latest_step()} in "
-            f"{trainer.checkpointer.directory}. Lower config.diffusion.optim.learning_rate.")
+      metrics, window_start = reporting.write_train_metrics(
+          writer, step, metrics, train.log_every * train.batch_size, window_start)
+      reporting.check_finite("The stage-2 loss", metrics["loss/diffusion"], step,
+                             trainer.checkpointer, "diffusion.optim.learning_rate")
     progress(step)  # after the log step's device_get, so its steps/s times real compute
     trainer.checkpointer.save(step, state, data_iterator, force=step == train.num_steps)
     if train.sample_every and step % train.sample_every == 0 and step < train.num_steps:

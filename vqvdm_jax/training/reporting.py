@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import jax
+import numpy as np
 from clu import metric_writers, periodic_actions
 
 
@@ -26,3 +29,26 @@ def make_progress_reporter(num_steps: int, writer: metric_writers.MetricWriter,
   """steps/s, ETA and % done, written every ``every_steps`` steps."""
   return periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                          every_steps=every_steps)
+
+
+def write_train_metrics(writer: metric_writers.MetricWriter, step: int, metrics: Any,
+                        clips: int, window_start: float) -> tuple[dict[str, float], float]:
+  """Fetches a step's metrics (waiting for it), adds clips/s since ``window_start``, writes them.
+
+  Returns the metrics as floats and the time the next window starts.
+  """
+  values = {name: float(value) for name, value in jax.device_get(metrics).items()}
+  now = time.time()
+  values["clips_per_second"] = clips / max(now - window_start, 1e-9)
+  writer.write_scalars(step, values)
+  return values, now
+
+
+def check_finite(loss_name: str, value: float, step: int, checkpointer: Any,
+                 learning_rate_field: str) -> None:
+  """Stops the run on a non-finite loss, naming the last good checkpoint and the fix."""
+  if not np.isfinite(value):
+    raise FloatingPointError(
+        f"{loss_name} became {value} at step {step}; the last good checkpoint is step "
+        f"{checkpointer.latest_step()} in {checkpointer.directory}. Lower "
+        f"config.{learning_rate_field}.")

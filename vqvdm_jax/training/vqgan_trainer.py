@@ -320,16 +320,10 @@ def train_vqgan(config: ml_collections.ConfigDict, workdir: str | Path) -> VQGAN
     batch = next(data_iterator)
     state, metrics = trainer.step(state, batch)
     if step % train.log_every == 0 or step == train.num_steps:
-      metrics = jax.device_get(metrics)  # waits for the step, so progress times real compute
-      metrics["clips_per_second"] = (train.log_every * train.batch_size
-                                     / max(time.time() - step_started, 1e-9))
-      step_started = time.time()
-      writer.write_scalars(step, {k: float(v) for k, v in metrics.items()})
-      if not np.isfinite(metrics["loss/generator"]):
-        raise FloatingPointError(
-            f"Stage-1 loss became {metrics['loss/generator']} at step {step}; the last good "
-            f"checkpoint is step {trainer.checkpointer.latest_step()} in "
-            f"{trainer.checkpointer.directory}. Lower config.vqgan.optim.learning_rate.")
+      metrics, step_started = reporting.write_train_metrics(
+          writer, step, metrics, train.log_every * train.batch_size, step_started)
+      reporting.check_finite("The stage-1 generator loss", metrics["loss/generator"], step,
+                             trainer.checkpointer, "vqgan.optim.learning_rate")
     progress(step)  # after the log step's device_get, so its steps/s times real compute
     trainer.checkpointer.save(step, state, data_iterator, force=step == train.num_steps)
     if step % train.eval_every == 0 or step == train.num_steps:
