@@ -211,6 +211,16 @@ def _flatten(z: jax.Array, code_dim: int) -> jax.Array:
   return z.astype(jnp.float32).reshape(-1, code_dim)
 
 
+def _quantizer_output(z: jax.Array, z_flat: jax.Array, codes: jax.Array, indices: jax.Array,
+                      loss: jax.Array, terms: dict[str, jax.Array], usage: jax.Array,
+                      num_codes: int) -> QuantizerOutput:
+  """The shared tail of every quantizer: straight-through codes in z's shape, plus stats."""
+  quantized = straight_through(z_flat, codes).reshape(z.shape).astype(z.dtype)
+  return QuantizerOutput(
+      quantized=quantized, indices=indices.reshape(z.shape[:-1]), loss=loss, terms=terms,
+      stats={"perplexity": perplexity(indices, num_codes), "usage": usage})
+
+
 def _counters(module: nn.Module, num_codes: int) -> tuple[Any, Any]:
   step = module.variable(STATE, "step", lambda: jnp.zeros((), jnp.int32))
   last_used = module.variable(STATE, "last_used_step",
@@ -277,10 +287,7 @@ class VectorQuantizer(nn.Module):
       self.last_used_step.value = last_used
       self.step_counter.value = step + 1
 
-    quantized = straight_through(z_flat, codes).reshape(z.shape).astype(z.dtype)
-    return QuantizerOutput(
-        quantized=quantized, indices=indices.reshape(z.shape[:-1]), loss=loss, terms=terms,
-        stats={"perplexity": perplexity(indices, self.codebook_size), "usage": usage})
+    return _quantizer_output(z, z_flat, codes, indices, loss, terms, usage, self.codebook_size)
 
 
 class EMAVectorQuantizer(nn.Module):
@@ -346,10 +353,7 @@ class EMAVectorQuantizer(nn.Module):
       self.last_used_step.value = last_used
       self.step_counter.value = step + 1
 
-    quantized = straight_through(z_flat, codes).reshape(z.shape).astype(z.dtype)
-    return QuantizerOutput(
-        quantized=quantized, indices=indices.reshape(z.shape[:-1]), loss=loss, terms=terms,
-        stats={"perplexity": perplexity(indices, self.codebook_size), "usage": usage})
+    return _quantizer_output(z, z_flat, codes, indices, loss, terms, usage, self.codebook_size)
 
 
 class LookupFreeQuantizer(nn.Module):
@@ -398,10 +402,7 @@ class LookupFreeQuantizer(nn.Module):
       self.last_used_step.value = last_used
       self.step_counter.value = step + 1
 
-    quantized = straight_through(z_flat, codes).reshape(z.shape).astype(z.dtype)
-    return QuantizerOutput(
-        quantized=quantized, indices=indices.reshape(z.shape[:-1]), loss=loss, terms=terms,
-        stats={"perplexity": perplexity(indices, self.num_codes), "usage": usage})
+    return _quantizer_output(z, z_flat, codes, indices, loss, terms, usage, self.num_codes)
 
 
 def make_quantizer(quantizer_config: Any, latent_channels: int) -> nn.Module:
