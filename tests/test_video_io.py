@@ -1,6 +1,5 @@
 """GIF/MP4 writing and video grids."""
 
-import imageio.v2 as imageio_v2
 import imageio.v3 as imageio_v3
 import numpy as np
 import pytest
@@ -14,9 +13,8 @@ def _video(frames=8, height=16, width=16, seed=0):
 
 
 def _mp4_frames(path):
-  # Not list(reader): the reader reports an unknown (huge) length, which list() preallocates.
-  with imageio_v2.get_reader(path, format="FFMPEG") as reader:
-    return np.stack([frame for frame in reader])
+  frames, _ = video_io.read_video(path)
+  return frames
 
 
 @pytest.mark.parametrize("size", [16, 32])
@@ -28,8 +26,7 @@ def test_gif_and_mp4_round_trip_frame_count(tmp_path, size):
   assert gif_frames.shape[:3] == (8, size, size)
   mp4_frames = _mp4_frames(mp4)
   assert mp4_frames.shape == (8, size, size, 3)  # not resized to a macro-block multiple.
-  with imageio_v2.get_reader(mp4, format="FFMPEG") as reader:
-    assert reader.get_meta_data()["fps"] == pytest.approx(8.0)
+  assert video_io.read_video(mp4)[1] == pytest.approx(8.0)
 
 
 def test_gif_keeps_the_frame_rate(tmp_path):
@@ -87,3 +84,24 @@ def test_comparison_grid_rejects_mismatched_shapes(tmp_path):
   with pytest.raises(ValueError, match="same shape"):
     video_io.write_comparison_grid(tmp_path / "x", np.stack([_video()]),
                                    np.stack([_video(frames=4)]), fps=8)
+
+
+def test_mp4_keeps_an_ntsc_frame_rate(tmp_path):
+  mp4 = video_io.write_mp4(tmp_path / "ntsc.mp4", _video(), fps=30000 / 1001)
+  assert video_io.read_video(mp4)[1] == pytest.approx(29.97, abs=1e-2)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00\x01not a video at all" * 64])
+def test_read_video_names_a_file_that_is_not_a_video(tmp_path, content):
+  path = tmp_path / "broken.mp4"
+  path.write_bytes(content)
+  with pytest.raises(ValueError, match="broken.mp4"):
+    video_io.read_video(path)
+
+
+def test_read_video_rejects_a_truncated_file(tmp_path):
+  mp4 = video_io.write_mp4(tmp_path / "whole.mp4", _video(), fps=8)
+  truncated = tmp_path / "truncated.mp4"
+  truncated.write_bytes(mp4.read_bytes()[:200])
+  with pytest.raises(ValueError, match="truncated.mp4"):
+    video_io.read_video(truncated)
