@@ -51,7 +51,7 @@ def main(argv):
       config.vqgan.model.conv_impl = conv_impl
       config.vqgan.loss.disc_start = 0  # time the full step, discriminator included
       config.vqgan.train.batch_size = batch_size
-      config.mesh.shape = (1,)
+      config.mesh.shape = (1, 1)
       with tempfile.TemporaryDirectory() as workdir:
         trainer = vqgan_trainer.VQGANTrainer(config, workdir, devices=jax.devices()[:1])
         state = trainer.initial_state()

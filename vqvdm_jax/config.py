@@ -169,8 +169,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- devices
   config.mesh = mesh = ml_collections.ConfigDict()
-  mesh.shape = (-1,)  # -1 takes every remaining device.
-  mesh.axes = ("data",)
+  mesh.shape = (-1, 1)  # devices per axis; -1 takes every remaining device.
+  mesh.axes = ("data", "fsdp")  # the batch is split over both axes.
+  mesh.param_sharding = "replicated"  # or 'fsdp': params/optimizer/EMA split along 'fsdp'.
+  mesh.fsdp_min_size = 4096  # arrays with fewer elements stay replicated under 'fsdp'.
   return config
 
 
@@ -269,6 +271,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"{tuple(config.mesh.shape)} and mesh.axes {tuple(config.mesh.axes)} differ in length.")
   _require("data" in config.mesh.axes, "mesh.axes",
            f"must contain 'data' (the batch axis), got {tuple(config.mesh.axes)}.")
+  _require(set(config.mesh.axes) <= {"data", "fsdp"}, "mesh.axes",
+           f"may only name 'data' and 'fsdp', got {tuple(config.mesh.axes)}.")
+  _require(config.mesh.param_sharding in ("replicated", "fsdp"), "mesh.param_sharding",
+           f"must be 'replicated' or 'fsdp', got {config.mesh.param_sharding!r}.")
+  _require(config.mesh.param_sharding == "replicated" or "fsdp" in config.mesh.axes,
+           "mesh.param_sharding", "is 'fsdp' but mesh.axes has no 'fsdp' axis.")
 
 
 def _validate_diffusion(config: ml_collections.ConfigDict) -> None:

@@ -2,7 +2,7 @@
 
 ``--mode=sample`` writes ``DIR/samples/video_XXX_class_C.mp4`` per video and ``grid.gif`` (one
 column per video), with ``samples.json`` recording what was asked for. The whole reverse process
-is one compiled loop; the sample batch is split over the mesh's ``data`` axis.
+is one compiled loop; the sample batch is split over the mesh's batch axes.
 """
 
 from __future__ import annotations
@@ -70,8 +70,10 @@ def generate(config: ml_collections.ConfigDict, state: diffusion_trainer.Diffusi
   devices = sharding.data_parallel_size(mesh)
   batch_size = -(-sample.batch_size // devices) * devices
   split, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  params_sharding = jax.tree.map(lambda leaf: leaf.sharding, state.ema_params)  # as trained
   sample_fn = jax.jit(make_sample_fn(config, unet, schedule, latent_shape),
-                      in_shardings=(replicated, split, split, replicated), out_shardings=split)
+                      in_shardings=(params_sharding, split, split, replicated),
+                      out_shardings=split)
   videos = []
   for start in range(0, len(labels), batch_size):
     batch_labels = np.resize(labels[start:start + batch_size], batch_size)  # pad the last batch

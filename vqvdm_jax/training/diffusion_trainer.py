@@ -139,7 +139,8 @@ class DiffusionTrainer:
     self.checkpointer = checkpointing.Checkpointer(
         self.workdir / "checkpoints", train.checkpoint_every, train.keep_checkpoints)
     abstract = jax.eval_shape(functools.partial(self._init_state, 1.0, 0))
-    self.state_sharding = sharding.tree_shardings(abstract, self.replicated)
+    self.state_sharding = sharding.state_shardings(
+        abstract, self.mesh, config.mesh.param_sharding, config.mesh.fsdp_min_size)
     self._init = jax.jit(self._init_state, static_argnums=(1,),
                          out_shardings=self.state_sharding)
     self.train_step = jax.jit(

@@ -1,8 +1,11 @@
 """The device mesh and the shardings every train step declares (STYLE.md: jit over a Mesh).
 
-The batch is split along the mesh's ``data`` axis; parameters and optimizer states are
-replicated (FSDP sharding is a later issue). Steps never mention devices: they receive these
-shardings once, at ``jax.jit`` time.
+The mesh has a ``data`` and an ``fsdp`` axis. The batch is split over both. Parameters,
+optimizer states and EMA copies are either replicated or, with ``config.mesh.param_sharding =
+'fsdp'``, split along ``fsdp`` on their largest divisible dimension (ZeRO-3 style: XLA gathers a
+layer's weights where it is used and reduce-scatters its gradients). Steps never mention
+devices: they receive these shardings once, at ``jax.jit`` time. A checkpoint stores global
+arrays, so one saved on one mesh restores onto any other (Orbax reshards on restore).
 """
 
 from __future__ import annotations
@@ -43,13 +46,51 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+BATCH_AXES = ("data", "fsdp")
+PARAM_SHARDINGS = ("replicated", "fsdp")
+
+
+def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  return tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over the ``data`` axis, the rest replicated."""
-  return NamedSharding(mesh, PartitionSpec("data"))
+  """Leading (batch) dimension split over the ``data`` and ``fsdp`` axes, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(_batch_axes(mesh)))
 
 
 def data_parallel_size(mesh: Mesh) -> int:
-  return mesh.shape["data"]
+  """How many ways the batch is split: every device of the batch axes holds a different slice."""
+  return int(np.prod([mesh.shape[axis] for axis in _batch_axes(mesh)]))
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = 2 ** 12) -> PartitionSpec:
+  """Split the largest dimension ``fsdp_size`` divides; small or indivisible arrays replicate.
+
+  Arrays under ``min_size`` elements (biases, norms, scalars) are not worth a collective.
+  """
+  if fsdp_size <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return PartitionSpec()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp_size == 0:
+      return PartitionSpec(*([None] * dim + ["fsdp"]))
+  return PartitionSpec()
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, param_sharding: str,
+                    fsdp_min_size: int = 2 ** 12) -> Any:
+  """Shardings for a whole train state: params, optimizer moments and EMA copies alike.
+
+  Each leaf's sharding depends only on its shape, so a parameter, its Adam moments and its EMA
+  copy always agree and the optimizer update needs no communication.
+  """
+  if param_sharding not in PARAM_SHARDINGS:
+    raise ValueError(f"config.mesh.param_sharding={param_sharding!r} is not one of "
+                     f"{PARAM_SHARDINGS}.")
+  fsdp_size = mesh.shape.get("fsdp", 1) if param_sharding == "fsdp" else 1
+  return jax.tree.map(
+      lambda leaf: NamedSharding(mesh, fsdp_spec(leaf.shape, fsdp_size, fsdp_min_size)),
+      abstract_state)
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

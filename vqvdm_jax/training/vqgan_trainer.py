@@ -246,7 +246,8 @@ class VQGANTrainer:
     init = functools.partial(init_train_state, config, self.model, self.discriminator,
                              self.gen_tx, self.disc_tx)
     abstract = jax.eval_shape(init)
-    self.state_sharding = sharding.tree_shardings(abstract, self.replicated)
+    self.state_sharding = sharding.state_shardings(
+        abstract, self.mesh, config.mesh.param_sharding, config.mesh.fsdp_min_size)
     self._init = jax.jit(init, out_shardings=self.state_sharding)
     batch_spec = sharding.batch_sharding(self.mesh)
     step = make_train_step(config, self.model, self.discriminator, self.gen_tx, self.disc_tx,
