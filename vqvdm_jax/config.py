@@ -167,6 +167,11 @@ def base_config() -> ml_collections.ConfigDict:
   sample.seed = 0
   sample.clip_x0 = 0.0  # clip predicted x0 to [-c, c] in scaled latent units (0: off).
 
+  # ---------------------------------------------------------------- run safety
+  config.run = run = ml_collections.ConfigDict()
+  run.max_nonfinite_skips = 20  # stop after this many consecutive skipped (non-finite) updates.
+  run.async_checkpoints = True  # write checkpoints in the background while training goes on.
+
   # ---------------------------------------------------------------- devices
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.shape = (-1, 1)  # devices per axis; -1 takes every remaining device.

@@ -19,6 +19,10 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (configs
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and outputs.")
 flags.DEFINE_enum("mode", "train", MODES,
                   "train: both stages then samples, resuming what the workdir already holds.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0, for multi-process runs not on a TPU pod or SLURM.")
+flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -49,9 +53,14 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   try:
+    config_lib.validate(FLAGS.config)  # before the distributed runtime waits for its peers
+    runtime.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                   FLAGS.process_id)
     run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
   except config_lib.ConfigError as error:
     raise app.UsageError(str(error)) from error
+  except runtime.Preempted as preempted:
+    logging.warning("%s", preempted)  # a clean stop: the checkpoint is written
 
 
 if __name__ == "__main__":

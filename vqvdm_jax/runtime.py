@@ -2,7 +2,49 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
+from absl import logging
+
+
+class Preempted(Exception):
+  """The run received SIGTERM, saved a checkpoint at ``step`` and stopped; rerun to resume."""
+
+  def __init__(self, step: int, directory: str):
+    super().__init__(f"Preempted at step {step}: checkpoint saved in {directory}. Rerun the same "
+                     f"command with the same --workdir to resume.")
+    self.step = step
+
+
+def _launched_as_a_multi_process_job() -> bool:
+  """True on a TPU pod slice or under a multi-task SLURM step (JAX auto-detects both)."""
+  tpu_workers = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  return "," in tpu_workers or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Starts JAX's distributed runtime when the run spans several processes; else does nothing.
+
+  Explicit arguments (GPU clusters without SLURM, local multi-process tests) win; otherwise a
+  TPU pod or a SLURM job is detected from the environment. Must run before any other JAX call.
+  CPU processes exchange collectives through gloo.
+  """
+  explicit = coordinator_address is not None or num_processes is not None
+  if not explicit and not _launched_as_a_multi_process_job():
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if explicit:
+    if coordinator_address is None or num_processes is None or process_id is None:
+      raise ValueError("--coordinator_address, --num_processes and --process_id go together: "
+                       "give all three, or none to auto-detect a TPU pod or SLURM job.")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  else:
+    jax.distributed.initialize()
+  logging.info("Process %d of %d; %d local and %d global devices.", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def configure_jax() -> None:

@@ -19,12 +19,16 @@ from absl import logging
 class Checkpointer:
   """A directory of step-numbered checkpoints: state (pytree) + optional grain iterator state."""
 
-  def __init__(self, directory: str | Path, save_every: int, keep: int):
+  def __init__(self, directory: str | Path, save_every: int, keep: int,
+               async_save: bool = True):
     self.directory = Path(directory).absolute()
     self.save_every = save_every
+    self._closed = False
     # The interval is applied here, not by Orbax, which would also save the first step it sees.
+    # Asynchronous saves copy the state to host memory and write it while training goes on.
     self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -66,5 +70,9 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for a save in flight, then releases the manager; a second call does nothing."""
+    if self._closed:
+      return
     self._manager.wait_until_finished()
     self._manager.close()
+    self._closed = True

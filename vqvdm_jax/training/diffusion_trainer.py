@@ -9,7 +9,6 @@ Workdir layout (stage 2): ``diffusion/checkpoints``, ``diffusion/summaries``, ``
 from __future__ import annotations
 
 import functools
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from vqvdm_jax import config as config_lib
 from vqvdm_jax.data import latents as latents_lib
 from vqvdm_jax.diffusion import schedule as schedule_lib
 from vqvdm_jax.models.unet3d import UNet3D
-from vqvdm_jax.training import checkpointing, reporting, sharding, vqgan_trainer
+from vqvdm_jax.training import checkpointing, loop, sharding, vqgan_trainer
 
 PyTree = Any
 
@@ -39,6 +38,7 @@ class DiffusionTrainState:
   rng: jax.Array  # base key; step keys are fold_in(rng, step)
   scale_factor: jax.Array  # latents are multiplied by it (scale_by_std), fixed at stage-2 start
   tokenizer_step: jax.Array  # the stage-1 checkpoint whose latents this model learned
+  nonfinite_streak: jax.Array  # consecutive skipped (non-finite) updates up to this step
 
 
 def stage_dir(workdir: str | Path) -> Path:
@@ -112,8 +112,11 @@ def make_train_step(config: ml_collections.ConfigDict, unet: UNet3D,
                   if ema_decay > 0 else params)
     metrics = {"loss/diffusion": loss, "grad_norm/unet": optax.tree.norm(grads),
                "conditioning/null_label_rate": jnp.mean(labels == null_label(config))}
-    return state.replace(step=state.step + 1, params=params, ema_params=ema_params,
-                         opt_state=opt_state), metrics
+    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
+                              opt_state=opt_state)
+    finite = loop.all_finite(loss, metrics["grad_norm/unet"])
+    metrics["nonfinite/skipped"] = 1.0 - finite.astype(jnp.float32)
+    return loop.skip_nonfinite_update(finite, new_state, state), metrics
 
   return train_step
 
@@ -137,7 +140,8 @@ class DiffusionTrainer:
     self.replicated = sharding.replicated(self.mesh)
     train = config.diffusion.train
     self.checkpointer = checkpointing.Checkpointer(
-        self.workdir / "checkpoints", train.checkpoint_every, train.keep_checkpoints)
+        self.workdir / "checkpoints", train.checkpoint_every, train.keep_checkpoints,
+        config.run.async_checkpoints)
     abstract = jax.eval_shape(functools.partial(self._init_state, 1.0, 0))
     self.state_sharding = sharding.state_shardings(
         abstract, self.mesh, config.mesh.param_sharding, config.mesh.fsdp_min_size)
@@ -160,7 +164,8 @@ class DiffusionTrainer:
         step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
         opt_state=self.tx.init(params), rng=state_rng,
         scale_factor=jnp.asarray(scale_factor, jnp.float32),
-        tokenizer_step=jnp.asarray(tokenizer_step, jnp.int32))
+        tokenizer_step=jnp.asarray(tokenizer_step, jnp.int32),
+        nonfinite_streak=jnp.zeros((), jnp.int32))
 
   def initial_state(self, scale_factor: float, tokenizer_step: int) -> DiffusionTrainState:
     return self._init(scale_factor, tokenizer_step)
@@ -201,22 +206,16 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str | Path
   logging.info("Stage 2: training from step %d to %d on %d device(s); latents %s, scale %.4f.",
                start_step, train.num_steps, trainer.mesh.size, cache.latent_shape,
                float(state.scale_factor))
-  writer = reporting.make_metric_writer(trainer.workdir / "summaries")
-  progress = reporting.make_progress_reporter(train.num_steps, writer, train.log_every)
-  window_start = time.time()
-  for step in range(start_step + 1, train.num_steps + 1):
-    state, metrics = trainer.step(state, next(data_iterator))
-    if step % train.log_every == 0 or step == train.num_steps:
-      metrics, window_start = reporting.write_train_metrics(
-          writer, step, metrics, train.log_every * train.batch_size, window_start)
-      reporting.check_finite("The stage-2 loss", metrics["loss/diffusion"], step,
-                             trainer.checkpointer, "diffusion.optim.learning_rate")
-    progress(step)  # after the log step's device_get, so its steps/s times real compute
-    trainer.checkpointer.save(step, state, data_iterator, force=step == train.num_steps)
+
+  def write_progress_samples(step: int, state: DiffusionTrainState) -> None:
     if train.sample_every and step % train.sample_every == 0 and step < train.num_steps:
       from vqvdm_jax import sampling  # the sampler imports this module
       sampling.write_samples(config, state, tokenizer, trainer.unet, trainer.schedule,
                              trainer.mesh, trainer.workdir / "progress" / f"step_{step:07d}")
-  writer.flush()
-  trainer.checkpointer.close()
-  return state
+
+  return loop.train_loop(
+      stage="Stage 2", state=state, step_fn=trainer.step, data_iterator=data_iterator,
+      checkpointer=trainer.checkpointer, num_steps=train.num_steps, log_every=train.log_every,
+      batch_size=train.batch_size, summary_dir=trainer.workdir / "summaries",
+      max_nonfinite_skips=config.run.max_nonfinite_skips,
+      learning_rate_field="diffusion.optim.learning_rate", on_step=write_progress_samples)

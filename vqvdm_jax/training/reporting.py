@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from clu import metric_writers, periodic_actions
 
 
@@ -42,13 +41,3 @@ def write_train_metrics(writer: metric_writers.MetricWriter, step: int, metrics:
   values["clips_per_second"] = clips / max(now - window_start, 1e-9)
   writer.write_scalars(step, values)
   return values, now
-
-
-def check_finite(loss_name: str, value: float, step: int, checkpointer: Any,
-                 learning_rate_field: str) -> None:
-  """Stops the run on a non-finite loss, naming the last good checkpoint and the fix."""
-  if not np.isfinite(value):
-    raise FloatingPointError(
-        f"{loss_name} became {value} at step {step}; the last good checkpoint is step "
-        f"{checkpointer.latest_step()} in {checkpointer.directory}. Lower "
-        f"config.{learning_rate_field}.")

@@ -12,7 +12,6 @@ Workdir layout (stage 1): ``vqgan/checkpoints``, ``vqgan/summaries``, ``vqgan/re
 from __future__ import annotations
 
 import functools
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +29,7 @@ from vqvdm_jax import losses, video_io
 from vqvdm_jax.data import pipeline
 from vqvdm_jax.models.discriminator import Discriminator3D
 from vqvdm_jax.models.vqgan import VQGAN3D, make_vqgan
-from vqvdm_jax.training import checkpointing, reporting, sharding
+from vqvdm_jax.training import checkpointing, loop, sharding
 
 PyTree = Any
 
@@ -48,6 +47,7 @@ class VQGANTrainState:
   disc_opt_state: PyTree
   lecam_ema: PyTree  # EMAs of the discriminator's mean real / fake logits (LeCam)
   rng: jax.Array  # base key; step keys are fold_in(rng, step)
+  nonfinite_streak: jax.Array  # consecutive skipped (non-finite) updates up to this step
 
 
 def stage_dir(workdir: str | Path) -> Path:
@@ -101,7 +101,7 @@ def init_train_state(config: ml_collections.ConfigDict, model: VQGAN3D,
       gen_opt_state=gen_tx.init(params),
       disc_opt_state=disc_tx.init(disc_params),
       lecam_ema={"real": jnp.zeros((), jnp.float32), "fake": jnp.zeros((), jnp.float32)},
-      rng=state_rng)
+      rng=state_rng, nonfinite_streak=jnp.zeros((), jnp.int32))
 
 
 def _keep_if(condition: jax.Array, new: PyTree, old: PyTree) -> PyTree:
@@ -216,7 +216,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: VQGAN3D,
         step=state.step + 1, params=params, quantizer_state=terms["quantizer_state"],
         ema_params=ema_params, disc_params=disc_params, gen_opt_state=gen_opt_state,
         disc_opt_state=disc_opt_state, lecam_ema=lecam_ema)
-    return new_state, metrics
+    finite = loop.all_finite(gen_loss, disc_loss, metrics["grad_norm/generator"],
+                             metrics["grad_norm/discriminator"])
+    metrics["nonfinite/skipped"] = 1.0 - finite.astype(jnp.float32)
+    return loop.skip_nonfinite_update(finite, new_state, state), metrics
 
   return train_step
 
@@ -241,7 +244,7 @@ class VQGANTrainer:
     self.lpips_params = jax.device_put(lpips_params, self.replicated)
     self.checkpointer = checkpointing.Checkpointer(
         self.workdir / "checkpoints", config.vqgan.train.checkpoint_every,
-        config.vqgan.train.keep_checkpoints)
+        config.vqgan.train.keep_checkpoints, config.run.async_checkpoints)
 
     init = functools.partial(init_train_state, config, self.model, self.discriminator,
                              self.gen_tx, self.disc_tx)
@@ -314,24 +317,17 @@ def train_vqgan(config: ml_collections.ConfigDict, workdir: str | Path) -> VQGAN
                train.num_steps, trainer.mesh.size)
   eval_videos = next(pipeline.eval_batches(config.data, train.num_eval_videos,
                                            train.num_eval_videos, config.seed))["video"]
-  writer = reporting.make_metric_writer(trainer.workdir / "summaries")
-  progress = reporting.make_progress_reporter(train.num_steps, writer, train.log_every)
-  step_started = time.time()
-  for step in range(start_step + 1, train.num_steps + 1):
-    batch = next(data_iterator)
-    state, metrics = trainer.step(state, batch)
-    if step % train.log_every == 0 or step == train.num_steps:
-      metrics, step_started = reporting.write_train_metrics(
-          writer, step, metrics, train.log_every * train.batch_size, step_started)
-      reporting.check_finite("The stage-1 generator loss", metrics["loss/generator"], step,
-                             trainer.checkpointer, "vqgan.optim.learning_rate")
-    progress(step)  # after the log step's device_get, so its steps/s times real compute
-    trainer.checkpointer.save(step, state, data_iterator, force=step == train.num_steps)
+
+  def write_eval(step: int, state: VQGANTrainState) -> None:
     if step % train.eval_every == 0 or step == train.num_steps:
       write_reconstructions(trainer, state, eval_videos, step)
-  writer.flush()
-  trainer.checkpointer.close()
-  return state
+
+  return loop.train_loop(
+      stage="Stage 1", state=state, step_fn=trainer.step, data_iterator=data_iterator,
+      checkpointer=trainer.checkpointer, num_steps=train.num_steps, log_every=train.log_every,
+      batch_size=train.batch_size, summary_dir=trainer.workdir / "summaries",
+      max_nonfinite_skips=config.run.max_nonfinite_skips,
+      learning_rate_field="vqgan.optim.learning_rate", on_step=write_eval)
 
 
 class Tokenizer:

@@ -1,0 +1,114 @@
+"""The host-side training loop both stages share: steps, logging, checkpoints, preemption.
+
+A stage supplies its jitted step and what to do on eval steps; this module owns the rest:
+progress lines (steps/s, ETA), metric writing, periodic and final checkpoints, stopping on
+SIGTERM with a checkpoint at the current step, and stopping after too many consecutive
+non-finite updates (each of which the step itself has already skipped).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from jax.experimental import multihost_utils
+
+from vqvdm_jax.runtime import Preempted
+from vqvdm_jax.training import checkpointing, reporting
+
+PyTree = Any
+
+
+class NonFiniteUpdates(FloatingPointError):
+  """Too many consecutive steps had a non-finite loss or gradient (all of them were skipped)."""
+
+
+class PreemptionGuard:
+  """Turns SIGTERM (what a preempted TPU VM or a SLURM time limit sends) into a stop request.
+
+  On one process the guard installs its own handler. On several, JAX's distributed runtime
+  already listens for the signal and ``reached_preemption_sync_point`` makes every process stop
+  at the same step, so that the collective checkpoint save can happen.
+  """
+
+  def __init__(self):
+    self._requested = threading.Event()
+    self._previous = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+  def _on_signal(self, signum, frame) -> None:
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint after the current step.")
+    self._requested.set()
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._requested.is_set()
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+def skip_nonfinite_update(finite: jax.Array, new_state: Any, old_state: Any) -> Any:
+  """Inside a step: keep ``old_state``'s values (but the new step count) if ``finite`` is False.
+
+  ``new_state`` and ``old_state`` carry a ``nonfinite_streak`` counter, reset by a good step.
+  """
+  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
+  streak = jnp.where(finite, 0, old_state.nonfinite_streak + 1).astype(jnp.int32)
+  return kept.replace(step=new_state.step, nonfinite_streak=streak)
+
+
+def all_finite(*values: jax.Array) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(value)) for value in values]))
+
+
+def train_loop(*, stage: str, state: Any, step_fn: Callable[[Any, dict], tuple[Any, dict]],
+               data_iterator: Any, checkpointer: checkpointing.Checkpointer, num_steps: int,
+               log_every: int, batch_size: int, summary_dir: Any, max_nonfinite_skips: int,
+               learning_rate_field: str,
+               on_step: Callable[[int, Any], None] | None = None) -> Any:
+  """Runs ``state`` from its step to ``num_steps``; returns the final state.
+
+  Raises :class:`Preempted` after saving on SIGTERM, :class:`NonFiniteUpdates` when
+  ``max_nonfinite_skips`` consecutive updates were skipped.
+  """
+  start_step = int(jax.device_get(state.step))
+  writer = reporting.make_metric_writer(summary_dir)
+  progress = reporting.make_progress_reporter(num_steps, writer, log_every)
+  guard = PreemptionGuard()
+  window_start = time.time()
+  try:
+    for step in range(start_step + 1, num_steps + 1):
+      state, metrics = step_fn(state, next(data_iterator))
+      if step % log_every == 0 or step == num_steps:
+        metrics["nonfinite/streak"] = state.nonfinite_streak
+        metrics, window_start = reporting.write_train_metrics(
+            writer, step, metrics, log_every * batch_size, window_start)
+        if metrics["nonfinite/streak"] >= max_nonfinite_skips:
+          raise NonFiniteUpdates(
+              f"{stage}: the last {int(metrics['nonfinite/streak'])} updates up to step {step} "
+              f"had a non-finite loss or gradient and were skipped; the last good checkpoint is "
+              f"step {checkpointer.latest_step()} in {checkpointer.directory}. Lower "
+              f"config.{learning_rate_field} and restart from it.")
+      progress(step)  # after the log step's device_get, so its steps/s times real compute
+      if guard.should_stop(step):
+        checkpointer.save(step, state, data_iterator, force=True)
+        raise Preempted(step, str(checkpointer.directory))
+      checkpointer.save(step, state, data_iterator, force=step == num_steps)
+      if on_step is not None:
+        on_step(step, state)
+  finally:
+    guard.close()
+    writer.flush()
+    checkpointer.close()  # also on errors: a save in flight completes, nothing is lost
+  return state
