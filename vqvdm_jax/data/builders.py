@@ -22,12 +22,15 @@ Files that cannot be read (zero-length, truncated, not a video) and videos short
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import io
 import os
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -96,6 +99,22 @@ def encode_frames(frames: np.ndarray, frame_format: str, jpeg_quality: int) -> l
   return encoded
 
 
+def _map_ahead(pool: concurrent.futures.Executor, function: Callable[[Any], Any],
+               items: Iterable[Any], window: int) -> Iterator[Any]:
+  """``map(function, items)`` in order, at most ``window`` calls ahead of the consumer.
+
+  PyAV and Pillow release the GIL while decoding and encoding, so threads decode several videos
+  at once; the window bounds how many decoded videos wait in memory for the writer.
+  """
+  pending: collections.deque = collections.deque()
+  for item in items:
+    pending.append(pool.submit(function, item))
+    if len(pending) >= window:
+      yield pending.popleft().result()
+  while pending:
+    yield pending.popleft().result()
+
+
 def _require_dir(path: pathlib.Path, what: str, prepare_hint: str) -> None:
   if not path.is_dir():
     raise FileNotFoundError(f"{path} does not exist or is not a folder: {what}. {prepare_hint}")
@@ -118,8 +137,9 @@ class _VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   BUILDER_CONFIG_CLASS = VideoBuilderConfig
   LAYOUT = ""  # how the source folder must look, for error messages.
 
-  def __init__(self, *, source_dir: os.PathLike | str, **kwargs: Any):
+  def __init__(self, *, source_dir: os.PathLike | str, num_threads: int = 1, **kwargs: Any):
     self.source_dir = pathlib.Path(source_dir)
+    self.num_threads = max(1, num_threads)
     self.skipped: list[tuple[str, str]] = []
     super().__init__(**kwargs)
 
@@ -156,19 +176,26 @@ class _VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             if next(iter(self.list_videos(split)), None) is not None}
 
   def _generate_examples(self, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    videos = list(self.list_videos(split))
+    with concurrent.futures.ThreadPoolExecutor(self.num_threads) as pool:
+      loaded = _map_ahead(pool, self._load, [path for _, path, _ in videos], 2 * self.num_threads)
+      for (key, path, label), (frames, fps, reason) in zip(videos, loaded):
+        if frames is None:
+          self.skipped.append((str(path), reason))
+          continue
+        yield key, {"video": frames, "label": label, "fps": np.float32(fps), "name": key}
+
+  def _load(self, path: pathlib.Path) -> tuple[list[bytes] | None, float, str]:
+    """``(encoded frames, fps, "")``, or ``(None, 0, why)`` for a video to skip."""
     config = self.builder_config
-    for key, path, label in self.list_videos(split):
-      try:
-        frames, fps = self.read_frames(path)
-      except (ValueError, OSError) as error:
-        self.skipped.append((str(path), f"unreadable: {error}"))
-        continue
-      if len(frames) < config.min_frames:
-        self.skipped.append((str(path), f"{len(frames)} frames, fewer than one clip "
-                                        f"(min_frames={config.min_frames})"))
-        continue
-      yield key, {"video": encode_frames(frames, config.frame_format, config.jpeg_quality),
-                  "label": label, "fps": np.float32(fps), "name": key}
+    try:
+      frames, fps = self.read_frames(path)
+    except (ValueError, OSError) as error:
+      return None, 0.0, f"unreadable: {error}"
+    if len(frames) < config.min_frames:
+      return None, 0.0, (f"{len(frames)} frames, fewer than one clip "
+                         f"(min_frames={config.min_frames})")
+    return encode_frames(frames, config.frame_format, config.jpeg_quality), fps, ""
 
   def list_videos(self, split: str) -> Iterator[tuple[str, pathlib.Path, int]]:
     """``(unique key, path, label)`` of every video of ``split``."""
@@ -211,7 +238,20 @@ class Ucf101(_VideoBuilder, skip_registration=True):
       if class_name not in label_of:
         self.skipped.append((relative, f"class {class_name!r} is not in classInd.txt"))
         continue
-      yield relative, self.source_dir / "UCF-101" / relative, label_of[class_name]
+      yield relative, self._find(relative), label_of[class_name]
+
+  def _find(self, relative: str) -> pathlib.Path:
+    """The file a list line names; the lists and the archive disagree on case for a few files."""
+    path = self.source_dir / "UCF-101" / relative
+    if path.exists():
+      return path
+    return self._files_by_lowercase.get(relative.lower(), path)
+
+  @functools.cached_property
+  def _files_by_lowercase(self) -> dict[str, pathlib.Path]:
+    root = self.source_dir / "UCF-101"
+    return {file.relative_to(root).as_posix().lower(): file
+            for file in root.rglob("*") if file.is_file()}
 
 
 class SkyTimelapse(_VideoBuilder, skip_registration=True):

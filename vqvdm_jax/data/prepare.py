@@ -2,7 +2,7 @@ r"""Prepares a real dataset once, with TFDS, as ArrayRecord files that training 
 
   python -m vqvdm_jax.data.prepare --dataset=ucf101 --source_dir=/data/UCF101 --data_dir=/data/tfds
   python -m vqvdm_jax.data.prepare --dataset=sky_timelapse --source_dir=/data/sky --data_dir=...
-  python -m vqvdm_jax.data.prepare --dataset=video_folder --source_dir=/data/my_videos --data_dir=...
+  python -m vqvdm_jax.data.prepare --dataset=video_folder --source_dir=/data/videos --data_dir=...
 
 The source layouts are described in ``vqvdm_jax/data/builders.py`` and the README. Training then
 reads ``<data_dir>/<dataset>/<variant>/`` with ``--config.data.data_dir=<data_dir>`` (and the same
@@ -14,6 +14,7 @@ prepared folder.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 
 import tensorflow_datasets as tfds
@@ -43,7 +44,7 @@ class Summary:
 def prepare(dataset: str, source_dir: str | pathlib.Path, data_dir: str | pathlib.Path, *,
             short_side: int = 128, split_number: int = 1, min_frames: int = 16,
             frame_format: str = "jpeg", jpeg_quality: int = 90, test_fraction: float = 0.1,
-            split_seed: int = 0) -> Summary:
+            split_seed: int = 0, num_threads: int = 1) -> Summary:
   """Builds ``<data_dir>/<dataset>/<variant>/<version>/`` from ``source_dir`` unless it exists.
 
   Raises:
@@ -66,7 +67,7 @@ def prepare(dataset: str, source_dir: str | pathlib.Path, data_dir: str | pathli
       jpeg_quality=jpeg_quality, test_fraction=test_fraction, split_seed=split_seed)
   source_dir = pathlib.Path(source_dir).expanduser()
   builder_class.check_source(source_dir, config)
-  builder = builder_class(source_dir=source_dir, config=config,
+  builder = builder_class(source_dir=source_dir, config=config, num_threads=num_threads,
                           data_dir=str(pathlib.Path(data_dir).expanduser()),
                           file_format="array_record")
   data_path = pathlib.Path(builder.data_dir)
@@ -94,6 +95,7 @@ flags.DEFINE_enum("frame_format", "jpeg", ["jpeg", "png"], "How frames are encod
 flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality (1-95) of 'jpeg' frames.")
 flags.DEFINE_float("test_fraction", 0.1, "video_folder: share of videos in the test split.")
 flags.DEFINE_integer("split_seed", 0, "video_folder: seed of the path hash that splits.")
+flags.DEFINE_integer("num_threads", os.cpu_count() or 1, "Videos decoded at the same time.")
 
 
 def main(argv: list[str]) -> None:
@@ -105,7 +107,8 @@ def main(argv: list[str]) -> None:
         FLAGS.dataset, FLAGS.source_dir, FLAGS.data_dir, short_side=FLAGS.short_side,
         split_number=FLAGS.split_number, min_frames=FLAGS.min_frames,
         frame_format=FLAGS.frame_format, jpeg_quality=FLAGS.jpeg_quality,
-        test_fraction=FLAGS.test_fraction, split_seed=FLAGS.split_seed)
+        test_fraction=FLAGS.test_fraction, split_seed=FLAGS.split_seed,
+        num_threads=FLAGS.num_threads)
   except (FileNotFoundError, ValueError) as error:
     raise app.UsageError(str(error)) from error
   print(summary)

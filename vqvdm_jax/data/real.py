@@ -1,6 +1,6 @@
 """Reading prepared real datasets (``prepare.py``'s ArrayRecord files) without TensorFlow.
 
-TFDS wrote ``<data_dir>/<dataset>/<variant>/<version>/<dataset>-<split>.array_record-NNNNN-of-MMMMM``
+TFDS wrote ``<data_dir>/<dataset>/<variant>/<version>/<dataset>-<split>.array_record-*-of-*``
 files of serialized ``tf.train.Example`` protos. grain's ``ArrayRecordDataSource`` reads the
 records and TFDS's own copy of the Example proto (no TensorFlow import) parses them; only the
 frames of the sampled clip are JPEG/PNG-decoded, with Pillow, so a step never decodes a whole
