@@ -191,7 +191,8 @@ class _VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     try:
       frames, fps = self.read_frames(path)
     except (ValueError, OSError) as error:
-      return None, 0.0, f"unreadable: {error}"
+      message = str(error)  # the summary names the file already; don't repeat it up front.
+      return None, 0.0, message.removeprefix(str(path)).lstrip(" :") or "unreadable"
     if len(frames) < config.min_frames:
       return None, 0.0, (f"{len(frames)} frames, fewer than one clip "
                          f"(min_frames={config.min_frames})")

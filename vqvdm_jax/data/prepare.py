@@ -85,17 +85,21 @@ def prepare(dataset: str, source_dir: str | pathlib.Path, data_dir: str | pathli
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("dataset", None, DATASETS, "Which source layout to read.")
-flags.DEFINE_string("source_dir", None, "The unpacked dataset (see the layouts above).")
-flags.DEFINE_string("data_dir", None, "Where to write; training's --config.data.data_dir.")
-flags.DEFINE_integer("short_side", 128, "Frames are stored resized to this shorter edge.")
-flags.DEFINE_integer("split_number", 1, "ucf101: the official split, 1, 2 or 3.")
-flags.DEFINE_integer("min_frames", 16, "Skip videos shorter than this (one clip).")
-flags.DEFINE_enum("frame_format", "jpeg", ["jpeg", "png"], "How frames are encoded.")
-flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality (1-95) of 'jpeg' frames.")
-flags.DEFINE_float("test_fraction", 0.1, "video_folder: share of videos in the test split.")
-flags.DEFINE_integer("split_seed", 0, "video_folder: seed of the path hash that splits.")
-flags.DEFINE_integer("num_threads", os.cpu_count() or 1, "Videos decoded at the same time.")
+
+
+def _define_flags() -> None:
+  """Defined only when run as a program, so importing prepare() adds no global flags."""
+  flags.DEFINE_enum("dataset", None, DATASETS, "Which source layout to read.")
+  flags.DEFINE_string("source_dir", None, "The unpacked dataset (see the layouts above).")
+  flags.DEFINE_string("data_dir", None, "Where to write; training's --config.data.data_dir.")
+  flags.DEFINE_integer("short_side", 128, "Frames are stored resized to this shorter edge.")
+  flags.DEFINE_integer("split_number", 1, "ucf101: the official split, 1, 2 or 3.")
+  flags.DEFINE_integer("min_frames", 16, "Skip videos shorter than this (one clip).")
+  flags.DEFINE_enum("frame_format", "jpeg", ["jpeg", "png"], "How frames are encoded.")
+  flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality (1-95) of 'jpeg' frames.")
+  flags.DEFINE_float("test_fraction", 0.1, "video_folder: share of videos in the test split.")
+  flags.DEFINE_integer("split_seed", 0, "video_folder: seed of the path hash that splits.")
+  flags.DEFINE_integer("num_threads", os.cpu_count() or 1, "Videos decoded at the same time.")
 
 
 def main(argv: list[str]) -> None:
@@ -117,5 +121,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["dataset", "source_dir", "data_dir"])
   app.run(main)
