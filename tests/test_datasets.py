@@ -57,7 +57,8 @@ def _write_ucf101(root: pathlib.Path) -> None:
   (videos / "CarPhone" / "v_CarPhone_g09_c01.avi").write_bytes(random_bytes)
   short = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), np.uint8)
   video_io.write_mp4(videos / "CarPhone" / "v_CarPhone_g10_c01.avi", short, fps=25)
-  test += ["CarPhone/v_CarPhone_g09_c01.avi", "CarPhone/v_CarPhone_g10_c01.avi"]
+  test += ["CarPhone/v_CarPhone_g09_c01.avi", "CarPhone/v_CarPhone_g10_c01.avi",
+           "Unlisted/v_Unlisted_g01_c01.avi"]  # a class classInd.txt does not name
   (lists / "trainlist01.txt").write_text("\n".join(train) + "\n")
   (lists / "testlist01.txt").write_text("\n".join(test) + "\n")
 
@@ -143,11 +144,12 @@ def test_prepare_skips_bad_videos_and_lists_them_beside_the_dataset(prepared):
   summary = prepared.summaries["ucf101"]
   skipped = {pathlib.Path(path).name: reason for path, reason in summary.skipped}
   assert set(skipped) == {"v_Bikes_g09_c01.avi", "v_Bikes_g10_c01.avi", "v_CarPhone_g09_c01.avi",
-                          "v_CarPhone_g10_c01.avi"}
+                          "v_CarPhone_g10_c01.avi", "v_Unlisted_g01_c01.avi"}
   assert "fewer than one clip" in skipped["v_CarPhone_g10_c01.avi"]
+  assert "class list" in skipped["v_Unlisted_g01_c01.avi"]
   written = (summary.data_path / prepare.SKIPPED_FILE).read_text()
   assert all(name in written for name in skipped)
-  assert "skipped 4 video(s)" in str(summary)
+  assert "skipped 5 video(s)" in str(summary)
   sky = {pathlib.Path(path).name for path, _ in prepared.summaries["sky_timelapse"].skipped}
   assert sky == {"b_1", "b_2"}  # too short; one frame not an image.
 
@@ -156,7 +158,7 @@ def test_preparing_again_reuses_the_data_and_its_summary(prepared):
   again = prepare.prepare("ucf101", prepared.sources["ucf101"], prepared.data_dir,
                           short_side=SHORT_SIDE)
   assert again.num_examples == {"train": 4, "test": 2}
-  assert len(again.skipped) == 4
+  assert len(again.skipped) == 5
 
 
 @pytest.mark.parametrize("frame_stride", [1, 3])

@@ -128,8 +128,8 @@ def _require_file(path: pathlib.Path, what: str, prepare_hint: str) -> None:
 class _VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared features, frame encoding and skip bookkeeping; subclasses list the videos.
 
-  Not registered with TFDS (its catalogue has its own ``ucf101``): training opens the prepared
-  folder directly with ``tfds.builder_from_directory``.
+  Not registered with TFDS (its catalogue has its own ``ucf101``): ``prepare.py`` instantiates
+  the builders, and training reads their ArrayRecord files directly (``real.py``).
   """
 
   VERSION = VERSION
@@ -180,6 +180,8 @@ class _VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     with concurrent.futures.ThreadPoolExecutor(self.num_threads) as pool:
       loaded = _map_ahead(pool, self._load, [path for _, path, _ in videos], 2 * self.num_threads)
       for (key, path, label), (frames, fps, reason) in zip(videos, loaded):
+        if label is None:
+          frames, reason = None, "its class is not in the class list"
         if frames is None:
           self.skipped.append((str(path), reason))
           continue
@@ -198,8 +200,8 @@ class _VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                          f"(min_frames={config.min_frames})")
     return encode_frames(frames, config.frame_format, config.jpeg_quality), fps, ""
 
-  def list_videos(self, split: str) -> Iterator[tuple[str, pathlib.Path, int]]:
-    """``(unique key, path, label)`` of every video of ``split``."""
+  def list_videos(self, split: str) -> Iterator[tuple[str, pathlib.Path, int | None]]:
+    """``(unique key, path, label)`` of every video of ``split``; label None: skip it."""
     raise NotImplementedError
 
   def read_frames(self, path: pathlib.Path) -> tuple[np.ndarray, float]:
@@ -235,11 +237,7 @@ class Ucf101(_VideoBuilder, skip_registration=True):
       if not line.strip():
         continue
       relative = line.split()[0]  # trainlists add "<label>"; the folder is the class either way.
-      class_name = relative.split("/")[0]
-      if class_name not in label_of:
-        self.skipped.append((relative, f"class {class_name!r} is not in classInd.txt"))
-        continue
-      yield relative, self._find(relative), label_of[class_name]
+      yield relative, self._find(relative), label_of.get(relative.split("/")[0])
 
   def _find(self, relative: str) -> pathlib.Path:
     """The file a list line names; the lists and the archive disagree on case for a few files."""
