@@ -17,7 +17,6 @@ import dataclasses
 import os
 import pathlib
 
-import tensorflow_datasets as tfds
 from absl import app, flags, logging
 
 from vqvdm_jax.data import builders
