@@ -1,7 +1,10 @@
 r"""Sky Time-lapse, 16x128x128, unconditional (no class, no FPS): SPEC.md §4.
 
-Run:
-  python -m vqvdm_jax.main --config=configs/sky_timelapse.py --workdir=/tmp/sky
+Prepare once (sky_train/ and sky_test/ frame folders in /data/sky), then run:
+  python -m vqvdm_jax.data.prepare --dataset=sky_timelapse --source_dir=/data/sky \
+      --data_dir=/data/tfds
+  python -m vqvdm_jax.main --config=configs/sky_timelapse.py --workdir=/tmp/sky \
+      --config.data.data_dir=/data/tfds
 """
 
 from vqvdm_jax.config import apply_runlocal, base_config
@@ -12,6 +15,8 @@ def get_config(arg: str | None = None):
   config.data.name = "sky_timelapse"
   config.data.num_classes = 0
   config.data.num_workers = 8
+  config.data.data_dir = ""  # set to prepare's --data_dir: --config.data.data_dir=/data/tfds
+  config.data.frame_stride = 1
   config.vqgan.loss.disc_start = 10_000
   config.vqgan.train.batch_size = 16
   config.diffusion.use_class = False  # no labels

@@ -33,6 +33,12 @@ def base_config() -> ml_collections.ConfigDict:
   data.num_eval_clips = 64  # synthetic: size of the held-out split.
   data.num_workers = 0  # grain worker processes (0 = in the main process).
   data.prefetch_buffer_size = 2
+  # Real datasets ('ucf101', 'sky_timelapse', 'video_folder'), prepared once with
+  # `python -m vqvdm_jax.data.prepare` (README, "Real datasets").
+  data.data_dir = ""  # where prepare wrote (its --data_dir); required for real datasets.
+  data.short_side = 128  # which prepared variant to read (prepare's --short_side).
+  data.split_number = 1  # ucf101: the official split, 1, 2 or 3 (prepare's --split_number).
+  data.frame_stride = 1  # real data: a clip takes every n-th frame; its fps is divided by n.
 
   # ---------------------------------------------------------------- stage 1: 3D VQGAN
   config.vqgan = vqgan = ml_collections.ConfigDict()
@@ -196,6 +202,7 @@ def apply_runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return config
 
 
+_DATASETS = ("synthetic", "ucf101", "sky_timelapse", "video_folder")
 _CONV_IMPLS = ("auto", "native", "taps")
 _QUANTIZERS = ("vq", "ema", "lfq")
 _GAN_LOSSES = ("vanilla", "hinge")
@@ -224,6 +231,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   data, model = config.data, config.vqgan.model
   _require(data.num_frames >= 1, "data.num_frames", f"must be >= 1, got {data.num_frames}.")
   _require(data.resolution >= 1, "data.resolution", f"must be >= 1, got {data.resolution}.")
+  _validate_real_data(data)
   _require(model.conv_impl in _CONV_IMPLS, "vqgan.model.conv_impl",
            f"got {model.conv_impl!r}; choose one of {_CONV_IMPLS}.")
   _require(model.dtype in _DTYPES, "vqgan.model.dtype",
@@ -282,6 +290,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"must be 'replicated' or 'fsdp', got {config.mesh.param_sharding!r}.")
   _require(config.mesh.param_sharding == "replicated" or "fsdp" in config.mesh.axes,
            "mesh.param_sharding", "is 'fsdp' but mesh.axes has no 'fsdp' axis.")
+
+
+def _validate_real_data(data: ml_collections.ConfigDict) -> None:
+  """Field checks only: whether the dataset is prepared is checked when a run opens it."""
+  _require(data.name in _DATASETS, "data.name", f"got {data.name!r}; choose one of {_DATASETS}.")
+  _require(data.frame_stride >= 1, "data.frame_stride", f"must be >= 1, got {data.frame_stride}.")
+  _require(data.short_side >= 1, "data.short_side", f"must be >= 1, got {data.short_side}.")
+  if data.name == "ucf101":
+    _require(data.split_number in (1, 2, 3), "data.split_number",
+             f"UCF-101 has official splits 1, 2 and 3, got {data.split_number}.")
 
 
 def _validate_diffusion(config: ml_collections.ConfigDict) -> None:

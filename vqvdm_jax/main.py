@@ -30,6 +30,12 @@ def run(mode: str, config, workdir: str) -> None:
   if mode not in MODES:
     raise ValueError(f"--mode={mode!r} is not one of {MODES}.")
   config_lib.validate(config)
+  if mode != "sample" and config.data.name != "synthetic":
+    from vqvdm_jax.data import real
+    try:  # before any compilation: a missing dataset is the first thing to hear about.
+      real.check_prepared(config.data)
+    except real.DatasetNotPreparedError as error:
+      raise config_lib.ConfigError(str(error)) from error
   runtime.configure_jax()
   # Imports are per mode so `--help` and config errors answer before JAX compiles anything.
   if mode in ("train", "train_vqgan"):

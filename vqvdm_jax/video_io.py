@@ -77,8 +77,12 @@ def write_mp4(path: PathLike, video: Any, fps: float) -> pathlib.Path:
   return path
 
 
-def read_video(path: PathLike) -> tuple[np.ndarray, float]:
+def read_video(path: PathLike, short_side: int | None = None) -> tuple[np.ndarray, float]:
   """Decodes every frame of a video file: ``(uint8 [T, H, W, 3] RGB frames, frames per second)``.
+
+  With ``short_side``, frames are resized while decoding (area averaging) so that their shorter
+  edge has that many pixels and the aspect ratio is kept: far cheaper than resizing full-size
+  RGB frames afterwards.
 
   Raises ``ValueError`` naming the file when it cannot be opened or holds no decodable frame
   (zero-length, truncated before the first frame, not a video at all).
@@ -91,12 +95,24 @@ def read_video(path: PathLike) -> tuple[np.ndarray, float]:
       stream = container.streams.video[0]
       stream.thread_type = "AUTO"
       rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-      frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+      size = {}
+      if short_side is not None:
+        size = dict(zip(("height", "width"), resized_shape(
+            (stream.codec_context.height, stream.codec_context.width), short_side)))
+        size["interpolation"] = "AREA"
+      frames = [frame.to_ndarray(format="rgb24", **size) for frame in container.decode(stream)]
   except (av.FFmpegError, UnicodeDecodeError) as error:
     raise ValueError(f"{path} could not be decoded as a video: {error}") from error
   if not frames:
     raise ValueError(f"{path} holds no decodable frame.")
   return np.stack(frames), float(rate) if rate else 0.0
+
+
+def resized_shape(shape: tuple[int, int], short_side: int) -> tuple[int, int]:
+  """``(height, width)`` scaled so the shorter edge is ``short_side``, aspect ratio kept."""
+  height, width = shape
+  scale = short_side / min(height, width)
+  return max(short_side, round(height * scale)), max(short_side, round(width * scale))
 
 
 def video_grid(videos: Any, columns: int, padding: int = 1, pad_value: int = 255) -> np.ndarray:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqvdm_jax.data import synthetic
+from vqvdm_jax.data import real, synthetic
 
 
 def _read_options(data_config: Any) -> grain.ReadOptions:
@@ -51,14 +51,17 @@ def train_iterator(data_config: Any, batch_size: int, seed: int) -> grain.Datase
   ``grain.checkpoint.CheckpointSave(it)`` beside the train state in Orbax, resumes exactly.
   """
   local_batch_size = per_process_batch_size(batch_size)
-  source = synthetic.make_source(data_config, "train", seed)
+  source = make_source(data_config, "train", seed)
   dataset = grain.MapDataset.source(source)
   dataset = dataset[jax.process_index()::jax.process_count()]
   if len(dataset) == 0:
     raise ValueError(
-        f"config.data.num_train_clips={len(source)} leaves process {jax.process_index()} of "
-        f"{jax.process_count()} without clips; use at least one clip per process.")
-  dataset = dataset.shuffle(seed=seed).repeat().batch(local_batch_size, drop_remainder=True)
+        f"The train split's {len(source)} {_split_size_hint(data_config, 'train')} leave "
+        f"process {jax.process_index()} of {jax.process_count()} without clips; use at least "
+        f"one clip per process.")
+  # Clips are sampled after `repeat`, so each epoch draws new random clips from every video.
+  dataset = _to_clips(dataset.shuffle(seed=seed).repeat(), data_config, seed)
+  dataset = dataset.batch(local_batch_size, drop_remainder=True)
   stream = dataset.to_iter_dataset(_read_options(data_config))
   if data_config.num_workers > 0:
     stream = stream.mp_prefetch(grain.MultiprocessingOptions(
@@ -82,17 +85,47 @@ def eval_batches(data_config: Any, batch_size: int, num_clips: int,
 def ordered_batches(data_config: Any, split: str, batch_size: int, num_clips: int | None,
                     seed: int) -> Iterator[dict[str, np.ndarray]]:
   """The first ``num_clips`` (None: all) clips of ``split`` in order, in batches; one pass."""
-  source = synthetic.make_source(data_config, split, seed)
+  source = make_source(data_config, split, seed)
   num_clips = len(source) if num_clips is None else num_clips
   if not 1 <= num_clips <= len(source):
-    field = "num_eval_clips" if split == "eval" else "num_train_clips"
     raise ValueError(
-        f"Asked for {num_clips} {split} clips but config.data.{field}={len(source)}; "
-        f"ask for between 1 and {len(source)} clips or raise config.data.{field}.")
+        f"Asked for {num_clips} {split} clips but the split has {len(source)} "
+        f"{_split_size_hint(data_config, split)}; ask for between 1 and {len(source)} clips.")
   if batch_size < 1:
     raise ValueError(f"Eval batch size must be >= 1, got {batch_size}.")
-  dataset = grain.MapDataset.source(source)[:num_clips].batch(batch_size, drop_remainder=False)
+  # Real data: one seeded clip per video, the same on every call (the rng is the seed's and the
+  # position's), so evaluations stay comparable.
+  dataset = _to_clips(grain.MapDataset.source(source)[:num_clips], data_config, seed)
+  dataset = dataset.batch(batch_size, drop_remainder=False)
   return iter(dataset.to_iter_dataset(_read_options(data_config)))
+
+
+def make_source(data_config: Any, split: str, seed: int) -> Any:
+  """The random-access source of ``split`` ('train' or 'eval') that ``config.data.name`` names.
+
+  Synthetic elements are clips already; real datasets' elements are whole encoded videos that
+  :func:`_to_clips` cuts clips from.
+  """
+  if data_config.name == "synthetic":
+    return synthetic.make_source(data_config, split, seed)
+  if data_config.name in real.DATASETS:
+    return real.make_source(data_config, split)
+  raise ValueError(f"config.data.name={data_config.name!r} is not one of "
+                   f"{('synthetic',) + real.DATASETS}.")
+
+
+def _to_clips(dataset: grain.MapDataset, data_config: Any, seed: int) -> grain.MapDataset:
+  if data_config.name == "synthetic":
+    return dataset
+  return dataset.random_map(real.clip_sampler(data_config), seed=seed)
+
+
+def _split_size_hint(data_config: Any, split: str) -> str:
+  """What sets a split's size, for error messages."""
+  if data_config.name == "synthetic":
+    field = "num_eval_clips" if split == "eval" else "num_train_clips"
+    return f"clips (config.data.{field})"
+  return f"videos (of the prepared {data_config.name} in config.data.data_dir)"
 
 
 def to_model_input(video: Any) -> Any:

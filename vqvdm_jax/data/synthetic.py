@@ -187,9 +187,9 @@ def make_source(data_config: Any, split: str, seed: int) -> MovingSprites:
   """
   if data_config.name != "synthetic":
     raise ValueError(
-        f"config.data.name={data_config.name!r}: this dataset isn't available yet. Real datasets "
-        f"will be prepared with `python -m vqvdm_jax.data.prepare` (a later issue); for now use "
-        f"the embedded dataset with --config.data.name=synthetic.")
+        f"config.data.name={data_config.name!r} is not the embedded dataset; real datasets are "
+        f"read through vqvdm_jax.data.pipeline.make_source. For this one, use "
+        f"--config.data.name=synthetic.")
   if split not in SPLITS:
     raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
   num_clips = data_config.num_train_clips if split == "train" else data_config.num_eval_clips
