@@ -13,7 +13,6 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINT = "vqvdm_jax.main"
@@ -74,12 +73,8 @@ def main_command(python: str, config: str, workdir: str, main_flags: Sequence[st
 class Runner:
   """Runs commands one after another, or only prints them (``dry_run``) as shell lines."""
 
-  def __init__(self, dry_run: bool, out: TextIO | None = None):
+  def __init__(self, dry_run: bool):
     self.dry_run = dry_run
-    self.out = out
-
-  def _print(self, text: str, stream: TextIO) -> None:
-    print(text, file=self.out or stream, flush=True)
 
   def run(self, command: Sequence[str], env: dict[str, str] | None = None,
           stdin_text: str | None = None) -> None:
@@ -89,9 +84,9 @@ class Runner:
     if stdin_text is not None:  # a heredoc, so the printed line runs as it is
       line += f" <<'EOF'\n{stdin_text.rstrip()}\nEOF"
     if self.dry_run:
-      self._print(line, sys.stdout)
+      print(line, flush=True)
       return
-    self._print(f"+ {line}", sys.stderr)
+    print(f"+ {line}", file=sys.stderr, flush=True)
     full_env = None if env is None else {**os.environ, **env}
     result = subprocess.run(list(command), env=full_env, input=stdin_text, text=True,
                             check=False)

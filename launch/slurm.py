@@ -107,7 +107,8 @@ def batch_script(args: argparse.Namespace, main_flags: Sequence[str]) -> str:
            "# preemption) reaches it through srun and exec.",
            "set -euo pipefail",
            f"cd {shlex.quote(args.repo_dir)}",
-           'head_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+           # sed, not head: head would exit early and SIGPIPE scontrol, failing the pipe.
+           'head_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"',
            f'export VQVDM_COORDINATOR="$head_node:{args.port}"',
            'srun --ntasks="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \\',
            f"  bash -c {shlex.quote('exec ' + train)}"]
