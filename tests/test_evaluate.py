@@ -9,6 +9,7 @@ import pytest
 from helpers import load_config
 
 from vqvdm_jax import main as main_lib
+from vqvdm_jax import sampling
 from vqvdm_jax.data import pipeline
 from vqvdm_jax.evaluation import c3d, evaluate, evaluate_vqgan
 from vqvdm_jax.training import diffusion_trainer, vqgan_trainer
@@ -19,14 +20,32 @@ DEVICES = jax.devices()[:1]
 TINY_C3D_WIDTHS = (2, 2, 3, 3, 4, 4, 4, 4)
 
 
+STEP = 3
+
+
+def _untrained_checkpoints(config, workdir):
+  """Stage-1 and stage-2 checkpoints of freshly initialised models at step ``STEP``.
+
+  Evaluation needs weights, not good ones; training the tiny stages first would spend minutes
+  of CPU compiling their train steps.
+  """
+  vqgan = vqgan_trainer.VQGANTrainer(config, workdir, DEVICES)
+  at_step = lambda state: state.replace(step=jnp.asarray(STEP, jnp.int32))  # noqa: E731
+  vqgan.checkpointer.save(STEP, at_step(vqgan.initial_state()), force=True)
+  vqgan.checkpointer.close()
+  diffusion = diffusion_trainer.DiffusionTrainer(
+      config, workdir, sampling.tokenizer_latent_shape(config), DEVICES)
+  diffusion.checkpointer.save(STEP, at_step(diffusion.initial_state(1.0, STEP)), force=True)
+  diffusion.checkpointer.close()
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """Both tiny stages trained (4 steps each) and one evaluation without C3D weights."""
+  """Checkpoints of both tiny stages and one evaluation without C3D weights."""
   workdir = tmp_path_factory.mktemp("evaluate")
   config = load_config("tiny")
   config.evaluation.reference_dir = str(workdir / "reference_features")
-  vqgan_trainer.train_vqgan(config, workdir)
-  diffusion_trainer.train_diffusion(config, workdir)
+  _untrained_checkpoints(config, workdir)
   results = evaluate.evaluate(config, workdir, devices=DEVICES)
   return config, workdir, results
 
@@ -41,13 +60,13 @@ def test_results_json_carries_the_numbers_and_every_protocol_field(trained):
   assert written == results
   assert np.isfinite(written["fvd"]) and written["fvd"] >= 0 and np.isfinite(written["kvd"])
   assert written["inception_score"] is None and "c3d_weights" in written["inception_score_skipped"]
-  assert written["num_samples_fvd"] == written["num_reference_clips"] == 4
-  assert written["checkpoint_step"] == 4 and written["tokenizer_step"] == 4
+  assert written["num_samples_fvd"] == written["num_reference_clips"] == 2
+  assert written["checkpoint_step"] == written["tokenizer_step"] == STEP
   sample = config.diffusion.sample
   assert (written["guidance_scale"], written["sampler"], written["num_steps"]) == (
       sample.guidance_scale, sample.sampler, sample.num_steps)
-  # The reference (first 4 train clips) holds one clip of each class; so do the samples.
-  assert written["class_counts_fvd"] == {"0": 1, "1": 1, "2": 1, "3": 1}
+  # The reference (the first 2 train clips) holds classes 0 and 1; so do the samples.
+  assert written["class_counts_fvd"] == {"0": 1, "1": 1}
   fvd = written["protocol"]["fvd"]
   assert (fvd["frames"], fvd["resolution"]) == (16, [224, 224])
   assert "logits" in fvd["features"] and "bilinear" in fvd["resize"]
@@ -76,7 +95,7 @@ def test_inception_score_uses_the_named_c3d_file_and_the_reference_cache(trained
   config = load_config("tiny")
   config.evaluation.reference_dir = str(workdir / "reference_features")
   config.evaluation.c3d_weights = str(_tiny_c3d_file(tmp_path / "c3d.npz"))
-  config.evaluation.num_samples_is = 6
+  config.evaluation.num_samples_is = 4  # 2 shared with FVD + 2 more
   config.evaluation.is_splits = 2
 
   def must_not_read(*args, **kwargs):
@@ -84,7 +103,7 @@ def test_inception_score_uses_the_named_c3d_file_and_the_reference_cache(trained
 
   monkeypatch.setattr(pipeline, "ordered_batches", must_not_read)
   results = evaluate.evaluate(config, workdir, devices=DEVICES)
-  assert results["num_samples_is"] == 6
+  assert results["num_samples_is"] == 4
   assert 1.0 <= results["inception_score"] <= 5.0  # between uniform and 5 confident classes
   assert "inception_score_skipped" not in results
   # The same seed and checkpoint give the same FVD set, hence the same FVD.
@@ -95,7 +114,7 @@ def test_evaluate_vqgan_adds_rfvd_of_reconstructions(trained):
   _, workdir, _ = trained
   config = load_config("tiny")
   config.evaluation.reconstruction_fvd = True
-  config.vqgan.eval.num_clips = config.vqgan.eval.batch_size = 2
+  config.vqgan.eval.num_clips = config.vqgan.eval.batch_size = 2  # I3D batch: 2 clips
   results = evaluate_vqgan.evaluate_vqgan(config, workdir, devices=DEVICES)
   assert np.isfinite(results["rfvd"]) and results["rfvd"] >= 0
   assert results["rfvd_protocol"]["frames"] == 16 and results["rfvd_protocol"]["deviations"]
