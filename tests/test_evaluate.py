@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from helpers import load_config
 
+from vqvdm_jax import config as config_lib
 from vqvdm_jax import main as main_lib
 from vqvdm_jax import sampling
 from vqvdm_jax.data import pipeline
@@ -129,3 +130,14 @@ def test_generated_classes_follow_the_reference_distribution():
   assert set(out_fps[out_labels == 2].tolist()) == {2.0}
   # Largest remainder: 7 clips of a 6:3:1 split are 4:2:1, never 5 of class 0.
   assert np.bincount(evaluate.conditioning_like(labels, fps, 7, 0)[0]).tolist() == [4, 2, 1]
+
+
+def test_evaluation_fields_are_validated_at_start_up():
+  config = load_config("tiny")
+  config.evaluation.num_samples_fvd = 1
+  with pytest.raises(config_lib.ConfigError, match="evaluation.num_samples_fvd"):
+    config_lib.validate(config)
+  config = load_config("tiny")
+  config.evaluation.num_samples_is = 5  # fewer than the 10 splits
+  with pytest.raises(config_lib.ConfigError, match="evaluation.num_samples_is"):
+    config_lib.validate(config)
