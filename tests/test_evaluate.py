@@ -141,3 +141,26 @@ def test_evaluation_fields_are_validated_at_start_up():
   config.evaluation.num_samples_is = 5  # fewer than the 10 splits
   with pytest.raises(config_lib.ConfigError, match="evaluation.num_samples_is"):
     config_lib.validate(config)
+
+
+class _RecordingExtractor:
+  """Stands in for a network: one feature (the clip's id) per clip; records call sizes."""
+
+  batch_size = 4
+
+  def __init__(self):
+    self.calls = []
+
+  def __call__(self, videos):
+    self.calls.append(len(videos))
+    return videos[:, :1].astype(np.float32)
+
+
+def test_generated_clips_reach_the_networks_in_full_batches_and_exact_counts():
+  i3d_net, c3d_net = _RecordingExtractor(), _RecordingExtractor()
+  batches = (np.arange(start, min(start + 3, 10)).reshape(-1, 1) for start in range(0, 10, 3))
+  fake, probabilities = evaluate.score_generated(batches, 10, i3d_net, 6, c3d_net, 10)
+  assert fake[:, 0].tolist() == list(range(6))
+  assert probabilities[:, 0].tolist() == list(range(10))
+  assert c3d_net.calls == [4, 4, 2]  # batches of 3 regrouped into 4s; the rest at the end
+  assert i3d_net.calls == [4, 2]  # only the FVD set's 6 clips

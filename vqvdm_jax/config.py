@@ -175,7 +175,7 @@ def base_config() -> ml_collections.ConfigDict:
   evaluation.num_samples_is = 10_000  # generated clips for the Inception Score (C3D).
   evaluation.is_splits = 10
   evaluation.c3d_weights = ""  # C3D .npz (format: vqvdm_jax/evaluation/c3d.py); "" skips IS.
-  evaluation.batch_size = 16  # clips per I3D/C3D call, split over the mesh's data axis.
+  evaluation.batch_size = 16  # clips per I3D/C3D call in --mode=evaluate, split over devices.
   evaluation.reference_split = "train"  # real clips whose I3D features FVD compares against.
   evaluation.reference_dir = ""  # reference-feature cache ("": ~/.cache/vqvdm_jax/reference).
   evaluation.reconstruction_fvd = True  # evaluate_vqgan: rFVD of reconstructions vs originals.

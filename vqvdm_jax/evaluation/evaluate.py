@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,40 @@ class _Progress:
                  self.total, rate, (self.total - self.done) / max(rate, 1e-9))
 
 
+def score_generated(video_batches: Iterator[np.ndarray], total: int,
+                    i3d_extractor: features.FeatureExtractor, num_fvd: int,
+                    c3d_extractor: features.FeatureExtractor | None, num_is: int
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+  """I3D features of the first ``num_fvd`` and C3D probabilities of the first ``num_is`` clips.
+
+  Sampling and feature batches differ in size: clips are buffered so that the networks see full
+  batches (only the last one is padded).
+  """
+  progress = _Progress("generated clips", total)
+  fake_features, probabilities, done = [], [], 0
+
+  def score(videos: np.ndarray) -> None:
+    nonlocal done
+    if done < num_fvd:
+      fake_features.append(i3d_extractor(videos[:num_fvd - done]))
+    if done < num_is:
+      probabilities.append(c3d_extractor(videos[:num_is - done]))
+    done += len(videos)
+
+  pending = None
+  for videos in video_batches:
+    pending = videos if pending is None else np.concatenate([pending, videos])
+    full = len(pending) - len(pending) % i3d_extractor.batch_size
+    if full:
+      score(pending[:full])
+      pending = pending[full:]
+    progress.update(len(videos))
+  if pending is not None and len(pending):
+    score(pending)
+  return (np.concatenate(fake_features),
+          np.concatenate(probabilities) if probabilities else None)
+
+
 def _load_c3d(config: ml_collections.ConfigDict, mesh) -> features.FeatureExtractor | None:
   path = config.evaluation.c3d_weights
   if not path:
@@ -171,19 +206,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     labels, fps = np.concatenate([labels, extra[0]]), np.concatenate([fps, extra[1]])
   if not config.diffusion.use_class:
     labels = np.zeros_like(labels)
-  total = len(labels)
-  logging.info("Evaluating %d generated clips (FVD/KVD on %d, IS on %d).", total, num_fvd, num_is)
-  progress = _Progress("generated clips", total)
-  fake_features, probabilities, done = [], [], 0
-  for videos in sampling.generate_batches(config, state, tokenizer, trainer.unet,
-                                          trainer.schedule, mesh, labels, fps, evaluation.seed):
-    if done < num_fvd:
-      fake_features.append(i3d_extractor(videos[:num_fvd - done]))
-    if done < num_is:
-      probabilities.append(c3d_extractor(videos[:num_is - done]))
-    done += len(videos)
-    progress.update(len(videos))
-  fake_features = np.concatenate(fake_features)
+  logging.info("Evaluating %d generated clips (FVD/KVD on %d, IS on %d).", len(labels), num_fvd,
+               num_is)
+  fake_features, probabilities = score_generated(
+      sampling.generate_batches(config, state, tokenizer, trainer.unet, trainer.schedule,
+                                        mesh, labels, fps, evaluation.seed),
+      len(labels), i3d_extractor, num_fvd, c3d_extractor, num_is)
 
   results: dict[str, Any] = {
       "fvd": metrics.frechet_video_distance(reference["features"], fake_features),
@@ -193,7 +221,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     results["inception_score_skipped"] = ("no C3D weights (config.evaluation.c3d_weights is "
                                           "empty); see vqvdm_jax/evaluation/c3d.py")
   else:
-    score, spread = metrics.inception_score(np.concatenate(probabilities), evaluation.is_splits)
+    score, spread = metrics.inception_score(probabilities, evaluation.is_splits)
     results.update(inception_score=score, inception_score_std=spread,
                    c3d_weights=str(evaluation.c3d_weights))
   classes, counts = np.unique(labels[:num_fvd], return_counts=True)

@@ -71,8 +71,9 @@ def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: str | Path,
   all_indices, originals, reconstructions = [], [], []
   with_rfvd = config.evaluation.reconstruction_fvd
   if with_rfvd:
+    # I3D batches are the eval batches: no padding of a batch to a larger feature batch.
     extractor = features.i3d_extractor(sharding.make_mesh(config.mesh, devices),
-                                       config.evaluation.batch_size)
+                                       eval_config.batch_size)
   i3d_features = {"original": [], "reconstruction": []}
   for batch in pipeline.eval_batches(config.data, eval_config.batch_size, eval_config.num_clips,
                                      config.seed):
