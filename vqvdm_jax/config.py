@@ -178,6 +178,20 @@ def base_config() -> ml_collections.ConfigDict:
   run.max_nonfinite_skips = 20  # stop after this many consecutive skipped (non-finite) updates.
   run.async_checkpoints = True  # write checkpoints in the background while training goes on.
 
+  # ---------------------------------------------------------------- evaluation (FVD, KVD, IS)
+  # The I3D/C3D protocol itself (16 frames, 224x224, logits) is pinned in vqvdm_jax/evaluation,
+  # not configurable; these fields choose sample counts, weights and where caches live.
+  config.evaluation = evaluation = ml_collections.ConfigDict()
+  evaluation.num_samples_fvd = 2048  # generated (and as many real) clips for FVD and KVD.
+  evaluation.num_samples_is = 10_000  # generated clips for the Inception Score (C3D).
+  evaluation.is_splits = 10
+  evaluation.c3d_weights = ""  # C3D .npz (format: vqvdm_jax/evaluation/c3d.py); "" skips IS.
+  evaluation.batch_size = 16  # clips per I3D/C3D call in --mode=evaluate, split over devices.
+  evaluation.reference_split = "train"  # real clips whose I3D features FVD compares against.
+  evaluation.reference_dir = ""  # reference-feature cache ("": ~/.cache/vqvdm_jax/reference).
+  evaluation.reconstruction_fvd = True  # evaluate_vqgan: rFVD of reconstructions vs originals.
+  evaluation.seed = 0  # sampling seed of the evaluated videos.
+
   # ---------------------------------------------------------------- devices
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.shape = (-1, 1)  # devices per axis; -1 takes every remaining device.
@@ -280,6 +294,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("log_every", "checkpoint_every", "eval_every"):
     _require(train[field] >= 1, f"vqgan.train.{field}", f"must be >= 1, got {train[field]}.")
   _validate_diffusion(config)
+  _validate_evaluation(config)
   _require(len(config.mesh.shape) == len(config.mesh.axes), "mesh.shape",
            f"{tuple(config.mesh.shape)} and mesh.axes {tuple(config.mesh.axes)} differ in length.")
   _require("data" in config.mesh.axes, "mesh.axes",
@@ -345,3 +360,16 @@ def _validate_diffusion(config: ml_collections.ConfigDict) -> None:
            f"must be >= 1, got {dtrain.batch_size}.")
   for field in ("log_every", "checkpoint_every"):
     _require(dtrain[field] >= 1, f"diffusion.train.{field}", f"must be >= 1, got {dtrain[field]}.")
+
+
+def _validate_evaluation(config: ml_collections.ConfigDict) -> None:
+  evaluation = config.evaluation
+  _require(evaluation.num_samples_fvd >= 2, "evaluation.num_samples_fvd",
+           f"FVD and KVD need at least 2 clips, got {evaluation.num_samples_fvd}.")
+  _require(evaluation.num_samples_is >= evaluation.is_splits >= 1, "evaluation.num_samples_is",
+           f"{evaluation.num_samples_is} clips cannot fill evaluation.is_splits="
+           f"{evaluation.is_splits} splits; use at least one clip per split.")
+  _require(evaluation.batch_size >= 1, "evaluation.batch_size",
+           f"must be >= 1, got {evaluation.batch_size}.")
+  _require(evaluation.reference_split in ("train", "eval"), "evaluation.reference_split",
+           f"got {evaluation.reference_split!r}; choose 'train' or 'eval'.")

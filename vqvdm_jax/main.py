@@ -11,7 +11,7 @@ from ml_collections import config_flags
 from vqvdm_jax import config as config_lib
 from vqvdm_jax import runtime
 
-MODES = ("train", "train_vqgan", "evaluate_vqgan", "train_diffusion", "sample")
+MODES = ("train", "train_vqgan", "evaluate_vqgan", "train_diffusion", "sample", "evaluate")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
@@ -52,6 +52,9 @@ def run(mode: str, config, workdir: str) -> None:
   if mode in ("train", "sample"):
     from vqvdm_jax.sampling import sample
     sample(config, workdir)
+  if mode == "evaluate":
+    from vqvdm_jax.evaluation.evaluate import evaluate
+    evaluate(config, workdir)
 
 
 def main(argv: list[str]) -> None:

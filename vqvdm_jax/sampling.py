@@ -8,6 +8,7 @@ is one compiled loop; the sample batch is split over the mesh's batch axes.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +61,17 @@ def make_sample_fn(config: ml_collections.ConfigDict, unet: UNet3D,
   return sample_fn
 
 
-def generate(config: ml_collections.ConfigDict, state: diffusion_trainer.DiffusionTrainState,
-             tokenizer: vqgan_trainer.Tokenizer, unet: UNet3D, schedule: DiffusionSchedule,
-             mesh: Mesh, labels: np.ndarray, fps: np.ndarray, seed: int) -> np.ndarray:
-  """uint8 videos ``[N, T, H, W, 3]`` for the given labels and FPS, batch by batch."""
+def generate_batches(config: ml_collections.ConfigDict,
+                     state: diffusion_trainer.DiffusionTrainState,
+                     tokenizer: vqgan_trainer.Tokenizer, unet: UNet3D, schedule: DiffusionSchedule,
+                     mesh: Mesh, labels: np.ndarray, fps: np.ndarray, seed: int
+                     ) -> Iterator[np.ndarray]:
+  """uint8 videos ``[b, T, H, W, 3]`` for the given labels and FPS, one sampling batch at a time.
+
+  The sampler compiles once; batch ``i`` draws its noise from ``fold_in(seed, i * batch)``, so a
+  video depends only on the seed and its position. Streaming lets evaluation score thousands of
+  videos without holding them all.
+  """
   sample = config.diffusion.sample
   latent_shape = tokenizer_latent_shape(config)
   # Round the batch up to a multiple of the data-parallel devices; the extra videos are dropped.
@@ -74,7 +82,6 @@ def generate(config: ml_collections.ConfigDict, state: diffusion_trainer.Diffusi
   sample_fn = jax.jit(make_sample_fn(config, unet, schedule, latent_shape),
                       in_shardings=(params_sharding, split, split, replicated),
                       out_shardings=split)
-  videos = []
   for start in range(0, len(labels), batch_size):
     batch_labels = np.resize(labels[start:start + batch_size], batch_size)  # pad the last batch
     batch_fps = np.resize(fps[start:start + batch_size], batch_size)
@@ -84,8 +91,15 @@ def generate(config: ml_collections.ConfigDict, state: diffusion_trainer.Diffusi
     # Through the host: the tokenizer may live on another mesh than the sampler (it is small).
     unscaled = np.asarray(jax.device_get(latents / state.scale_factor))
     decoded = tokenizer.decode_latents(unscaled)
-    videos.append(np.asarray(jax.device_get(decoded)))
-  return np.concatenate(videos)[:len(labels)]
+    yield np.asarray(jax.device_get(decoded))[:len(labels) - start]
+
+
+def generate(config: ml_collections.ConfigDict, state: diffusion_trainer.DiffusionTrainState,
+             tokenizer: vqgan_trainer.Tokenizer, unet: UNet3D, schedule: DiffusionSchedule,
+             mesh: Mesh, labels: np.ndarray, fps: np.ndarray, seed: int) -> np.ndarray:
+  """uint8 videos ``[N, T, H, W, 3]`` for the given labels and FPS (:func:`generate_batches`)."""
+  return np.concatenate(list(generate_batches(config, state, tokenizer, unet, schedule, mesh,
+                                              labels, fps, seed)))
 
 
 def tokenizer_latent_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -117,15 +131,29 @@ def write_samples(config: ml_collections.ConfigDict, state, tokenizer, unet, sch
   return out_dir
 
 
-def sample(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
-  """``--mode=sample``: the latest stage-2 checkpoint's EMA weights -> ``DIR/samples/``."""
+def restore_models(config: ml_collections.ConfigDict, workdir: str | Path,
+                   devices: list | None = None
+                   ) -> tuple[diffusion_trainer.DiffusionTrainState, vqgan_trainer.Tokenizer,
+                              diffusion_trainer.DiffusionTrainer]:
+  """The latest stage-2 state, its tokenizer and trainer; fails clearly if a stage has none.
+
+  The state carries the EMA weights; the trainer the U-Net, the schedule and a mesh over
+  ``devices`` (default: all).
+  """
   tokenizer = vqgan_trainer.restore_tokenizer(config, workdir)
-  trainer = diffusion_trainer.DiffusionTrainer(config, workdir, tokenizer_latent_shape(config))
+  trainer = diffusion_trainer.DiffusionTrainer(config, workdir, tokenizer_latent_shape(config),
+                                               devices)
   state = trainer.restore()
   trainer.checkpointer.close()
   if state is None:
     raise FileNotFoundError(
         f"No stage-2 checkpoint in {trainer.checkpointer.directory}. Train one first: "
         f"python -m vqvdm_jax.main --config=... --workdir={workdir} --mode=train_diffusion")
+  return state, tokenizer, trainer
+
+
+def sample(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
+  """``--mode=sample``: the latest stage-2 checkpoint's EMA weights -> ``DIR/samples/``."""
+  state, tokenizer, trainer = restore_models(config, workdir)
   return write_samples(config, state, tokenizer, trainer.unet, trainer.schedule, trainer.mesh,
                        Path(workdir) / "samples")

@@ -1,7 +1,9 @@
 """``--mode=evaluate_vqgan``: reconstruction quality of the latest stage-1 checkpoint.
 
-Writes ``DIR/vqgan/eval.json`` (PSNR, SSIM, LPIPS, codebook usage and perplexity over the
+Writes ``DIR/vqgan/eval.json`` (PSNR, SSIM, LPIPS, rFVD, codebook usage and perplexity over the
 held-out clips) and ``DIR/vqgan/eval_grid.{gif,mp4}`` (originals above reconstructions).
+rFVD is FVD (the I3D protocol of ``evaluation/i3d.py``) of reconstructions against their
+originals; ``evaluation.reconstruction_fvd=False`` leaves it out.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from absl import logging
 
 from vqvdm_jax import losses, video_io
 from vqvdm_jax.data import pipeline
-from vqvdm_jax.evaluation import reconstruction
-from vqvdm_jax.training import vqgan_trainer
+from vqvdm_jax.evaluation import features, i3d, metrics, reconstruction
+from vqvdm_jax.training import sharding, vqgan_trainer
 
 
 def codebook_statistics(indices: np.ndarray, codebook_size: int) -> dict[str, float]:
@@ -36,8 +38,12 @@ def codebook_size(config: ml_collections.ConfigDict) -> int:
   return config.vqgan.quantizer.codebook_size
 
 
-def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-  """Evaluates the latest checkpoint in ``workdir``; fails clearly when there is none."""
+def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: str | Path,
+                   devices: list | None = None) -> dict:
+  """Evaluates the latest checkpoint in ``workdir``; fails clearly when there is none.
+
+  ``devices`` (default: all) carry the I3D network of rFVD.
+  """
   trainer = vqgan_trainer.VQGANTrainer(config, workdir)
   state = trainer.checkpointer.restore(trainer.abstract_state())
   if state is None:
@@ -63,12 +69,21 @@ def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: str | Path) -> di
   eval_config = config.vqgan.eval
   per_clip = {"psnr": [], "ssim": [], "lpips": []}
   all_indices, originals, reconstructions = [], [], []
+  with_rfvd = config.evaluation.reconstruction_fvd
+  if with_rfvd:
+    # I3D batches are the eval batches: no padding of a batch to a larger feature batch.
+    extractor = features.i3d_extractor(sharding.make_mesh(config.mesh, devices),
+                                       eval_config.batch_size)
+  i3d_features = {"original": [], "reconstruction": []}
   for batch in pipeline.eval_batches(config.data, eval_config.batch_size, eval_config.num_clips,
                                      config.seed):
     out = jax.device_get(clip_metrics(batch["video"]))
     for name in per_clip:
       per_clip[name].append(np.asarray(out[name], np.float64))
     all_indices.append(np.asarray(out["indices"]))
+    if with_rfvd:
+      i3d_features["original"].append(extractor(batch["video"]))
+      i3d_features["reconstruction"].append(extractor(np.asarray(out["x_hat"])))
     if len(originals) < 1:
       originals.append(batch["video"][:8])
       reconstructions.append(np.asarray(out["x_hat"])[:8])
@@ -79,6 +94,11 @@ def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: str | Path) -> di
                   "num_clips": int(sum(len(v) for v in per_clip["psnr"])),
                   "weights": "ema" if config.vqgan.optim.ema_decay > 0 else "raw",
                   "psnr_data_range": "[-1, 1] (2.0)"})
+  if with_rfvd:
+    results["rfvd"] = metrics.frechet_video_distance(
+        *(np.concatenate(i3d_features[key]) for key in ("original", "reconstruction")))
+    results["rfvd_protocol"] = {**i3d.PROTOCOL,
+                                "deviations": i3d.protocol_deviations(config.data.num_frames)}
   out_dir = vqgan_trainer.stage_dir(workdir)
   if jax.process_index() == 0:
     (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -1,0 +1,56 @@
+"""Batched, sharded feature extraction (I3D logits, C3D probabilities) over the device mesh.
+
+One jitted call per batch of uint8 clips: the batch is split over the mesh's ``data`` axis, the
+network's variables are replicated. Callers hand in any number of clips; the last batch is
+padded (with copies of its last clip) and the padding dropped from the result.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from vqvdm_jax.evaluation import i3d
+from vqvdm_jax.training import sharding
+
+PyTree = Any
+
+
+class FeatureExtractor:
+  """``extractor(uint8 clips [N, T, H, W, 3]) -> float32 features [N, D]`` (numpy, on the host).
+
+  ``fn(variables, uint8 clips [B, ...]) -> [B, D]`` compiles once for the batch size, which is
+  rounded up to a multiple of the data-parallel devices.
+  """
+
+  def __init__(self, fn: Callable[[PyTree, jax.Array], jax.Array], variables: PyTree,
+               mesh: Mesh, batch_size: int):
+    devices = sharding.data_parallel_size(mesh)
+    self.batch_size = -(-batch_size // devices) * devices
+    replicated = sharding.replicated(mesh)
+    self.variables = jax.device_put(variables, replicated)
+    self._fn = jax.jit(fn, in_shardings=(replicated, sharding.batch_sharding(mesh)),
+                       out_shardings=replicated)
+
+  def __call__(self, videos: np.ndarray) -> np.ndarray:
+    videos = np.asarray(videos)
+    outputs = []
+    for start in range(0, len(videos), self.batch_size):
+      chunk = videos[start:start + self.batch_size]
+      padding = self.batch_size - len(chunk)
+      if padding:
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], padding, axis=0)])
+      features = np.asarray(jax.device_get(self._fn(self.variables, chunk)), np.float32)
+      outputs.append(features[:len(features) - padding])
+    return np.concatenate(outputs)
+
+
+@functools.lru_cache(maxsize=4)
+def i3d_extractor(mesh: Mesh, batch_size: int) -> FeatureExtractor:
+  """The I3D logits extractor for a mesh, built (and compiled) once per process."""
+  return FeatureExtractor(i3d.logits, i3d.load_variables(), mesh, batch_size)
