@@ -41,8 +41,14 @@ def test_two_processes_end_with_the_parameters_of_one_process_with_four_devices(
   restored = reader.restore()
   reader.checkpointer.close()
   assert int(restored.step) == NUM_STEPS
-  # Equal up to the order in which gloo and the in-process all-reduce sum the gradients
-  # (measured: at most one float32 ulp after 3 steps).
+  # Gradients agree to float32 rounding: gloo and the in-process all-reduce only sum in another
+  # order. Adam's moments are compared relative to each array's scale (the first is 0.1 x the
+  # running gradient); the weights to a fraction of lr = 1e-3, since Adam's g / sqrt(v) step
+  # turns rounding in a near-zero gradient into up to a fraction of lr.
+  first_moments = [restored.opt_state[1][0].mu, state.opt_state[1][0].mu]
+  for got, want in zip(*(jax.tree.leaves(jax.device_get(tree)) for tree in first_moments),
+                       strict=True):
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max() + 1e-9
   for got, want in zip(jax.tree.leaves(jax.device_get(restored.params)),
                        jax.tree.leaves(jax.device_get(state.params)), strict=True):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)

@@ -96,3 +96,20 @@ def test_missing_fps_is_an_error(conditional_unet):
   model, params, z = conditional_unet
   with pytest.raises(ValueError, match="use_fps"):
     model.apply(params, z, jnp.array([1, 1]), None, jnp.array([0, 0]))
+
+
+def test_remat_keeps_the_parameters_the_output_and_the_gradients(conditional_unet):
+  model, params, z = conditional_unet
+  remat_model = small_unet(remat=True, dropout=0.0)
+  args = (z, jnp.array([3, 700]), jnp.array([8.0, 29.97]), jnp.array([0, 2]))
+
+  def loss(model, params):
+    return jnp.mean(model.apply(params, *args, train=True) ** 2)
+
+  assert jax.tree.structure(jax.eval_shape(remat_model.init, init_key(1), *args)) == \
+      jax.tree.structure(params)  # same checkpoint layout with remat on or off
+  plain_loss, plain_grads = jax.jit(jax.value_and_grad(lambda p: loss(model, p)))(params)
+  remat_loss, remat_grads = jax.jit(jax.value_and_grad(lambda p: loss(remat_model, p)))(params)
+  np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(plain_grads), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)

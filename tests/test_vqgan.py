@@ -93,3 +93,16 @@ def test_native_and_taps_convolutions_give_the_same_tokenizer():
   config.vqgan.model.conv_impl = "taps"
   taps = make_vqgan(config).apply(variables, video, method=VQGAN3D.encode)
   np.testing.assert_allclose(np.asarray(native), np.asarray(taps), atol=1e-4)
+
+
+def test_remat_keeps_the_parameter_tree_and_the_reconstruction():
+  config = load_config("tiny")
+  video = jax.random.uniform(jax.random.PRNGKey(2), (1, 8, 16, 16, 3), minval=-1, maxval=1)
+  model, variables = _init(config, video)
+  config.vqgan.model.remat = True
+  remat_model = make_vqgan(config)
+  abstract = jax.eval_shape(lambda: remat_model.init(
+      {"params": jax.random.PRNGKey(0), "quantizer": jax.random.PRNGKey(1)}, video))
+  assert jax.tree.structure(abstract) == jax.tree.structure(variables)
+  np.testing.assert_allclose(remat_model.apply(variables, video)[0],
+                             model.apply(variables, video)[0], rtol=1e-5, atol=1e-6)

@@ -140,6 +140,7 @@ class UNet3D(nn.Module):
   use_fps: bool = False
   conv_impl: str = "auto"
   dtype: Dtype = jnp.float32
+  remat: bool = False  # recompute each block's activations in the backward pass
 
   def _embedding(self, timesteps: jax.Array, fps: jax.Array | None,
                  labels: jax.Array | None, batch: int) -> jax.Array:
@@ -171,7 +172,9 @@ class UNet3D(nn.Module):
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
     embedding = self._embedding(timesteps, fps, labels, batch)
 
-    block = lambda level, features, name: UNetBlock(  # noqa: E731
+    # `train` (argument 3, counting self) is a Python bool: static under remat.
+    block_class = nn.remat(UNetBlock, static_argnums=(3,)) if self.remat else UNetBlock
+    block = lambda level, features, name: block_class(  # noqa: E731
         features, level in self.attention_levels, self.num_heads, self.num_groups, self.dropout,
         self.conv_impl, self.dtype, name=name)
 
@@ -190,7 +193,7 @@ class UNet3D(nn.Module):
         skips.append(h)
 
     middle_features = self.channels * self.channel_multipliers[-1]
-    h = UNetBlock(middle_features, True, self.num_heads, self.num_groups, self.dropout,
+    h = block_class(middle_features, True, self.num_heads, self.num_groups, self.dropout,
                   self.conv_impl, self.dtype, name="middle_block")(h, embedding, train)
     h = ResBlock3D(middle_features, self.num_groups, conv_impl=self.conv_impl,
                    dropout=self.dropout, dtype=self.dtype, name="middle_res_block")(

@@ -7,6 +7,7 @@ Default shapes: a clip ``[B, 16, 128, 128, 3]`` encodes to a latent ``[B, 4, 16,
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -27,6 +28,23 @@ def downsampling_plan(temporal_factor: int, spatial_factor: int) -> list[tuple[b
   return [(i < time_steps, i < space_steps) for i in range(max(time_steps, space_steps))]
 
 
+def _res_block_factory(module: nn.Module):
+  """``res_block(features)``: the next residual block of ``module``, rematerialised if asked.
+
+  Blocks are named as linen would auto-name them (``ResBlock3D_<i>``), so turning remat on or
+  off keeps the parameter tree, and checkpoints, unchanged.
+  """
+  block_class = nn.remat(layers.ResBlock3D) if module.remat else layers.ResBlock3D
+  counter = itertools.count()
+
+  def res_block(features: int) -> nn.Module:
+    return block_class(features, num_groups=module.num_groups, causal=module.causal,
+                       conv_impl=module.conv_impl, dtype=module.dtype,
+                       name=f"ResBlock3D_{next(counter)}")
+
+  return res_block
+
+
 class Encoder3D(nn.Module):
   """x ``[B, T, H, W, 3]`` -> z_e ``[B, T / ft, H / fs, W / fs, latent_channels]``."""
 
@@ -42,28 +60,28 @@ class Encoder3D(nn.Module):
   causal: bool
   conv_impl: str
   dtype: Dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    block_args = dict(num_groups=self.num_groups, causal=self.causal, conv_impl=self.conv_impl,
-                      dtype=self.dtype)
+    res_block = _res_block_factory(self)
     plan = downsampling_plan(self.temporal_downsample, self.spatial_downsample)
     h = layers.Conv3D(self.channels, causal=self.causal, conv_impl=self.conv_impl,
                       dtype=self.dtype, name="conv_in")(x)
     for level, multiplier in enumerate(self.channel_multipliers):
       features = self.channels * multiplier
       for _ in range(self.num_res_blocks):
-        h = layers.ResBlock3D(features, **block_args)(h)
+        h = res_block(features)(h)
       if level < len(plan):  # validate() guarantees len(plan) == levels - 1.
         time, space = plan[level]
         h = layers.Downsample(features, time, space, causal=self.causal,
                               conv_impl=self.conv_impl, dtype=self.dtype)(h)
     features = self.channels * self.channel_multipliers[-1]
-    h = layers.ResBlock3D(features, **block_args)(h)
+    h = res_block(features)(h)
     if self.attention_at_lowest:
       h = layers.AttentionBlock3D(self.attention_heads, self.num_groups, self.causal,
                                   dtype=self.dtype)(h)
-    h = layers.ResBlock3D(features, **block_args)(h)
+    h = res_block(features)(h)
     h = nn.silu(layers.Normalize(self.num_groups, self.causal)(h))
     return layers.Conv3D(self.latent_channels, causal=self.causal, conv_impl=self.conv_impl,
                          dtype=self.dtype, name="conv_out")(h).astype(jnp.float32)
@@ -88,24 +106,24 @@ class Decoder3D(nn.Module):
   conv_impl: str
   out_channels: int = 3
   dtype: Dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
-    block_args = dict(num_groups=self.num_groups, causal=self.causal, conv_impl=self.conv_impl,
-                      dtype=self.dtype)
+    res_block = _res_block_factory(self)
     plan = downsampling_plan(self.temporal_downsample, self.spatial_downsample)
     features = self.channels * self.channel_multipliers[-1]
     h = layers.Conv3D(features, causal=self.causal, conv_impl=self.conv_impl, dtype=self.dtype,
                       name="conv_in")(z)
-    h = layers.ResBlock3D(features, **block_args)(h)
+    h = res_block(features)(h)
     if self.attention_at_lowest:
       h = layers.AttentionBlock3D(self.attention_heads, self.num_groups, self.causal,
                                   dtype=self.dtype)(h)
-    h = layers.ResBlock3D(features, **block_args)(h)
+    h = res_block(features)(h)
     for level in reversed(range(len(self.channel_multipliers))):
       features = self.channels * self.channel_multipliers[level]
       for _ in range(self.num_res_blocks):
-        h = layers.ResBlock3D(features, **block_args)(h)
+        h = res_block(features)(h)
       if level > 0:
         time, space = plan[level - 1]
         h = layers.Upsample(features, time, space, causal=self.causal,
@@ -129,7 +147,7 @@ class VQGAN3D(nn.Module):
         spatial_downsample=model.spatial_downsample,
         attention_at_lowest=model.attention_at_lowest, attention_heads=model.attention_heads,
         num_groups=model.num_groups, causal=model.causal, conv_impl=model.conv_impl,
-        dtype=jnp.dtype(model.dtype))
+        dtype=jnp.dtype(model.dtype), remat=model.remat)
     self.encoder = Encoder3D(latent_channels=model.latent_channels, **shared)
     self.quantizer = make_quantizer(self.quantizer_config, model.latent_channels)
     self.decoder = Decoder3D(**shared)
