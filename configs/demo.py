@@ -1,7 +1,7 @@
 r"""The embedded default: moving sprites, 8x32x32 clips, small enough to train on a 2-core CPU.
 
-Run (both stages once stage 2 lands; today the tokenizer):
-  python -m vqvdm_jax.main --config=configs/demo.py --workdir=/tmp/demo --mode=train_vqgan
+Run (stage 1, stage 2, then samples in /tmp/demo/samples):
+  python -m vqvdm_jax.main --config=configs/demo.py --workdir=/tmp/demo
   python -m vqvdm_jax.main --config=configs/demo.py --workdir=/tmp/demo --mode=evaluate_vqgan
 """
 
