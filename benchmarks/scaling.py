@@ -109,9 +109,9 @@ def measure(stage: str, num_devices: int, param_sharding: str, dtype: str) -> li
   make_case = _vqgan_case if stage == "vqgan" else _diffusion_case
   with tempfile.TemporaryDirectory() as workdir:
     trainer, state, host_batch = make_case(config, batch, devices, workdir)
-    flops = _step_flops(trainer, state, host_batch)
     compile_start = time.perf_counter()
-    state, _ = trainer.step(state, host_batch)
+    flops = _step_flops(trainer, state, host_batch)  # the step's compile happens here
+    state, _ = trainer.step(state, host_batch)  # warm-up
     jax.block_until_ready(state)
     compile_seconds = time.perf_counter() - compile_start
     start = time.perf_counter()

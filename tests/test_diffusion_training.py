@@ -148,3 +148,17 @@ def test_sample_mode_without_stage2_checkpoint_says_how_to_train(pipeline_run, t
   shutil.copytree(workdir / "vqgan", tmp_path / "vqgan")
   with pytest.raises(FileNotFoundError, match="--mode=train_diffusion"):
     sampling.sample(config, tmp_path)
+
+
+def test_sample_every_writes_progress_samples_during_stage2(pipeline_run, tmp_path):
+  config, workdir = pipeline_run
+  import shutil
+  shutil.copytree(workdir / "vqgan", tmp_path / "vqgan")
+  config = load_config("tiny")
+  config.diffusion.train.num_steps = 3
+  config.diffusion.train.sample_every = 2
+  diffusion_trainer.train_diffusion(config, tmp_path)
+  progress = tmp_path / "diffusion" / "progress"
+  assert sorted(path.name for path in progress.iterdir()) == ["step_0000002"]  # not the last
+  info = json.loads((progress / "step_0000002" / "samples.json").read_text())
+  assert info["step"] == 2 and (progress / "step_0000002" / "grid.gif").exists()
