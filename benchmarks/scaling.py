@@ -121,10 +121,10 @@ def measure(stage: str, num_devices: int, param_sharding: str, dtype: str) -> li
     seconds = (time.perf_counter() - start) / FLAGS.steps
     trainer.checkpointer.close()
   peak = peak_tflops(dtype)
-  achieved = flops / seconds / 1e12  # XLA counts the whole (global) program's FLOPs
-  mfu = f"{100 * achieved / (peak * num_devices):.1f}%" if peak and flops else "n/a"
+  achieved = flops / seconds / 1e9  # GFLOP/s; XLA counts the whole (global) program
+  mfu = f"{100 * achieved / (1e3 * peak * num_devices):.1f}%" if peak and flops else "n/a"
   return [stage, str(num_devices), param_sharding, dtype, str(batch), f"{1 / seconds:.2f}",
-          f"{batch / seconds:.1f}", f"{compile_seconds:.0f}", f"{achieved:.2f}", mfu]
+          f"{batch / seconds:.1f}", f"{compile_seconds:.0f}", f"{achieved:.1f}", mfu]
 
 
 def main(argv):
@@ -145,7 +145,7 @@ def main(argv):
         f"{FLAGS.batch_per_device} clips per device; {FLAGS.steps} timed steps")
   common.print_table("Train-step scaling",
                      ["stage", "devices", "params", "dtype", "batch", "steps/s", "clips/s",
-                      "compile s", "TFLOP/s", "MFU"], rows)
+                      "compile s", "GFLOP/s", "MFU"], rows)
 
 
 if __name__ == "__main__":
