@@ -316,3 +316,15 @@ def test_reading_does_not_import_tensorflow(prepared):
       "assert 'tensorflow' not in sys.modules, 'training imported tensorflow'\n")
   subprocess.run([sys.executable, "-c", script], check=True, timeout=120,
                  cwd=pathlib.Path(__file__).resolve().parents[1])
+
+
+def test_a_subset_of_real_clips_is_a_seeded_sample_of_the_split_not_its_first_videos(prepared):
+  config = _data_config(prepared.data_dir)
+
+  def labels(seed, num_clips=4):
+    batches = pipeline.ordered_batches(config, "train", 4, num_clips, seed)
+    return [int(label) for batch in batches for label in batch["label"]]
+
+  assert labels(3) == labels(3)  # fixed for a seed: evaluations stay comparable
+  assert sorted(labels(3)) == [0, 1, 2, 3]  # all clips: every video once
+  assert len({tuple(labels(seed, num_clips=2)) for seed in range(6)}) > 1  # not the first two

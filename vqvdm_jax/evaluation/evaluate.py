@@ -57,7 +57,9 @@ def reference_key(config: ml_collections.ConfigDict, split: str, num_clips: int)
   data = {key: value for key, value in config.data.to_dict().items()
           if key not in _DATA_FIELDS_IGNORED}
   return {"protocol": i3d.PROTOCOL, "data": data, "data_seed": config.seed, "split": split,
-          "num_clips": num_clips, "clips": "the first num_clips of the split, in dataset order"}
+          "num_clips": num_clips,
+          "clips": "synthetic: the first num_clips; real data: the first num_clips videos of "
+                   "a permutation seeded by data_seed, one seeded clip each"}
 
 
 def reference_features(config: ml_collections.ConfigDict, extractor: features.FeatureExtractor,
@@ -234,7 +236,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
       "seed": int(evaluation.seed), "weights": "ema",
       "class_counts_fvd": {str(c): int(n) for c, n in zip(classes, counts)},
       "reference": {"dataset": config.data.name, "split": evaluation.reference_split,
-                    "clips": f"the first {num_fvd} clips of the split, in dataset order",
+                    "clips": f"{num_fvd} clips of the split: synthetic in order, real videos in a "
+                             f"permutation seeded by config.seed",
                     "cache": str(cache_path)},
       "video": {"frames": int(config.data.num_frames), "resolution": int(config.data.resolution)},
       "protocol": protocol(config, int(config.data.num_frames)),
