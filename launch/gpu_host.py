@@ -44,9 +44,7 @@ def parse_gpus(parser: argparse.ArgumentParser, gpus: str) -> str:
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   parser = make_parser()
-  own_args, main_flags = common.split_main_flags(argv)
-  args = parser.parse_args(own_args)
-  common.check_main_flags(parser, main_flags)
+  args, main_flags = common.parse_arguments(parser, argv)
   if not args.workdir.strip():
     parser.error("--workdir must not be empty")
   if args.gpus is not None:

@@ -38,6 +38,15 @@ def add_common_arguments(parser: argparse.ArgumentParser, workdir_help: str) -> 
                       help="print the exact commands instead of running them")
 
 
+def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]
+                    ) -> tuple[argparse.Namespace, list[str]]:
+  """The script's own arguments (checked by ``parser``) and the flags after ``--``, checked."""
+  own_args, main_flags = split_main_flags(argv)
+  args = parser.parse_args(own_args)
+  check_main_flags(parser, main_flags)
+  return args, main_flags
+
+
 def check_main_flags(parser: argparse.ArgumentParser, main_flags: Sequence[str]) -> None:
   for flag in main_flags:
     if not flag.startswith("--"):

@@ -70,9 +70,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   parser = make_parser()
-  own_args, main_flags = common.split_main_flags(argv)
-  args = parser.parse_args(own_args)
-  common.check_main_flags(parser, main_flags)
+  args, main_flags = common.parse_arguments(parser, argv)
   if not (args.workdir.startswith("gs://") or Path(args.workdir).is_absolute()):
     parser.error(f"--workdir={args.workdir!r} must be an absolute path on a filesystem every "
                  "node shares (e.g. /shared/vqvdm/run1) or a gs:// path")

@@ -61,9 +61,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   parser = make_parser()
-  own_args, main_flags = common.split_main_flags(argv)
-  args = parser.parse_args(own_args)
-  common.check_main_flags(parser, main_flags)
+  args, main_flags = common.parse_arguments(parser, argv)
   common.check_gcs_workdir(parser, args.workdir,
                            "a pod's workers share no disk, and a deleted TPU VM loses its own")
   match = ACCELERATOR_TYPE.match(args.accelerator_type)

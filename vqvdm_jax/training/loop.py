@@ -11,7 +11,8 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +21,6 @@ from jax.experimental import multihost_utils
 
 from vqvdm_jax.runtime import Preempted
 from vqvdm_jax.training import checkpointing, reporting
-
-PyTree = Any
 
 
 class NonFiniteUpdates(FloatingPointError):
@@ -58,12 +57,17 @@ class PreemptionGuard:
       self._previous = None
 
 
+def keep_if(condition: jax.Array, new: Any, old: Any) -> Any:
+  """Inside a step: ``new`` where the scalar ``condition`` holds, else ``old`` (leaf by leaf)."""
+  return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
+
+
 def skip_nonfinite_update(finite: jax.Array, new_state: Any, old_state: Any) -> Any:
   """Inside a step: keep ``old_state``'s values (but the new step count) if ``finite`` is False.
 
   ``new_state`` and ``old_state`` carry a ``nonfinite_streak`` counter, reset by a good step.
   """
-  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
+  kept = keep_if(finite, new_state, old_state)
   streak = jnp.where(finite, 0, old_state.nonfinite_streak + 1).astype(jnp.int32)
   return kept.replace(step=new_state.step, nonfinite_streak=streak)
 

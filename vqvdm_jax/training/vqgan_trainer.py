@@ -104,10 +104,6 @@ def init_train_state(config: ml_collections.ConfigDict, model: VQGAN3D,
       rng=state_rng, nonfinite_streak=jnp.zeros((), jnp.int32))
 
 
-def _keep_if(condition: jax.Array, new: PyTree, old: PyTree) -> PyTree:
-  return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
-
-
 def make_train_step(config: ml_collections.ConfigDict, model: VQGAN3D,
                     discriminator: Discriminator3D, gen_tx: optax.GradientTransformation,
                     disc_tx: optax.GradientTransformation, lpips_module: nn.Module
@@ -194,7 +190,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: VQGAN3D,
         "fake": losses.update_lecam_ema(state.lecam_ema["fake"], logits_fake,
                                         loss_config.lecam_ema_decay)}
     # Before disc_start the discriminator is frozen: its params, optimizer and EMAs stay put.
-    disc_params, disc_opt_state, lecam_ema = _keep_if(
+    disc_params, disc_opt_state, lecam_ema = loop.keep_if(
         gan_active, (disc_params, disc_opt_state, lecam_ema),
         (state.disc_params, state.disc_opt_state, state.lecam_ema))
 
