@@ -1,5 +1,7 @@
 """GIF/MP4 writing and video grids."""
 
+import os
+
 import imageio.v3 as imageio_v3
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ def test_gif_and_mp4_round_trip_frame_count(tmp_path, size):
   video = _video(height=size, width=size)
   gif = video_io.write_gif(tmp_path / "nested" / "clip.gif", video, fps=8)
   mp4 = video_io.write_mp4(tmp_path / "nested" / "clip.mp4", video, fps=8)
-  gif_frames = imageio_v3.imread(gif, index=None)
+  gif_frames = imageio_v3.imread(os.fspath(gif), index=None)  # imageio wants str, not epath
   assert gif_frames.shape[:3] == (8, size, size)
   mp4_frames = _mp4_frames(mp4)
   assert mp4_frames.shape == (8, size, size, 3)  # not resized to a macro-block multiple.
@@ -31,7 +33,7 @@ def test_gif_and_mp4_round_trip_frame_count(tmp_path, size):
 
 def test_gif_keeps_the_frame_rate(tmp_path):
   gif = video_io.write_gif(tmp_path / "clip.gif", _video(), fps=4)
-  assert imageio_v3.immeta(gif, index=0)["duration"] == pytest.approx(250)  # milliseconds.
+  assert imageio_v3.immeta(os.fspath(gif), index=0)["duration"] == pytest.approx(250)  # milliseconds.
 
 
 def test_mp4_content_survives_compression(tmp_path):
@@ -76,7 +78,7 @@ def test_comparison_grid_puts_originals_above_reconstructions(tmp_path):
   assert expected.shape == (8, 33, 33, 3)
   np.testing.assert_array_equal(expected[:, 17:, :16], reconstructions[0])  # below originals[0].
   np.testing.assert_array_equal(expected[:, :16, 17:], originals[1])
-  assert imageio_v3.imread(gif, index=None).shape[:3] == (8, 33, 33)
+  assert imageio_v3.imread(os.fspath(gif), index=None).shape[:3] == (8, 33, 33)
   assert _mp4_frames(mp4).shape == (8, 34, 34, 3)  # odd grid padded for H.264.
 
 

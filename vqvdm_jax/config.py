@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
   model.causal = False  # MAGVIT-v2 causal tokenizer: frame t never sees frames > t.
   model.conv_impl = "auto"  # 'native' 3D conv, 'taps' (sum of 2D convs over time), 'auto'.
   model.dtype = "float32"  # compute dtype; parameters stay float32.
+  # 'xla', 'cudnn' (fused flash attention: NVIDIA GPU, bfloat16/float16 dtype) or 'auto' (cuDNN
+  # where it applies, XLA elsewhere); models/attention.py.
+  model.attention_impl = "xla"
   model.remat = False  # rematerialise residual blocks: less activation memory, ~1/3 more compute.
 
   vqgan.quantizer = quantizer = ml_collections.ConfigDict()
@@ -128,6 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
   unet.num_groups = 32
   unet.conv_impl = "auto"
   unet.dtype = "float32"
+  unet.attention_impl = "xla"  # as vqgan.model.attention_impl
   unet.remat = False  # rematerialise U-Net blocks: less activation memory, ~1/3 more compute.
   diffusion.use_class = True  # class conditioning (with a null label for guidance).
   diffusion.use_fps = True  # FPS embedding added to the timestep embedding (VQ-VDM eq. 6).
@@ -223,6 +227,8 @@ _CONV_IMPLS = ("auto", "native", "taps")
 _QUANTIZERS = ("vq", "ema", "lfq")
 _GAN_LOSSES = ("vanilla", "hinge")
 _DTYPES = ("float32", "bfloat16", "float16")
+# jax.nn.dot_product_attention's kernels; models/attention.py resolves 'auto'.
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 _SCHEDULES = ("linear", "cosine")
 _PREDICTIONS = ("eps", "v")
 _SAMPLERS = ("ddpm", "ddim")
@@ -242,6 +248,17 @@ def _is_power_of_two(value: int) -> bool:
   return value >= 1 and (value & (value - 1)) == 0
 
 
+def _validate_attention_impl(group: ml_collections.ConfigDict, prefix: str) -> None:
+  """What the config alone decides; the device and head-size checks come when the model is built."""
+  _require(group.attention_impl in ATTENTION_IMPLS, f"{prefix}.attention_impl",
+           f"got {group.attention_impl!r}; choose one of {ATTENTION_IMPLS}.")
+  _require(group.attention_impl != "cudnn" or group.dtype in ("bfloat16", "float16"),
+           f"{prefix}.attention_impl",
+           f"'cudnn' (cuDNN flash attention) runs in bfloat16 or float16 only, but "
+           f"{prefix}.dtype={group.dtype!r}; set --config.{prefix}.dtype=bfloat16, or "
+           f"attention_impl='auto' (cuDNN where it applies, XLA elsewhere).")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails at start-up, naming the field and the fix, on values the code cannot run with."""
   data, model = config.data, config.vqgan.model
@@ -252,6 +269,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"got {model.conv_impl!r}; choose one of {_CONV_IMPLS}.")
   _require(model.dtype in _DTYPES, "vqgan.model.dtype",
            f"got {model.dtype!r}; choose one of {_DTYPES}.")
+  _validate_attention_impl(model, "vqgan.model")
   for axis in ("temporal_downsample", "spatial_downsample"):
     factor = model[axis]
     _require(_is_power_of_two(factor), f"vqgan.model.{axis}",
@@ -326,6 +344,7 @@ def _validate_diffusion(config: ml_collections.ConfigDict) -> None:
            f"got {unet.conv_impl!r}; choose one of {_CONV_IMPLS}.")
   _require(unet.dtype in _DTYPES, "diffusion.unet.dtype",
            f"got {unet.dtype!r}; choose one of {_DTYPES}.")
+  _validate_attention_impl(unet, "diffusion.unet")
   latent_size = config.data.resolution // config.vqgan.model.spatial_downsample
   levels = len(unet.channel_multipliers)
   _require(latent_size % 2 ** (levels - 1) == 0, "diffusion.unet.channel_multipliers",

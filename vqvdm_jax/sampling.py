@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -17,9 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.sharding import Mesh
 
-from vqvdm_jax import video_io
+from vqvdm_jax import fileio, video_io
 from vqvdm_jax.diffusion import samplers
 from vqvdm_jax.diffusion.schedule import DiffusionSchedule
 from vqvdm_jax.models.unet3d import UNet3D
@@ -108,8 +108,9 @@ def tokenizer_latent_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]
 
 
 def write_samples(config: ml_collections.ConfigDict, state, tokenizer, unet, schedule,
-                  mesh: Mesh, out_dir: Path) -> Path:
+                  mesh: Mesh, out_dir: fileio.PathLike) -> epath.Path:
   """Generates ``sample.num_videos`` videos and writes MP4s, a GIF grid and samples.json."""
+  out_dir = epath.Path(out_dir)
   sample = config.diffusion.sample
   labels = sample_labels(config, sample.num_videos)
   fps = np.full(sample.num_videos, sample.fps, np.float32)
@@ -131,7 +132,7 @@ def write_samples(config: ml_collections.ConfigDict, state, tokenizer, unet, sch
   return out_dir
 
 
-def restore_models(config: ml_collections.ConfigDict, workdir: str | Path,
+def restore_models(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
                    devices: list | None = None
                    ) -> tuple[diffusion_trainer.DiffusionTrainState, vqgan_trainer.Tokenizer,
                               diffusion_trainer.DiffusionTrainer]:
@@ -152,8 +153,8 @@ def restore_models(config: ml_collections.ConfigDict, workdir: str | Path,
   return state, tokenizer, trainer
 
 
-def sample(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
+def sample(config: ml_collections.ConfigDict, workdir: fileio.PathLike) -> epath.Path:
   """``--mode=sample``: the latest stage-2 checkpoint's EMA weights -> ``DIR/samples/``."""
   state, tokenizer, trainer = restore_models(config, workdir)
   return write_samples(config, state, tokenizer, trainer.unet, trainer.schedule, trainer.mesh,
-                       Path(workdir) / "samples")
+                       epath.Path(workdir) / "samples")

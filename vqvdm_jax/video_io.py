@@ -6,19 +6,26 @@ anywhere (TensorBoard, notebooks, GitHub); MP4s are smaller and keep colours exa
 closer look. MP4s are encoded and decoded in-process by PyAV (its wheels bundle FFmpeg, so no
 system ffmpeg is needed). In-process matters: launching an ffmpeg binary forks the training
 process, and a fork from a process running JAX, grain and Orbax threads can deadlock.
+
+Paths may be local or remote (``gs://``, see :mod:`vqvdm_jax.fileio`): files are encoded in
+memory and written with epath, so a workdir on Cloud Storage needs no local scratch copy.
 """
 
 from __future__ import annotations
 
 import fractions
-import pathlib
+import io
+import os
 from typing import Any
 
 import av
 import imageio.v3 as imageio_v3
 import numpy as np
+from etils import epath
 
-PathLike = str | pathlib.Path
+from vqvdm_jax import fileio
+
+PathLike = fileio.PathLike
 
 
 def _as_uint8_video(video: Any, name: str = "video", ndim: int = 4) -> np.ndarray:
@@ -34,13 +41,14 @@ def _as_uint8_video(video: Any, name: str = "video", ndim: int = 4) -> np.ndarra
   return video
 
 
-def _prepare_path(path: PathLike) -> pathlib.Path:
-  path = pathlib.Path(path)
+def _write_file(path: PathLike, data: bytes) -> epath.Path:
+  path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(data)
   return path
 
 
-def write_gif(path: PathLike, video: Any, fps: float) -> pathlib.Path:
+def write_gif(path: PathLike, video: Any, fps: float) -> epath.Path:
   """Writes a looping GIF of a uint8 ``[T, H, W, 3]`` video at ``fps`` frames per second.
 
   GIF stores frame delays in hundredths of a second, so rates above 100 fps are not possible and
@@ -48,25 +56,24 @@ def write_gif(path: PathLike, video: Any, fps: float) -> pathlib.Path:
   longer frame: the playback time is right but the file may hold fewer than ``T`` frames.
   """
   video = _as_uint8_video(video)
-  path = _prepare_path(path)
-  imageio_v3.imwrite(path, video, extension=".gif", duration=1000.0 / fps, loop=0)
-  return path
+  data = imageio_v3.imwrite("<bytes>", video, extension=".gif", duration=1000.0 / fps, loop=0)
+  return _write_file(path, data)
 
 
-def write_mp4(path: PathLike, video: Any, fps: float) -> pathlib.Path:
+def write_mp4(path: PathLike, video: Any, fps: float) -> epath.Path:
   """Writes an H.264 MP4 of a uint8 ``[T, H, W, 3]`` video at ``fps`` frames per second.
 
   H.264 in yuv420p needs even heights and widths, so an odd edge is padded by repeating the last
   row or column. Frames are never resized, so tiny (16x16) videos stay pixel-aligned.
   """
   video = _as_uint8_video(video)
-  path = _prepare_path(path)
   pad_height, pad_width = video.shape[1] % 2, video.shape[2] % 2
   if pad_height or pad_width:
     video = np.pad(video, ((0, 0), (0, pad_height), (0, pad_width), (0, 0)), mode="edge")
   # 29.97 fps is 30000/1001: a bounded denominator keeps NTSC rates exact in the container.
   rate = fractions.Fraction(fps).limit_denominator(1001)
-  with av.open(str(path), mode="w") as container:
+  buffer = io.BytesIO()  # seekable, so the muxer writes the index as it would into a file.
+  with av.open(buffer, mode="w", format="mp4") as container:
     stream = container.add_stream("libx264", rate=rate)
     stream.height, stream.width = video.shape[1:3]
     stream.pix_fmt = "yuv420p"
@@ -74,7 +81,7 @@ def write_mp4(path: PathLike, video: Any, fps: float) -> pathlib.Path:
     for frame in video:
       container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
     container.mux(stream.encode())  # flushes the frames the encoder still holds.
-  return path
+  return _write_file(path, buffer.getvalue())
 
 
 def read_video(path: PathLike, short_side: int | None = None) -> tuple[np.ndarray, float]:
@@ -87,9 +94,10 @@ def read_video(path: PathLike, short_side: int | None = None) -> tuple[np.ndarra
   Raises ``ValueError`` naming the file when it cannot be opened or holds no decodable frame
   (zero-length, truncated before the first frame, not a video at all).
   """
-  path = pathlib.Path(path)
+  # A remote file is read into memory first: FFmpeg cannot open gs:// itself.
+  source = io.BytesIO(epath.Path(path).read_bytes()) if fileio.is_remote(path) else os.fspath(path)
   try:
-    with av.open(str(path)) as container:
+    with av.open(source) as container:
       if not container.streams.video:
         raise ValueError(f"{path} holds no video stream.")
       stream = container.streams.video[0]
@@ -138,7 +146,7 @@ def video_grid(videos: Any, columns: int, padding: int = 1, pad_value: int = 255
 
 
 def write_comparison_grid(path_stem: PathLike, originals: Any, reconstructions: Any,
-                          fps: float) -> tuple[pathlib.Path, pathlib.Path]:
+                          fps: float) -> tuple[epath.Path, epath.Path]:
   """Writes ``<stem>.gif`` and ``<stem>.mp4``: originals on the top row, reconstructions below.
 
   Each original sits directly above its reconstruction, so artefacts are seen at a glance.
@@ -151,7 +159,7 @@ def write_comparison_grid(path_stem: PathLike, originals: Any, reconstructions: 
     raise ValueError(f"originals {originals.shape} and reconstructions "
                      f"{reconstructions.shape} must have the same shape.")
   grid = video_grid(np.concatenate([originals, reconstructions]), columns=len(originals))
-  path_stem = pathlib.Path(path_stem)
+  path_stem = epath.Path(path_stem)
   gif_path = write_gif(path_stem.with_name(path_stem.name + ".gif"), grid, fps)
   mp4_path = write_mp4(path_stem.with_name(path_stem.name + ".mp4"), grid, fps)
   return gif_path, mp4_path

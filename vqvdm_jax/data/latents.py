@@ -5,7 +5,8 @@ the train split with the tokenizer checkpoint it finds and writes
 ``DIR/diffusion/latents/tokenizer_<step>/`` (``latents.npy [N, t, h, w, c]``, ``labels.npy``,
 ``fps.npy``, ``meta.json``). The folder is written under a temporary name and renamed when
 complete, so an interrupted encode never leaves a cache that looks finished. A new tokenizer
-checkpoint gets a new folder; an existing one is reused.
+checkpoint gets a new folder; an existing one is reused. On a gs:// workdir the arrays are read
+into memory (a local cache is memory-mapped).
 
 The scale factor (latent-diffusion's ``scale_by_std``) is 1 / std of the cached latents over the
 first ``diffusion.latents.scale_estimate_clips`` clips, so the diffusion model sees unit-variance
@@ -15,8 +16,6 @@ latents whatever the tokenizer's scale.
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 from typing import Any, Callable
 
 import grain
@@ -24,22 +23,24 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
+from vqvdm_jax import fileio
 from vqvdm_jax.data import pipeline
 
 
 class LatentCache:
   """Random-access view of a finished cache folder: ``cache[i] -> {latent, label, fps}``."""
 
-  def __init__(self, directory: str | Path):
-    self.directory = Path(directory)
+  def __init__(self, directory: fileio.PathLike):
+    self.directory = epath.Path(directory)
     meta_path = self.directory / "meta.json"
     if not meta_path.exists():
       raise FileNotFoundError(f"{self.directory} is not a finished latent cache (no meta.json).")
     self.meta = json.loads(meta_path.read_text())
-    self.latents = np.load(self.directory / "latents.npy", mmap_mode="r")
-    self.labels = np.load(self.directory / "labels.npy")
-    self.fps = np.load(self.directory / "fps.npy")
+    self.latents = fileio.load_numpy(self.directory / "latents.npy", mmap_mode="r")
+    self.labels = fileio.load_numpy(self.directory / "labels.npy")
+    self.fps = fileio.load_numpy(self.directory / "fps.npy")
 
   @property
   def scale_factor(self) -> float:
@@ -57,8 +58,8 @@ class LatentCache:
             "label": self.labels[index], "fps": self.fps[index]}
 
 
-def cache_directory(workdir: str | Path, tokenizer_step: int) -> Path:
-  return Path(workdir) / "diffusion" / "latents" / f"tokenizer_{tokenizer_step:07d}"
+def cache_directory(workdir: fileio.PathLike, tokenizer_step: int) -> epath.Path:
+  return epath.Path(workdir) / "diffusion" / "latents" / f"tokenizer_{tokenizer_step:07d}"
 
 
 def scale_factor(latents: np.ndarray) -> float:
@@ -69,7 +70,7 @@ def scale_factor(latents: np.ndarray) -> float:
   return 1.0 / std
 
 
-def build_or_load(config: ml_collections.ConfigDict, workdir: str | Path, tokenizer_step: int,
+def build_or_load(config: ml_collections.ConfigDict, workdir: fileio.PathLike, tokenizer_step: int,
                   encode_fn: Callable[[np.ndarray], np.ndarray]) -> LatentCache:
   """The cache for ``tokenizer_step``, encoding the train split with ``encode_fn`` if needed.
 
@@ -95,11 +96,12 @@ def build_or_load(config: ml_collections.ConfigDict, workdir: str | Path, tokeni
           "latent_std": 1.0 / scale, "scale_factor": scale}
   if jax.process_index() == 0:
     partial = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    if partial.exists():  # left by an interrupted encode
+      partial.rmtree()
     partial.mkdir(parents=True)
-    np.save(partial / "latents.npy", latents)
-    np.save(partial / "labels.npy", np.concatenate(labels))
-    np.save(partial / "fps.npy", np.concatenate(fps))
+    fileio.save_npy(partial / "latents.npy", latents)
+    fileio.save_npy(partial / "labels.npy", np.concatenate(labels))
+    fileio.save_npy(partial / "fps.npy", np.concatenate(fps))
     (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     partial.rename(directory)
   logging.info("Stage 2: cached %d latents of shape %s; scale factor %.4f.", len(latents),

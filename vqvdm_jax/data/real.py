@@ -16,11 +16,11 @@ in the stream and survives checkpointing) turns that into the pipeline's clip fo
 from __future__ import annotations
 
 import io
-import pathlib
 from typing import Any
 
 import grain
 import numpy as np
+from etils import epath
 from PIL import Image
 from tensorflow_datasets.proto import tf_example_pb2
 
@@ -35,15 +35,18 @@ class DatasetNotPreparedError(FileNotFoundError):
   """The config names a real dataset that ``prepare.py`` has not written (yet)."""
 
 
-def prepared_dir(data_config: Any) -> pathlib.Path:
-  """``<data_dir>/<name>/<variant>/<version>``: where ``prepare.py`` wrote what the config reads."""
+def prepared_dir(data_config: Any) -> epath.Path:
+  """``<data_dir>/<name>/<variant>/<version>``: where ``prepare.py`` wrote what the config reads.
+
+  An epath: TFDS's ``data_dir`` may be a gs:// URI.
+  """
   variant = builders.config_name(data_config.name, data_config.short_side,
                                  data_config.split_number)
-  return (pathlib.Path(data_config.data_dir).expanduser() / data_config.name / variant
+  return (epath.Path(data_config.data_dir).expanduser() / data_config.name / variant
           / str(builders.VERSION))
 
 
-def check_prepared(data_config: Any) -> pathlib.Path:
+def check_prepared(data_config: Any) -> epath.Path:
   """The prepared folder, or an error that says which prepare command to run."""
   command = builders.prepare_command(data_config.name, data_config.data_dir,
                                      data_config.short_side, data_config.split_number)
@@ -62,7 +65,7 @@ def check_prepared(data_config: Any) -> pathlib.Path:
   return path
 
 
-def num_prepared_classes(path: pathlib.Path) -> int:
+def num_prepared_classes(path: epath.Path) -> int:
   """Classes of a prepared dataset (TFDS writes one name a line); 0 when it has no labels."""
   labels = path / "label.labels.txt"
   return len(labels.read_text().splitlines()) if labels.exists() else 0

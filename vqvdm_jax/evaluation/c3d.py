@@ -32,13 +32,15 @@ not against the real checkpoint (which is not available offline).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
+
+from vqvdm_jax import fileio
 
 PyTree = Any
 
@@ -85,13 +87,16 @@ class C3D(nn.Module):
     return nn.Dense(self.num_classes, precision=_PRECISION, name="fc8")(x)
 
 
-def load(path: str | Path) -> tuple[C3D, PyTree]:
-  """``(module, variables)`` from a weights file in this module's format; fails naming the key."""
-  path = Path(path).expanduser()
+def load(path: fileio.PathLike) -> tuple[C3D, PyTree]:
+  """``(module, variables)`` from a weights file in this module's format; fails naming the key.
+
+  The file may be local or on Cloud Storage (gs://).
+  """
+  path = epath.Path(path).expanduser()
   if not path.is_file():
     raise FileNotFoundError(f"config.evaluation.c3d_weights={str(path)!r} does not exist; see "
                             f"vqvdm_jax/evaluation/c3d.py for the format and how to convert one.")
-  with np.load(path) as file:
+  with fileio.load_numpy(path) as file:
     arrays = {key: np.asarray(file[key], np.float32) for key in file.files}
   expected = [f"{layer}/{part}" for layer in CONV_LAYERS + FC_LAYERS for part in ("kernel", "bias")]
   missing = [key for key in expected + ["mean"] if key not in arrays]

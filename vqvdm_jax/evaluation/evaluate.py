@@ -21,15 +21,15 @@ import hashlib
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
-from vqvdm_jax import sampling
+from vqvdm_jax import fileio, sampling
 from vqvdm_jax.data import pipeline
 from vqvdm_jax.evaluation import c3d, features, i3d, metrics
 
@@ -42,14 +42,17 @@ FVD_STATISTIC = ("Frechet distance between Gaussians fitted to the features (unb
 _DATA_FIELDS_IGNORED = ("num_workers", "prefetch_buffer_size")
 
 
-def reference_directory(config: ml_collections.ConfigDict) -> Path:
-  """``evaluation.reference_dir``, or beside the dataset when it has a directory, or ~/.cache."""
+def reference_directory(config: ml_collections.ConfigDict) -> epath.Path:
+  """``evaluation.reference_dir``, or beside the dataset when it has a directory, or ~/.cache.
+
+  Any of them may be a gs:// URI.
+  """
   if config.evaluation.reference_dir:
-    return Path(config.evaluation.reference_dir).expanduser()
+    return epath.Path(config.evaluation.reference_dir).expanduser()
   data_dir = config.data.get("data_dir", "")
   if data_dir:
-    return Path(data_dir).expanduser() / "reference_features"
-  return Path("~/.cache/vqvdm_jax/reference_features").expanduser()
+    return epath.Path(data_dir).expanduser() / "reference_features"
+  return epath.Path("~/.cache/vqvdm_jax/reference_features").expanduser()
 
 
 def reference_key(config: ml_collections.ConfigDict, split: str, num_clips: int) -> dict:
@@ -63,7 +66,7 @@ def reference_key(config: ml_collections.ConfigDict, split: str, num_clips: int)
 
 
 def reference_features(config: ml_collections.ConfigDict, extractor: features.FeatureExtractor,
-                       num_clips: int) -> tuple[dict[str, np.ndarray], Path]:
+                       num_clips: int) -> tuple[dict[str, np.ndarray], epath.Path]:
   """I3D features, labels and FPS of the reference clips: from the cache, or computed and cached.
 
   Returns ``({'features': [N, 400], 'labels': [N], 'fps': [N]}, cache path)``.
@@ -74,7 +77,7 @@ def reference_features(config: ml_collections.ConfigDict, extractor: features.Fe
   digest = hashlib.sha256(key_json.encode()).hexdigest()[:16]
   path = reference_directory(config) / f"{config.data.name}_{split}_{num_clips}_{digest}.npz"
   if path.exists():
-    with np.load(path) as cached:
+    with fileio.load_numpy(path) as cached:
       if str(cached["key"]) == key_json:
         logging.info("Reference I3D features from the cache %s.", path)
         return {name: cached[name] for name in ("features", "labels", "fps")}, path
@@ -92,7 +95,7 @@ def reference_features(config: ml_collections.ConfigDict, extractor: features.Fe
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp.npz")
-    np.savez(temporary, key=np.asarray(key_json), **reference)
+    fileio.save_npz(temporary, key=np.asarray(key_json), **reference)
     temporary.replace(path)  # atomic: a crash never leaves a half-written cache behind.
   return reference, path
 
@@ -187,7 +190,7 @@ def protocol(config: ml_collections.ConfigDict, num_frames: int) -> dict[str, An
           "deviations": i3d.protocol_deviations(num_frames)}
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
+def evaluate(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
              devices: list | None = None) -> dict[str, Any]:
   """Samples from the latest checkpoints of ``workdir``, scores them, writes the results file."""
   started = time.perf_counter()
@@ -243,7 +246,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
       "protocol": protocol(config, int(config.data.num_frames)),
       "wall_time_s": round(time.perf_counter() - started, 1),
   })
-  out_dir = Path(workdir) / "eval"
+  out_dir = epath.Path(workdir) / "eval"
   if jax.process_index() == 0:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")

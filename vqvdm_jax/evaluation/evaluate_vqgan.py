@@ -9,7 +9,6 @@ originals; ``evaluation.reconstruction_fvd=False`` leaves it out.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vqvdm_jax import losses, video_io
+from vqvdm_jax import fileio, losses, video_io
 from vqvdm_jax.data import pipeline
 from vqvdm_jax.evaluation import features, i3d, metrics, reconstruction
 from vqvdm_jax.training import sharding, vqgan_trainer
@@ -38,7 +37,7 @@ def codebook_size(config: ml_collections.ConfigDict) -> int:
   return config.vqgan.quantizer.codebook_size
 
 
-def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: str | Path,
+def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
                    devices: list | None = None) -> dict:
   """Evaluates the latest checkpoint in ``workdir``; fails clearly when there is none.
 

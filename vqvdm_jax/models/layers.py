@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqvdm_jax.models.attention import resolve_attention_impl
+
 Dtype = Any
 Pads = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
@@ -215,11 +217,13 @@ def frame_causal_mask(num_frames: int, tokens_per_frame: int) -> jax.Array:
 class SelfAttention(nn.Module):
   """Multi-head self-attention over a token sequence ``[N, L, C]`` with an optional mask.
 
-  Goes through ``jax.nn.dot_product_attention`` so GPUs get the fused (cuDNN) kernel.
+  Goes through ``jax.nn.dot_product_attention``; ``attention_impl`` picks its kernel
+  ('xla', 'cudnn' or 'auto', see ``models/attention.py``).
   """
 
   num_heads: int = 1
   dtype: Dtype = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -230,7 +234,10 @@ class SelfAttention(nn.Module):
     qkv = nn.DenseGeneral((3, self.num_heads, head_dim), dtype=self.dtype, name="qkv")(tokens)
     query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [N, L, heads, head_dim]
     attention_mask = None if mask is None else mask[None, None]
-    out = jax.nn.dot_product_attention(query, key, value, mask=attention_mask)
+    implementation = resolve_attention_impl(self.attention_impl, query.dtype, head_dim,
+                                             tokens.shape[1], mask is not None)
+    out = jax.nn.dot_product_attention(query, key, value, mask=attention_mask,
+                                       implementation=implementation)
     return nn.DenseGeneral(channels, axis=(-2, -1), dtype=self.dtype, name="out")(out)
 
 
@@ -241,6 +248,7 @@ class AttentionBlock3D(nn.Module):
   num_groups: int = 32
   causal: bool = False
   dtype: Dtype = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -248,6 +256,6 @@ class AttentionBlock3D(nn.Module):
     h = Normalize(self.num_groups, self.causal)(x)
     tokens = einops.rearrange(h, "b t h w c -> b (t h w) c")
     mask = frame_causal_mask(frames, height * width) if self.causal else None
-    out = SelfAttention(self.num_heads, self.dtype)(tokens, mask)
+    out = SelfAttention(self.num_heads, self.dtype, self.attention_impl)(tokens, mask)
     out = einops.rearrange(out, "b (t h w) c -> b t h w c", t=frames, h=height, w=width)
     return x + out

@@ -65,13 +65,14 @@ class SpatialAttention(nn.Module):
   num_heads: int = 1
   num_groups: int = 32
   dtype: Dtype = jnp.float32
+  attention_impl: str = "xla"  # 'xla', 'cudnn' or 'auto' (models/attention.py)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, H, W, C]
     batch, _, height, width, _ = x.shape
     h = Normalize(self.num_groups)(x)
     tokens = einops.rearrange(h, "b t h w c -> (b t) (h w) c")
-    out = SelfAttention(self.num_heads, self.dtype)(tokens)
+    out = SelfAttention(self.num_heads, self.dtype, self.attention_impl)(tokens)
     out = einops.rearrange(out, "(b t) (h w) c -> b t h w c", b=batch, h=height, w=width)
     return x + out.astype(x.dtype)
 
@@ -87,13 +88,15 @@ class TemporalAttention(nn.Module):
   num_heads: int = 1
   num_groups: int = 32
   dtype: Dtype = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, H, W, C]
     batch, frames, height, width, _ = x.shape
     h = Normalize(self.num_groups, causal=True)(x)
     tokens = einops.rearrange(h, "b t h w c -> (b h w) t c")
-    out = SelfAttention(self.num_heads, self.dtype)(tokens, frame_causal_mask(frames, 1))
+    out = SelfAttention(self.num_heads, self.dtype, self.attention_impl)(
+        tokens, frame_causal_mask(frames, 1))
     out = einops.rearrange(out, "(b h w) t c -> b t h w c", b=batch, h=height, w=width)
     return x + out.astype(x.dtype)
 
@@ -108,14 +111,16 @@ class UNetBlock(nn.Module):
   dropout: float = 0.0
   conv_impl: str = "auto"
   dtype: Dtype = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, embedding: jax.Array, train: bool = False) -> jax.Array:
     x = ResBlock3D(self.features, self.num_groups, conv_impl=self.conv_impl, dropout=self.dropout,
                    dtype=self.dtype, name="res_block")(x, embedding, deterministic=not train)
     if self.use_attention:
-      x = SpatialAttention(self.num_heads, self.num_groups, self.dtype, name="spatial_attention")(x)
-      x = TemporalAttention(self.num_heads, self.num_groups, self.dtype,
+      x = SpatialAttention(self.num_heads, self.num_groups, self.dtype, self.attention_impl,
+                           name="spatial_attention")(x)
+      x = TemporalAttention(self.num_heads, self.num_groups, self.dtype, self.attention_impl,
                             name="temporal_attention")(x)
     return x
 
@@ -141,6 +146,7 @@ class UNet3D(nn.Module):
   conv_impl: str = "auto"
   dtype: Dtype = jnp.float32
   remat: bool = False  # recompute each block's activations in the backward pass
+  attention_impl: str = "xla"  # 'xla', 'cudnn' or 'auto' (models/attention.py)
 
   def _embedding(self, timesteps: jax.Array, fps: jax.Array | None,
                  labels: jax.Array | None, batch: int) -> jax.Array:
@@ -176,7 +182,7 @@ class UNet3D(nn.Module):
     block_class = nn.remat(UNetBlock, static_argnums=(3,)) if self.remat else UNetBlock
     block = lambda level, features, name: block_class(  # noqa: E731
         features, level in self.attention_levels, self.num_heads, self.num_groups, self.dropout,
-        self.conv_impl, self.dtype, name=name)
+        self.conv_impl, self.dtype, self.attention_impl, name=name)
 
     h = Conv3D(self.channels, conv_impl=self.conv_impl, dtype=self.dtype, name="input_conv")(z)
     skips = [h]
@@ -194,7 +200,8 @@ class UNet3D(nn.Module):
 
     middle_features = self.channels * self.channel_multipliers[-1]
     h = block_class(middle_features, True, self.num_heads, self.num_groups, self.dropout,
-                  self.conv_impl, self.dtype, name="middle_block")(h, embedding, train)
+                    self.conv_impl, self.dtype, self.attention_impl,
+                    name="middle_block")(h, embedding, train)
     h = ResBlock3D(middle_features, self.num_groups, conv_impl=self.conv_impl,
                    dropout=self.dropout, dtype=self.dtype, name="middle_res_block")(
                        h, embedding, deterministic=not train)

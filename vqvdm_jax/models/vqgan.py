@@ -61,6 +61,7 @@ class Encoder3D(nn.Module):
   conv_impl: str
   dtype: Dtype = jnp.float32
   remat: bool = False
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -80,7 +81,7 @@ class Encoder3D(nn.Module):
     h = res_block(features)(h)
     if self.attention_at_lowest:
       h = layers.AttentionBlock3D(self.attention_heads, self.num_groups, self.causal,
-                                  dtype=self.dtype)(h)
+                                  dtype=self.dtype, attention_impl=self.attention_impl)(h)
     h = res_block(features)(h)
     h = nn.silu(layers.Normalize(self.num_groups, self.causal)(h))
     return layers.Conv3D(self.latent_channels, causal=self.causal, conv_impl=self.conv_impl,
@@ -107,6 +108,7 @@ class Decoder3D(nn.Module):
   out_channels: int = 3
   dtype: Dtype = jnp.float32
   remat: bool = False
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
@@ -118,7 +120,7 @@ class Decoder3D(nn.Module):
     h = res_block(features)(h)
     if self.attention_at_lowest:
       h = layers.AttentionBlock3D(self.attention_heads, self.num_groups, self.causal,
-                                  dtype=self.dtype)(h)
+                                  dtype=self.dtype, attention_impl=self.attention_impl)(h)
     h = res_block(features)(h)
     for level in reversed(range(len(self.channel_multipliers))):
       features = self.channels * self.channel_multipliers[level]
@@ -147,7 +149,7 @@ class VQGAN3D(nn.Module):
         spatial_downsample=model.spatial_downsample,
         attention_at_lowest=model.attention_at_lowest, attention_heads=model.attention_heads,
         num_groups=model.num_groups, causal=model.causal, conv_impl=model.conv_impl,
-        dtype=jnp.dtype(model.dtype), remat=model.remat)
+        dtype=jnp.dtype(model.dtype), remat=model.remat, attention_impl=model.attention_impl)
     self.encoder = Encoder3D(latent_channels=model.latent_channels, **shared)
     self.quantizer = make_quantizer(self.quantizer_config, model.latent_channels)
     self.decoder = Decoder3D(**shared)

@@ -7,7 +7,6 @@ temporary directory and renames), so an interrupted save never corrupts an earli
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -15,13 +14,15 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from vqvdm_jax import fileio
+
 
 class Checkpointer:
   """A directory of step-numbered checkpoints: state (pytree) + optional grain iterator state."""
 
-  def __init__(self, directory: str | Path, save_every: int, keep: int,
+  def __init__(self, directory: fileio.PathLike, save_every: int, keep: int,
                async_save: bool = True):
-    self.directory = Path(directory).absolute()
+    self.directory = fileio.absolute(directory)  # an epath.Path: local, or gs:// for Orbax
     self.save_every = save_every
     self._closed = False
     # The interval is applied here, not by Orbax, which would also save the first step it sees.

@@ -9,7 +9,6 @@ Workdir layout (stage 2): ``diffusion/checkpoints``, ``diffusion/summaries``, ``
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any
 
 import flax
@@ -19,8 +18,10 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 
 from vqvdm_jax import config as config_lib
+from vqvdm_jax import fileio
 from vqvdm_jax.data import latents as latents_lib
 from vqvdm_jax.diffusion import schedule as schedule_lib
 from vqvdm_jax.diffusion.model import apply_unet, make_schedule, make_unet, null_label
@@ -42,8 +43,9 @@ class DiffusionTrainState:
   nonfinite_streak: jax.Array  # consecutive skipped (non-finite) updates up to this step
 
 
-def stage_dir(workdir: str | Path) -> Path:
-  return Path(workdir) / "diffusion"
+def stage_dir(workdir: fileio.PathLike) -> epath.Path:
+  """``DIR/diffusion``; an epath, so that ``--workdir=gs://bucket/run`` keeps its scheme."""
+  return epath.Path(workdir) / "diffusion"
 
 
 def drop_labels(labels: jax.Array, rate: float, null: int, rng: jax.Array) -> jax.Array:
@@ -93,7 +95,7 @@ def make_train_step(config: ml_collections.ConfigDict, unet: UNet3D,
 class DiffusionTrainer:
   """Model, optimizer, mesh, jitted step and checkpointer of a stage-2 run."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path,
+  def __init__(self, config: ml_collections.ConfigDict, workdir: fileio.PathLike,
                latent_shape: tuple[int, ...], devices: list | None = None):
     config_lib.validate(config)
     self.config = config
@@ -150,7 +152,7 @@ class DiffusionTrainer:
     return self.train_step(state, sharding.shard_batch(batch, self.mesh))
 
 
-def train_diffusion(config: ml_collections.ConfigDict, workdir: str | Path
+def train_diffusion(config: ml_collections.ConfigDict, workdir: fileio.PathLike
                     ) -> DiffusionTrainState:
   """Trains stage 2 to ``diffusion.train.num_steps`` on the latest stage-1 tokenizer's latents."""
   tokenizer = vqgan_trainer.restore_tokenizer(config, workdir)

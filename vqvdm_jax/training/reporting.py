@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 from clu import metric_writers, periodic_actions
+
+from vqvdm_jax import fileio
 
 
 def _keep_tensorflow_off_accelerators() -> None:
@@ -16,8 +17,11 @@ def _keep_tensorflow_off_accelerators() -> None:
   tf.config.set_visible_devices([], "GPU")
 
 
-def make_metric_writer(logdir: str | Path) -> metric_writers.MetricWriter:
-  """clu's default writer: console, plus TensorBoard event files on process 0 only."""
+def make_metric_writer(logdir: fileio.PathLike) -> metric_writers.MetricWriter:
+  """clu's default writer: console, plus TensorBoard event files on process 0 only.
+
+  TensorFlow writes the event files, so ``logdir`` may be a gs:// URI (passed as a string).
+  """
   _keep_tensorflow_off_accelerators()
   return metric_writers.create_default_writer(
       str(logdir), just_logging=jax.process_index() > 0, asynchronous=False)

@@ -12,7 +12,6 @@ Workdir layout (stage 1): ``vqgan/checkpoints``, ``vqgan/summaries``, ``vqgan/re
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any, Callable
 
 import flax
@@ -23,9 +22,10 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 
 from vqvdm_jax import config as config_lib
-from vqvdm_jax import losses, video_io
+from vqvdm_jax import fileio, losses, video_io
 from vqvdm_jax.data import pipeline
 from vqvdm_jax.models.discriminator import Discriminator3D
 from vqvdm_jax.models.vqgan import VQGAN3D, make_vqgan
@@ -50,8 +50,9 @@ class VQGANTrainState:
   nonfinite_streak: jax.Array  # consecutive skipped (non-finite) updates up to this step
 
 
-def stage_dir(workdir: str | Path) -> Path:
-  return Path(workdir) / "vqgan"
+def stage_dir(workdir: fileio.PathLike) -> epath.Path:
+  """``DIR/vqgan``; an epath, so that ``--workdir=gs://bucket/run`` keeps its scheme."""
+  return epath.Path(workdir) / "vqgan"
 
 
 def make_discriminator(config: ml_collections.ConfigDict) -> Discriminator3D:
@@ -223,7 +224,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: VQGAN3D,
 class VQGANTrainer:
   """Builds the model, optimizers, mesh, jitted step and checkpointer of a stage-1 run."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path,
+  def __init__(self, config: ml_collections.ConfigDict, workdir: fileio.PathLike,
                devices: list | None = None):
     config_lib.validate(config)
     self.config = config
@@ -288,7 +289,7 @@ def eval_params(state: VQGANTrainState, config: ml_collections.ConfigDict) -> Py
 
 
 def write_reconstructions(trainer: VQGANTrainer, state: VQGANTrainState,
-                          videos: np.ndarray, step: int) -> Path:
+                          videos: np.ndarray, step: int) -> epath.Path:
   stem = trainer.workdir / "reconstructions" / f"step_{step:07d}"
   reconstructions = trainer.reconstruct(eval_params(state, trainer.config),
                                         state.quantizer_state, videos)
@@ -297,7 +298,7 @@ def write_reconstructions(trainer: VQGANTrainer, state: VQGANTrainState,
   return stem
 
 
-def train_vqgan(config: ml_collections.ConfigDict, workdir: str | Path) -> VQGANTrainState:
+def train_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike) -> VQGANTrainState:
   """Trains stage 1 to ``config.vqgan.train.num_steps``, resuming from the workdir if it can."""
   trainer = VQGANTrainer(config, workdir)
   train = config.vqgan.train
@@ -359,7 +360,7 @@ class Tokenizer:
     return self._decode(self.variables, latent)
 
 
-def restore_tokenizer(config: ml_collections.ConfigDict, workdir: str | Path) -> Tokenizer:
+def restore_tokenizer(config: ml_collections.ConfigDict, workdir: fileio.PathLike) -> Tokenizer:
   """The latest stage-1 checkpoint of ``workdir`` as a :class:`Tokenizer`; fails clearly if none."""
   model = make_vqgan(config)
   discriminator = make_discriminator(config)
