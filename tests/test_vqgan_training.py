@@ -146,3 +146,39 @@ def test_command_line_rejects_inconsistent_config_naming_the_field(tmp_path):
       capture_output=True, text=True, cwd=REPO, timeout=300)
   assert result.returncode != 0
   assert "config.data.num_frames" in result.stderr
+
+
+def test_discriminator_is_neither_run_nor_updated_before_disc_start(tmp_path, monkeypatch):
+  """Before disc_start the GAN terms are skipped (lax.cond), not computed and zero-weighted."""
+  calls = {"generator": 0, "discriminator": 0}
+
+  def counted(name, loss_fn):
+    def wrapper(*args, **kwargs):
+      jax.debug.callback(lambda: calls.__setitem__(name, calls[name] + 1))
+      return loss_fn(*args, **kwargs)
+    return wrapper
+
+  monkeypatch.setattr(vqgan_trainer.losses, "generator_adversarial_loss",
+                      counted("generator", vqgan_trainer.losses.generator_adversarial_loss))
+  monkeypatch.setattr(vqgan_trainer.losses, "discriminator_loss",
+                      counted("discriminator", vqgan_trainer.losses.discriminator_loss))
+  config = load_config("tiny")
+  config.vqgan.loss.disc_start = 1
+  trainer = vqgan_trainer.VQGANTrainer(config, tmp_path, devices=jax.devices()[:1])
+  batches = pipeline.train_iterator(config.data, config.vqgan.train.batch_size, config.seed)
+  initial = jax.device_get(trainer.initial_state())
+  state, metrics = trainer.step(trainer.initial_state(), next(batches))
+  jax.effects_barrier()
+  assert calls == {"generator": 0, "discriminator": 0}
+  assert metrics["gan/active"] == 0.0 and metrics["loss/adversarial"] == 0.0
+  after_first = jax.device_get(state)
+  assert_trees_equal(after_first.disc_params, initial.disc_params)
+  assert_trees_equal(after_first.disc_opt_state, initial.disc_opt_state)
+  assert relative_difference(initial.params, after_first.params) > 0  # the generator trained
+
+  state, metrics = trainer.step(state, next(batches))
+  jax.effects_barrier()
+  trainer.checkpointer.close()
+  assert calls["generator"] >= 1 and calls["discriminator"] >= 1
+  assert metrics["gan/active"] == 1.0 and metrics["loss/discriminator"] > 0
+  assert relative_difference(after_first.disc_params, jax.device_get(state).disc_params) > 0

@@ -113,7 +113,15 @@ def make_train_step(config: ml_collections.ConfigDict, model: VQGAN3D,
   loss_config = config.vqgan.loss
   ema_decay = config.vqgan.optim.ema_decay
 
-  def generator_terms(params, quantizer_state, disc_params, lpips_params, video, rng):
+  def gan_terms(disc_params, video, x_hat):
+    """(L_disc, L_disc_aux) of the generator: VQ-VDM eqs. 3 and 4 on the reconstruction."""
+    logits_fake, features_fake = discriminator.apply({"params": disc_params}, x_hat)
+    _, features_real = discriminator.apply({"params": disc_params}, video)
+    return (losses.generator_adversarial_loss(logits_fake, loss_config.gan_loss),
+            losses.feature_matching_loss(features_real, features_fake))
+
+  def generator_terms(params, quantizer_state, disc_params, lpips_params, video, rng, gan_active):
+    """Every generator loss term; the discriminator only runs once the GAN is active."""
     lpips_rng, quantizer_rng = jax.random.split(rng)
     (x_hat, quantized), updated = model.apply(
         {"params": params, "quantizer_state": quantizer_state}, video, train=True,
@@ -122,10 +130,11 @@ def make_train_step(config: ml_collections.ConfigDict, model: VQGAN3D,
     perceptual = losses.video_lpips(lpips_module, lpips_params, video, x_hat,
                                     loss_config.lpips_frames, lpips_rng)
     reconstruction = loss_config.l2_weight * l2 + loss_config.lpips_weight * perceptual
-    logits_fake, features_fake = discriminator.apply({"params": disc_params}, x_hat)
-    _, features_real = discriminator.apply({"params": disc_params}, video)
-    adversarial = losses.generator_adversarial_loss(logits_fake, loss_config.gan_loss)
-    feature_matching = losses.feature_matching_loss(features_real, features_fake)
+    # lax.cond, not a 0/1 gate: before disc_start (10k steps by default) the discriminator's
+    # forward and backward passes are skipped instead of computed and multiplied by zero.
+    zero = jnp.zeros((), jnp.float32)
+    adversarial, feature_matching = jax.lax.cond(
+        gan_active, lambda x: gan_terms(disc_params, video, x), lambda x: (zero, zero), x_hat)
     return dict(x_hat=x_hat, quantized=quantized, quantizer_state=updated.get("quantizer_state", {}),
                 l2=l2, lpips=perceptual, reconstruction=reconstruction,
                 adversarial=adversarial, feature_matching=feature_matching)
@@ -134,11 +143,45 @@ def make_train_step(config: ml_collections.ConfigDict, model: VQGAN3D,
     """Taming eq. 7 at the decoder's output conv; costs two extra backward passes."""
     def last_layer_grad(term):
       grads = jax.grad(lambda p: generator_terms(
-          p, quantizer_state, disc_params, lpips_params, video, rng)[term])(params)
+          p, quantizer_state, disc_params, lpips_params, video, rng, True)[term])(params)
       return grads["decoder"]["conv_out"]["kernel"]
     return losses.adaptive_disc_weight(last_layer_grad("reconstruction"),
                                        last_layer_grad("adversarial"),
                                        loss_config.adaptive_weight_max)
+
+  def discriminator_update(state, video, x_hat):
+    """One discriminator step on (x, x̂): its params, optimizer state, LeCam EMAs and metrics."""
+    def discriminator_objective(disc_params):
+      logits_real, _ = discriminator.apply({"params": disc_params}, video)
+      logits_fake, _ = discriminator.apply({"params": disc_params}, x_hat)
+      loss = losses.discriminator_loss(logits_real, logits_fake, loss_config.gan_loss)
+      lecam = losses.lecam_regularization(logits_real, logits_fake, state.lecam_ema["real"],
+                                          state.lecam_ema["fake"])
+      return loss + loss_config.lecam_weight * lecam, (loss, lecam, logits_real, logits_fake)
+
+    (_, (disc_loss, lecam, logits_real, logits_fake)), disc_grads = jax.value_and_grad(
+        discriminator_objective, has_aux=True)(state.disc_params)
+    disc_updates, disc_opt_state = disc_tx.update(disc_grads, state.disc_opt_state,
+                                                  state.disc_params)
+    lecam_ema = {
+        "real": losses.update_lecam_ema(state.lecam_ema["real"], logits_real,
+                                        loss_config.lecam_ema_decay),
+        "fake": losses.update_lecam_ema(state.lecam_ema["fake"], logits_fake,
+                                        loss_config.lecam_ema_decay)}
+    disc_metrics = {"loss/discriminator": disc_loss, "loss/lecam": lecam,
+                    "gan/logits_real": jnp.mean(logits_real),
+                    "gan/logits_fake": jnp.mean(logits_fake),
+                    "grad_norm/discriminator": optax.tree.norm(disc_grads)}
+    return (optax.apply_updates(state.disc_params, disc_updates), disc_opt_state, lecam_ema,
+            disc_metrics)
+
+  def frozen_discriminator(state, video, x_hat):
+    """Before disc_start: the discriminator, its optimizer and EMAs stay put, and cost nothing."""
+    del video, x_hat
+    disc_metrics = {name: jnp.zeros((), jnp.float32) for name in (
+        "loss/discriminator", "loss/lecam", "gan/logits_real", "gan/logits_fake",
+        "grad_norm/discriminator")}
+    return state.disc_params, state.disc_opt_state, state.lecam_ema, disc_metrics
 
   def train_step(state: VQGANTrainState, batch: dict, lpips_params: PyTree):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -147,18 +190,21 @@ def make_train_step(config: ml_collections.ConfigDict, model: VQGAN3D,
     gan_active = state.step >= loss_config.disc_start
 
     if loss_config.adaptive_disc_weight:
-      disc_factor = adaptive_weight(state.params, state.quantizer_state, state.disc_params,
-                                    lpips_params, video, gen_rng)
+      disc_factor = jax.lax.cond(
+          gan_active,
+          lambda: adaptive_weight(state.params, state.quantizer_state, state.disc_params,
+                                  lpips_params, video, gen_rng),
+          lambda: jnp.ones((), jnp.float32))
     else:
       disc_factor = jnp.ones((), jnp.float32)
     gan_gate = gan_active.astype(jnp.float32)
 
     def generator_loss(params):
       terms = generator_terms(params, state.quantizer_state, state.disc_params, lpips_params,
-                              video, gen_rng)
+                              video, gen_rng, gan_active)
       total = (terms["reconstruction"] + loss_config.vq_weight * terms["quantized"].loss
-               + gan_gate * (loss_config.disc_weight * disc_factor * terms["adversarial"]
-                             + loss_config.feature_matching_weight * terms["feature_matching"]))
+               + loss_config.disc_weight * disc_factor * terms["adversarial"]
+               + loss_config.feature_matching_weight * terms["feature_matching"])
       return total, terms
 
     (gen_loss, terms), gen_grads = jax.value_and_grad(generator_loss, has_aux=True)(state.params)
@@ -169,31 +215,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: VQGAN3D,
     else:
       ema_params = params
 
-    x_hat = jax.lax.stop_gradient(terms["x_hat"])
-
-    def discriminator_objective(disc_params):
-      logits_real, _ = discriminator.apply({"params": disc_params}, video)
-      logits_fake, _ = discriminator.apply({"params": disc_params}, x_hat)
-      loss = losses.discriminator_loss(logits_real, logits_fake, loss_config.gan_loss)
-      lecam = losses.lecam_regularization(logits_real, logits_fake, state.lecam_ema["real"],
-                                          state.lecam_ema["fake"])
-      return loss + loss_config.lecam_weight * lecam, (loss, lecam, logits_real, logits_fake)
-
     del disc_rng  # the discriminator is deterministic; the key is split for future use.
-    (_, (disc_loss, lecam, logits_real, logits_fake)), disc_grads = jax.value_and_grad(
-        discriminator_objective, has_aux=True)(state.disc_params)
-    disc_updates, disc_opt_state = disc_tx.update(disc_grads, state.disc_opt_state,
-                                                  state.disc_params)
-    disc_params = optax.apply_updates(state.disc_params, disc_updates)
-    lecam_ema = {
-        "real": losses.update_lecam_ema(state.lecam_ema["real"], logits_real,
-                                        loss_config.lecam_ema_decay),
-        "fake": losses.update_lecam_ema(state.lecam_ema["fake"], logits_fake,
-                                        loss_config.lecam_ema_decay)}
-    # Before disc_start the discriminator is frozen: its params, optimizer and EMAs stay put.
-    disc_params, disc_opt_state, lecam_ema = loop.keep_if(
-        gan_active, (disc_params, disc_opt_state, lecam_ema),
-        (state.disc_params, state.disc_opt_state, state.lecam_ema))
+    disc_params, disc_opt_state, lecam_ema, disc_metrics = jax.lax.cond(
+        gan_active, discriminator_update, frozen_discriminator,
+        state, video, jax.lax.stop_gradient(terms["x_hat"]))
 
     quantized = terms["quantized"]
     metrics = {
@@ -201,11 +226,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: VQGAN3D,
         "loss/reconstruction": terms["reconstruction"], "loss/vq": quantized.loss,
         "loss/adversarial": terms["adversarial"],
         "loss/feature_matching": terms["feature_matching"],
-        "loss/discriminator": disc_loss, "loss/lecam": lecam,
         "gan/active": gan_gate, "gan/adaptive_weight": disc_factor,
-        "gan/logits_real": jnp.mean(logits_real), "gan/logits_fake": jnp.mean(logits_fake),
         "grad_norm/generator": optax.tree.norm(gen_grads),
-        "grad_norm/discriminator": optax.tree.norm(disc_grads),
+        **disc_metrics,
     }
     metrics.update({f"quantizer/{k}": v for k, v in quantized.terms.items()})
     metrics.update({f"codebook/{k}": v for k, v in quantized.stats.items()})
@@ -213,8 +236,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: VQGAN3D,
         step=state.step + 1, params=params, quantizer_state=terms["quantizer_state"],
         ema_params=ema_params, disc_params=disc_params, gen_opt_state=gen_opt_state,
         disc_opt_state=disc_opt_state, lecam_ema=lecam_ema)
-    finite = loop.all_finite(gen_loss, disc_loss, metrics["grad_norm/generator"],
-                             metrics["grad_norm/discriminator"])
+    finite = loop.all_finite(gen_loss, metrics["loss/discriminator"],
+                             metrics["grad_norm/generator"], metrics["grad_norm/discriminator"])
     metrics["nonfinite/skipped"] = 1.0 - finite.astype(jnp.float32)
     return loop.skip_nonfinite_update(finite, new_state, state), metrics
 
