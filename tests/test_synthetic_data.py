@@ -142,7 +142,8 @@ def test_index_out_of_range_raises_index_error():
 def _data_config(**overrides):
   config = ml_collections.ConfigDict(dict(
       name="synthetic", num_frames=8, resolution=16, num_classes=4, fps_values=(4.0, 8.0),
-      num_train_clips=12, num_eval_clips=5, num_workers=0, prefetch_buffer_size=2))
+      num_train_clips=12, num_eval_clips=5, num_workers=0, prefetch_buffer_size=2,
+      sprite_size=synthetic.SPRITE_SIZE_FRACTION))
   config.update(overrides)
   return config
 
@@ -155,3 +156,19 @@ def test_make_source_uses_split_sizes_from_config():
 def test_make_source_rejects_unprepared_datasets_with_the_fix():
   with pytest.raises(ValueError, match="--config.data.name=synthetic"):
     synthetic.make_source(_data_config(name="ucf101"), "train", seed=0)
+
+
+def test_sprite_size_sets_the_sprite_area():
+  def mean_area(sprite_size):
+    config = _data_config(resolution=32, sprite_size=sprite_size)
+    source = synthetic.make_source(config, "train", seed=0)
+    return np.mean([_sprite_mask(source[i]["video"][0]).sum() for i in range(8)])
+
+  small, large = mean_area(0.25), mean_area(0.5)
+  assert 3.0 < large / small < 5.0  # area grows with the side squared: (0.5 / 0.25)^2 = 4
+
+
+@pytest.mark.parametrize("sprite_size", [0.0, -0.1, 0.6])
+def test_out_of_range_sprite_size_is_rejected_with_the_fix(sprite_size):
+  with pytest.raises(ValueError, match="--config.data.sprite_size"):
+    _source(sprite_size=sprite_size)

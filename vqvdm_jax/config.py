@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
   data.resolution = resolution
   data.num_classes = 4  # synthetic: sprite shapes (square, disc, triangle, cross).
   data.fps_values = (4.0, 8.0, 16.0)  # synthetic: per-clip frame rates.
+  data.sprite_size = 0.25  # synthetic: sprite side as a fraction of the frame (<= 0.5).
   data.num_train_clips = 2048  # synthetic: size of the train split.
   data.num_eval_clips = 64  # synthetic: size of the held-out split.
   data.num_workers = 0  # grain worker processes (0 = in the main process).

@@ -27,8 +27,11 @@ import numpy as np
 SHAPES = ("square", "disc", "triangle", "cross")  # label i is sprite shape SHAPES[i].
 SPLITS = ("train", "eval")
 
-# Sprite side (and disc diameter) relative to the frame size; jittered per clip by SIZE_JITTER.
+# Default sprite side (and disc diameter) relative to the frame size (``config.data.sprite_size``);
+# jittered per clip by SIZE_JITTER. Larger sprites make the shapes easier to tell apart at low
+# resolution (the demo's 32x32 uses 0.4).
 SPRITE_SIZE_FRACTION = 0.25
+MAX_SPRITE_SIZE_FRACTION = 0.5  # beyond this a sprite has too little room to move and bounce.
 SIZE_JITTER = 0.2
 MIN_SPRITE_SIZE = 3.0  # pixels: below this a triangle and a cross stop being recognisable.
 # Speed range in frame widths per second; at 4 fps the fastest sprite moves 1/8 of the frame a
@@ -96,7 +99,8 @@ class MovingSprites:
   """
 
   def __init__(self, num_clips: int, num_frames: int, resolution: int, num_classes: int,
-               fps_values: Sequence[float], seed: int, split: str = "train"):
+               fps_values: Sequence[float], seed: int, split: str = "train",
+               sprite_size: float = SPRITE_SIZE_FRACTION):
     if not 0 <= num_classes <= len(SHAPES):
       raise ValueError(
           f"MovingSprites supports num_classes in 0..{len(SHAPES)} (one class per sprite shape: "
@@ -104,6 +108,11 @@ class MovingSprites:
           f"Set --config.data.num_classes to at most {len(SHAPES)}.")
     if split not in SPLITS:
       raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
+    if not 0 < sprite_size <= MAX_SPRITE_SIZE_FRACTION:
+      raise ValueError(
+          f"sprite_size is the sprite's side as a fraction of the frame, in (0, "
+          f"{MAX_SPRITE_SIZE_FRACTION}], got {sprite_size}. Set --config.data.sprite_size "
+          f"accordingly (default {SPRITE_SIZE_FRACTION}).")
     if num_clips < 1 or num_frames < 1 or resolution < 1:
       raise ValueError(f"num_clips, num_frames and resolution must be >= 1, got {num_clips}, "
                        f"{num_frames}, {resolution}.")
@@ -117,6 +126,7 @@ class MovingSprites:
     self.fps_values = tuple(float(fps) for fps in fps_values)
     self.seed = int(seed)
     self.split = split
+    self.sprite_size = float(sprite_size)
 
   def __len__(self) -> int:
     return self.num_clips
@@ -124,7 +134,8 @@ class MovingSprites:
   def __repr__(self) -> str:
     return (f"MovingSprites(num_clips={self.num_clips}, num_frames={self.num_frames}, "
             f"resolution={self.resolution}, num_classes={self.num_classes}, "
-            f"fps_values={self.fps_values}, seed={self.seed}, split={self.split!r})")
+            f"fps_values={self.fps_values}, seed={self.seed}, split={self.split!r}, "
+            f"sprite_size={self.sprite_size})")
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     index = int(index)
@@ -144,7 +155,7 @@ class MovingSprites:
     """Draws the clip's random parameters from ``rng`` and renders it, all frames at once."""
     size, frames = self.resolution, self.num_frames
     jitter = float(rng.uniform(1 - SIZE_JITTER, 1 + SIZE_JITTER))
-    sprite_size = max(MIN_SPRITE_SIZE, size * SPRITE_SIZE_FRACTION * jitter)
+    sprite_size = max(MIN_SPRITE_SIZE, size * self.sprite_size * jitter)
     half_size = sprite_size / 2.0
 
     # Trajectory of the centre: a straight line at constant pixels-per-second, folded by walls.
@@ -195,4 +206,5 @@ def make_source(data_config: Any, split: str, seed: int) -> MovingSprites:
   num_clips = data_config.num_train_clips if split == "train" else data_config.num_eval_clips
   return MovingSprites(num_clips=num_clips, num_frames=data_config.num_frames,
                        resolution=data_config.resolution, num_classes=data_config.num_classes,
-                       fps_values=data_config.fps_values, seed=seed, split=split)
+                       fps_values=data_config.fps_values, seed=seed, split=split,
+                       sprite_size=data_config.sprite_size)
