@@ -1,4 +1,6 @@
-"""What the two-process test and its worker processes share: the run and its data."""
+"""What the two-process tests and their worker processes share: the runs and their data."""
+
+from pathlib import Path
 
 import numpy as np
 from helpers import load_config
@@ -20,3 +22,19 @@ def global_batch(step):
   return {"latent": rng.normal(size=(8, *LATENT_SHAPE)).astype(np.float32),
           "label": rng.integers(0, 4, 8).astype(np.int32),
           "fps": np.full(8, 8.0, np.float32)}
+
+
+def evaluation_config(workdir, run: str):
+  """The tiny config evaluated on 4 clips: one I3D batch, one clip on each of 4 devices.
+
+  ``run`` names the reference-feature cache directory, so that each run computes its own.
+  """
+  config = load_config("tiny")
+  evaluation = config.evaluation
+  evaluation.num_samples_fvd = evaluation.batch_size = 4
+  evaluation.reference_dir = str(Path(workdir) / f"reference_{run}")
+  evaluation.reconstruction_fvd = True
+  config.diffusion.sample.num_steps = 2
+  config.diffusion.sample.batch_size = 4
+  config.vqgan.eval.num_clips = config.vqgan.eval.batch_size = 4
+  return config

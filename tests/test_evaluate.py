@@ -6,14 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import load_config
+from helpers import load_config, untrained_checkpoints
 
 from vqvdm_jax import config as config_lib
 from vqvdm_jax import main as main_lib
-from vqvdm_jax import sampling
 from vqvdm_jax.data import pipeline
 from vqvdm_jax.evaluation import c3d, evaluate, evaluate_vqgan
-from vqvdm_jax.training import diffusion_trainer, vqgan_trainer
 
 # One device: I3D runs at 16x224x224 (~2 s a clip on 2 CPU cores); a batch padded to the eight
 # simulated devices would cost eight clips for every four.
@@ -24,29 +22,13 @@ TINY_C3D_WIDTHS = (2, 2, 3, 3, 4, 4, 4, 4)
 STEP = 3
 
 
-def _untrained_checkpoints(config, workdir):
-  """Stage-1 and stage-2 checkpoints of freshly initialised models at step ``STEP``.
-
-  Evaluation needs weights, not good ones; training the tiny stages first would spend minutes
-  of CPU compiling their train steps.
-  """
-  vqgan = vqgan_trainer.VQGANTrainer(config, workdir, DEVICES)
-  at_step = lambda state: state.replace(step=jnp.asarray(STEP, jnp.int32))  # noqa: E731
-  vqgan.checkpointer.save(STEP, at_step(vqgan.initial_state()), force=True)
-  vqgan.checkpointer.close()
-  diffusion = diffusion_trainer.DiffusionTrainer(
-      config, workdir, sampling.tokenizer_latent_shape(config), DEVICES)
-  diffusion.checkpointer.save(STEP, at_step(diffusion.initial_state(1.0, STEP)), force=True)
-  diffusion.checkpointer.close()
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """Checkpoints of both tiny stages and one evaluation without C3D weights."""
   workdir = tmp_path_factory.mktemp("evaluate")
   config = load_config("tiny")
   config.evaluation.reference_dir = str(workdir / "reference_features")
-  _untrained_checkpoints(config, workdir)
+  untrained_checkpoints(config, workdir, DEVICES, STEP)
   results = evaluate.evaluate(config, workdir, devices=DEVICES)
   return config, workdir, results
 

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -70,7 +69,8 @@ def generate_batches(config: ml_collections.ConfigDict,
 
   The sampler compiles once; batch ``i`` draws its noise from ``fold_in(seed, i * batch)``, so a
   video depends only on the seed and its position. Streaming lets evaluation score thousands of
-  videos without holding them all.
+  videos without holding them all. On several processes every process passes the same labels and
+  FPS and receives every video.
   """
   sample = config.diffusion.sample
   latent_shape = tokenizer_latent_shape(config)
@@ -82,14 +82,18 @@ def generate_batches(config: ml_collections.ConfigDict,
   sample_fn = jax.jit(make_sample_fn(config, unet, schedule, latent_shape),
                       in_shardings=(params_sharding, split, split, replicated),
                       out_shardings=split)
+  # Replicated output: on several processes a batch-split array cannot be read whole on one.
+  unscale = jax.jit(lambda latents, scale_factor: latents / scale_factor,
+                    out_shardings=replicated)
   for start in range(0, len(labels), batch_size):
     batch_labels = np.resize(labels[start:start + batch_size], batch_size)  # pad the last batch
     batch_fps = np.resize(fps[start:start + batch_size], batch_size)
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), start)
-    latents = sample_fn(state.ema_params, jnp.asarray(batch_labels), jnp.asarray(batch_fps),
-                        rng)
+    batch_labels, batch_fps = sharding.from_replicated_host_data((batch_labels, batch_fps), split)
+    latents = sample_fn(state.ema_params, batch_labels, batch_fps,
+                        sharding.from_replicated_host_data(rng, replicated))
     # Through the host: the tokenizer may live on another mesh than the sampler (it is small).
-    unscaled = np.asarray(jax.device_get(latents / state.scale_factor))
+    unscaled = np.asarray(jax.device_get(unscale(latents, state.scale_factor)))
     decoded = tokenizer.decode_latents(unscaled)
     yield np.asarray(jax.device_get(decoded))[:len(labels) - start]
 

@@ -13,6 +13,10 @@ The protocol (Unterthiner et al. 2018 for FVD; VQ-VDM / TATS for the rest):
 
 The reference features are cached on disk, keyed by protocol, dataset and split, so they are
 computed once per dataset. Everything lands in ``DIR/eval/results.json``.
+
+On several processes (``jax.distributed``) every process derives the same seeded conditioning,
+the processes sample and score each batch together over the whole mesh, and each ends with the
+same numbers; process 0 alone reads and writes the cache and writes the results file.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from vqvdm_jax import fileio, sampling
 from vqvdm_jax.data import pipeline
@@ -76,11 +81,15 @@ def reference_features(config: ml_collections.ConfigDict, extractor: features.Fe
   key_json = json.dumps(key, sort_keys=True, default=str)
   digest = hashlib.sha256(key_json.encode()).hexdigest()[:16]
   path = reference_directory(config) / f"{config.data.name}_{split}_{num_clips}_{digest}.npz"
-  if path.exists():
-    with fileio.load_numpy(path) as cached:
-      if str(cached["key"]) == key_json:
-        logging.info("Reference I3D features from the cache %s.", path)
-        return {name: cached[name] for name in ("features", "labels", "fps")}, path
+  # Only process 0 reads and writes the cache: other hosts may not see its directory (the default,
+  # ~/.cache, is per machine). All must agree on a hit, since on a miss they extract together.
+  cached = _read_reference_cache(path, key_json) if jax.process_index() == 0 else None
+  if multihost_utils.broadcast_one_to_all(np.int32(cached is not None)):
+    logging.info("Reference I3D features from the cache %s.", path)
+    if cached is None:  # a template of the right shapes for the broadcast of process 0's arrays
+      cached = {"features": np.zeros((num_clips, i3d.NUM_CLASSES), np.float32),
+                "labels": np.zeros(num_clips, np.int32), "fps": np.zeros(num_clips, np.float32)}
+    return multihost_utils.broadcast_one_to_all(cached), path
   logging.info("Computing I3D features of %d %s clips (once; cached at %s).", num_clips, split,
                path)
   progress = _Progress(f"reference {split} clips", num_clips)
@@ -98,6 +107,18 @@ def reference_features(config: ml_collections.ConfigDict, extractor: features.Fe
     fileio.save_npz(temporary, key=np.asarray(key_json), **reference)
     temporary.replace(path)  # atomic: a crash never leaves a half-written cache behind.
   return reference, path
+
+
+def _read_reference_cache(path: epath.Path, key_json: str) -> dict[str, np.ndarray] | None:
+  """The cached reference arrays when ``path`` holds features for exactly ``key_json``."""
+  if not path.exists():
+    return None
+  with fileio.load_numpy(path) as cached:
+    if str(cached["key"]) != key_json:
+      return None
+    return {"features": np.asarray(cached["features"], np.float32),
+            "labels": np.asarray(cached["labels"], np.int32),
+            "fps": np.asarray(cached["fps"], np.float32)}
 
 
 def conditioning_like(labels: np.ndarray, fps: np.ndarray, num_samples: int,

@@ -4,6 +4,10 @@ Writes ``DIR/vqgan/eval.json`` (PSNR, SSIM, LPIPS, rFVD, codebook usage and perp
 held-out clips) and ``DIR/vqgan/eval_grid.{gif,mp4}`` (originals above reconstructions).
 rFVD is FVD (the I3D protocol of ``evaluation/i3d.py``) of reconstructions against their
 originals; ``evaluation.reconstruction_fvd=False`` leaves it out.
+
+On several processes (``jax.distributed``) every process reads the same clips, the metrics are
+computed over the whole mesh and come back replicated, so each process ends with the same
+numbers; process 0 alone writes the files.
 """
 
 from __future__ import annotations
@@ -49,14 +53,13 @@ def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
     raise FileNotFoundError(
         f"No stage-1 checkpoint in {trainer.checkpointer.directory}. Train one first: "
         f"python -m vqvdm_jax.main --config=... --workdir={workdir} --mode=train_vqgan")
-  params = vqgan_trainer.eval_params(state, config)
-  lpips_module, lpips_params = trainer.lpips_module, trainer.lpips_params
+  variables = {"params": vqgan_trainer.eval_params(state, config),
+               "quantizer_state": state.quantizer_state}
+  lpips_module = trainer.lpips_module
 
-  @jax.jit
-  def clip_metrics(video_uint8):
+  def clip_metrics(variables, lpips_params, video_uint8):
     video = pipeline.to_model_input(video_uint8)
-    x_hat, quantized = trainer.model.apply(
-        {"params": params, "quantizer_state": state.quantizer_state}, video, train=False)
+    x_hat, quantized = trainer.model.apply(variables, video, train=False)
     x_hat = jnp.clip(x_hat, -1.0, 1.0)
     frames, frames_hat = (x.reshape((-1, *x.shape[2:])) for x in (video, x_hat))
     frame_lpips = losses.lpips_distance(lpips_module, lpips_params, frames, frames_hat)
@@ -64,6 +67,12 @@ def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
             "ssim": reconstruction.ssim(video, x_hat),
             "lpips": frame_lpips.reshape(video.shape[:2]).mean(axis=1),
             "indices": quantized.indices, "x_hat": pipeline.to_uint8(x_hat)}
+
+  # The weights as restored; clips in and metrics out replicated, so that every process (each
+  # read the same clips) can read every result.
+  clip_metrics = jax.jit(clip_metrics, in_shardings=(
+      jax.tree.map(lambda leaf: leaf.sharding, variables), trainer.replicated,
+      trainer.replicated), out_shardings=trainer.replicated)
 
   eval_config = config.vqgan.eval
   per_clip = {"psnr": [], "ssim": [], "lpips": []}
@@ -76,7 +85,8 @@ def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
   i3d_features = {"original": [], "reconstruction": []}
   for batch in pipeline.eval_batches(config.data, eval_config.batch_size, eval_config.num_clips,
                                      config.seed):
-    out = jax.device_get(clip_metrics(batch["video"]))
+    video = sharding.from_replicated_host_data(batch["video"], trainer.replicated)
+    out = jax.device_get(clip_metrics(variables, trainer.lpips_params, video))
     for name in per_clip:
       per_clip[name].append(np.asarray(out[name], np.float64))
     all_indices.append(np.asarray(out["indices"]))

@@ -3,6 +3,9 @@
 One jitted call per batch of uint8 clips: the batch is split over the mesh's ``data`` axis, the
 network's variables are replicated. Callers hand in any number of clips; the last batch is
 padded (with copies of its last clip) and the padding dropped from the result.
+
+On several processes, every process hands in the same clips and gets every clip's features
+back: each places its devices' slices of the batch, and the features come out replicated.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ class FeatureExtractor:
     devices = sharding.data_parallel_size(mesh)
     self.batch_size = -(-batch_size // devices) * devices
     replicated = sharding.replicated(mesh)
-    self.variables = jax.device_put(variables, replicated)
-    self._fn = jax.jit(fn, in_shardings=(replicated, sharding.batch_sharding(mesh)),
+    self._batch_sharding = sharding.batch_sharding(mesh)
+    self.variables = sharding.from_replicated_host_data(variables, replicated)
+    self._fn = jax.jit(fn, in_shardings=(replicated, self._batch_sharding),
                        out_shardings=replicated)
 
   def __call__(self, videos: np.ndarray) -> np.ndarray:
@@ -45,6 +49,7 @@ class FeatureExtractor:
       padding = self.batch_size - len(chunk)
       if padding:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], padding, axis=0)])
+      chunk = sharding.from_replicated_host_data(chunk, self._batch_sharding)
       features = np.asarray(jax.device_get(self._fn(self.variables, chunk)), np.float32)
       outputs.append(features[:len(features) - padding])
     return np.concatenate(outputs)

@@ -100,6 +100,21 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
           for key, value in batch.items()}
 
 
+def from_replicated_host_data(tree: Any, sharding: NamedSharding) -> Any:
+  """Host arrays that every process holds whole and identical -> global arrays of ``sharding``.
+
+  For what each process computes or reads the same (seeded conditioning, an evaluation batch
+  every host read, pretrained weights): each process places only its own devices' slices, so it
+  is right on many hosts, where ``jit`` rejects numpy inputs to shardings that split them.
+  :func:`shard_batch` is the other case: each process holds only its own rows.
+  """
+  def place(value: Any) -> jax.Array:
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+  return jax.tree.map(place, tree)
+
+
 def check_batch_size(batch_size: int, mesh: Mesh, field: str) -> None:
   size = data_parallel_size(mesh)
   if batch_size % size:
