@@ -22,7 +22,7 @@ def get_config(arg: str | None = None):
   model.num_res_blocks = 1
   model.temporal_downsample = 4
   model.spatial_downsample = 4
-  model.num_groups = 4
+  model.num_groups = 2
   model.attention_at_lowest = True
 
   config.vqgan.quantizer.codebook_size = 32
@@ -49,7 +49,7 @@ def get_config(arg: str | None = None):
   unet.num_res_blocks = 1
   unet.attention_levels = (1,)
   unet.num_heads = 2
-  unet.num_groups = 4
+  unet.num_groups = 2
   config.diffusion.schedule.num_steps = 50
   # Ho et al.'s betas are for 1000 steps; scale them by 1000 / 50 so the chain still ends in noise.
   config.diffusion.schedule.beta_start = 2e-3

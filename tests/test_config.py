@@ -51,3 +51,18 @@ def test_shared_fields_are_references_so_one_override_reaches_every_group():
   config = load_config("tiny")
   config.data.num_frames = 12
   assert config.vqgan.num_frames == 12
+
+
+@pytest.mark.parametrize("group", ["vqgan.model", "diffusion.unet"])
+def test_too_few_channels_per_groupnorm_group_warns_with_the_fix(group):
+  config = load_config("tiny")
+  section = config.vqgan.model if group == "vqgan.model" else config.diffusion.unet
+  section.channels, section.num_groups = 8, 4  # 2 channels per group
+  with pytest.warns(UserWarning, match=rf"--config\.{group}\.num_groups=2 or fewer"):
+    config_lib.validate(config)
+
+
+def test_shipped_configs_keep_enough_channels_per_group(recwarn):
+  for name in ("tiny", "demo", "ucf101", "sky_timelapse"):
+    config_lib.validate(load_config(name))
+  assert not [w for w in recwarn if "GroupNorm" in str(w.message)]

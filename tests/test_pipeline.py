@@ -14,7 +14,8 @@ from vqvdm_jax.data import pipeline, synthetic
 def _data_config(**overrides):
   config = ml_collections.ConfigDict(dict(
       name="synthetic", num_frames=8, resolution=16, num_classes=4, fps_values=(4.0, 8.0, 16.0),
-      num_train_clips=6, num_eval_clips=5, num_workers=0, prefetch_buffer_size=2))
+      num_train_clips=6, num_eval_clips=5, num_workers=0, prefetch_buffer_size=2,
+      sprite_size=0.25))
   config.update(overrides)
   return config
 

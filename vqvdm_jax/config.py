@@ -9,6 +9,7 @@ on the command line (``--config.data.num_frames=8``) reaches every group that us
 from __future__ import annotations
 
 import math
+import warnings
 
 import ml_collections
 from ml_collections import config_dict
@@ -55,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   model.latent_channels = 4
   model.attention_at_lowest = True  # self-attention block at the lowest resolution.
   model.attention_heads = 1
-  model.num_groups = 32  # GroupNorm groups (clipped to the channel count).
+  model.num_groups = 16  # GroupNorm groups: 4 channels a group at 64 wide (Taming: 32 at 128).
   model.causal = False  # MAGVIT-v2 causal tokenizer: frame t never sees frames > t.
   model.conv_impl = "auto"  # 'native' 3D conv, 'taps' (sum of 2D convs over time), 'auto'.
   model.dtype = "float32"  # compute dtype; parameters stay float32.
@@ -260,6 +261,25 @@ def _validate_attention_impl(group: ml_collections.ConfigDict, prefix: str) -> N
            f"attention_impl='auto' (cuDNN where it applies, XLA elsewhere).")
 
 
+# GroupNorm normalises each group of channels over the whole clip, so a per-clip constant (a flat
+# background colour) survives only as the pattern across a group's channels: with two channels
+# per group it collapses to a sign. The demo tokenizer could not learn background colours at
+# 2 channels per group and did at 8 (benchmarks/RESULTS.md).
+MIN_CHANNELS_PER_GROUP = 4
+
+
+def _warn_if_groups_are_narrow(channels: int, num_groups: int, prefix: str) -> None:
+  per_group = channels / min(num_groups, channels)
+  if per_group < MIN_CHANNELS_PER_GROUP:
+    warnings.warn(
+        f"config.{prefix}.num_groups={num_groups} leaves {per_group:g} channels per GroupNorm "
+        f"group at the first level ({prefix}.channels={channels}); below "
+        f"{MIN_CHANNELS_PER_GROUP}, normalisation erases per-clip constants such as a flat "
+        f"background colour and the model learns them slowly or not at all. Use "
+        f"--config.{prefix}.num_groups={max(1, channels // MIN_CHANNELS_PER_GROUP)} or fewer.",
+        stacklevel=3)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails at start-up, naming the field and the fix, on values the code cannot run with."""
   data, model = config.data, config.vqgan.model
@@ -271,6 +291,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(model.dtype in _DTYPES, "vqgan.model.dtype",
            f"got {model.dtype!r}; choose one of {_DTYPES}.")
   _validate_attention_impl(model, "vqgan.model")
+  _warn_if_groups_are_narrow(model.channels, model.num_groups, "vqgan.model")
   for axis in ("temporal_downsample", "spatial_downsample"):
     factor = model[axis]
     _require(_is_power_of_two(factor), f"vqgan.model.{axis}",
@@ -346,6 +367,7 @@ def _validate_diffusion(config: ml_collections.ConfigDict) -> None:
   _require(unet.dtype in _DTYPES, "diffusion.unet.dtype",
            f"got {unet.dtype!r}; choose one of {_DTYPES}.")
   _validate_attention_impl(unet, "diffusion.unet")
+  _warn_if_groups_are_narrow(unet.channels, unet.num_groups, "diffusion.unet")
   latent_size = config.data.resolution // config.vqgan.model.spatial_downsample
   levels = len(unet.channel_multipliers)
   _require(latent_size % 2 ** (levels - 1) == 0, "diffusion.unet.channel_multipliers",
