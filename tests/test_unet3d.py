@@ -92,6 +92,15 @@ def test_class_conditioning_changes_the_output(conditional_unet):
   np.testing.assert_allclose(unconditional, null, atol=1e-5)
 
 
+def test_class_embedding_starts_as_strong_as_the_timestep_embedding(conditional_unet):
+  # With Flax's default 1/sqrt(width) rows the class was a ~10x weaker signal than the timestep
+  # and a short run learned to ignore it; the rows start with unit variance (as torch's).
+  _, params, _ = conditional_unet
+  rows = np.asarray(params["params"]["class_embedding"]["embedding"])
+  assert rows.shape == (4, 32)  # 3 classes + the null label, 4 * channels wide
+  np.testing.assert_allclose(rows.std(), 1.0, atol=0.2)
+
+
 def test_missing_fps_is_an_error(conditional_unet):
   model, params, z = conditional_unet
   with pytest.raises(ValueError, match="use_fps"):

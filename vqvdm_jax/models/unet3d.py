@@ -45,6 +45,9 @@ def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000
   return embedding
 
 
+CLASS_EMBEDDING_INIT = nn.initializers.normal(stddev=1.0)
+
+
 class EmbeddingMLP(nn.Module):
   """Linear(SiLU(Linear(PE(x)))): the timestep embedding, and the FPS embedding of VQ-VDM eq. 6."""
 
@@ -160,7 +163,11 @@ class UNet3D(nn.Module):
     if self.num_classes > 0:
       if labels is None:  # unconditional: the null label of classifier-free guidance.
         labels = jnp.full((batch,), self.num_classes, jnp.int32)
-      class_embed = nn.Embed(self.num_classes + 1, width, name="class_embedding")
+      # Unit-variance rows (PyTorch's nn.Embedding init, as in ADM / LDM): Flax's default
+      # 1/sqrt(width) made the class a ~10x weaker signal than the timestep, and a short run
+      # learned to ignore it (benchmarks/RESULTS.md).
+      class_embed = nn.Embed(self.num_classes + 1, width, embedding_init=CLASS_EMBEDDING_INIT,
+                             name="class_embedding")
       embedding = embedding + class_embed(labels).astype(embedding.dtype)
     elif labels is not None:
       raise ValueError("UNet3D(num_classes=0) got `labels`; set num_classes or pass labels=None.")

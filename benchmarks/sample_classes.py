@@ -1,0 +1,93 @@
+r"""Is the conditioned class recognisable? Probe accuracy of a trained run's samples per guidance w.
+
+A frame classifier (``vqvdm_jax.evaluation.probe``) is trained on the tokenizer's reconstructions
+of ``--probe_clips`` training clips; its accuracy on held-out reconstructions is the ceiling for
+anything that tokenizer decodes. A classifier must label an empty frame too, so beside it is the
+share of clips with a visible sprite (``probe.foreground_visible``). Then ``--num_videos`` samples (classes in turn) are drawn from
+the run's stage-2 EMA weights at each guidance scale and classified.
+
+  python benchmarks/sample_classes.py --config=configs/demo.py --workdir=/tmp/demo
+  python benchmarks/sample_classes.py --config=configs/demo.py --workdir=/tmp/demo \
+      --guidance=1,2,4,6 --num_videos=128
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import common  # noqa: E402
+
+from vqvdm_jax import runtime, sampling  # noqa: E402
+from vqvdm_jax.data import pipeline  # noqa: E402
+from vqvdm_jax.evaluation import probe  # noqa: E402
+
+flags.DEFINE_string("config", "configs/demo.py", "The run's config file.")
+flags.DEFINE_string("workdir", None, "The run's workdir (both stages trained).", required=True)
+flags.DEFINE_list("guidance", ["1", "2", "4"], "Guidance scales w to sample at.")
+flags.DEFINE_integer("num_videos", 64, "Samples per guidance scale (classes in turn).")
+flags.DEFINE_integer("probe_clips", 1024, "Training clips reconstructed for the probe.")
+flags.DEFINE_integer("probe_steps", 600, "Probe training steps.")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  runtime.configure_jax()
+  config = common.load_config(FLAGS.config)
+  if not config.diffusion.use_class:
+    raise app.UsageError(f"{FLAGS.config} trains an unconditional model; nothing to classify.")
+  num_classes = config.data.num_classes
+  state, tokenizer, trainer = sampling.restore_models(config, FLAGS.workdir)
+
+  start = time.perf_counter()
+  clips, labels = [], []
+  for batch in pipeline.ordered_batches(config.data, "train", 64, FLAGS.probe_clips, config.seed):
+    latents = tokenizer.encode_for_diffusion(batch["video"])
+    clips.append(np.asarray(tokenizer.decode_latents(latents)))
+    labels.append(batch["label"])
+  clips, labels = np.concatenate(clips), np.concatenate(labels)
+  held_out = len(clips) // 8
+  params = probe.train_frame_classifier(clips[held_out:], labels[held_out:], num_classes,
+                                        FLAGS.probe_steps, seed=config.seed)
+  ceiling = probe.predict_clip_labels(params, clips[:held_out], num_classes)
+  rows = [["held-out reconstructions (ceiling)", str(held_out),
+           f"{(ceiling == labels[:held_out]).mean():.3f}",
+           f"{probe.foreground_visible(clips[:held_out]).mean():.3f}",
+           " ".join(f"{a:.2f}" for a in probe.per_class_accuracy(
+               ceiling, labels[:held_out], num_classes))]]
+  print(" | ".join(rows[-1]), f"({time.perf_counter() - start:.0f} s)", flush=True)
+
+  sample = config.diffusion.sample
+  sample_labels = (np.arange(FLAGS.num_videos) % num_classes).astype(np.int32)
+  fps = np.full(FLAGS.num_videos, sample.fps, np.float32)
+  for guidance in FLAGS.guidance:
+    sample.guidance_scale = float(guidance)
+    start = time.perf_counter()
+    videos = sampling.generate(config, state, tokenizer, trainer.unet, trainer.schedule,
+                               trainer.mesh, sample_labels, fps, FLAGS.seed)
+    predicted = probe.predict_clip_labels(params, videos, num_classes)
+    rows.append([f"samples, w = {guidance}", str(FLAGS.num_videos),
+                 f"{(predicted == sample_labels).mean():.3f}",
+                 f"{probe.foreground_visible(videos).mean():.3f}",
+                 " ".join(f"{a:.2f}" for a in probe.per_class_accuracy(
+                     predicted, sample_labels, num_classes))])
+    print(" | ".join(rows[-1]), f"({time.perf_counter() - start:.0f} s)", flush=True)
+
+  print(f"Device: {common.device_description()}; {FLAGS.workdir}: stage-2 step "
+        f"{int(state.step)}, tokenizer step {tokenizer.step}; {sample.sampler} "
+        f"{sample.num_steps} steps; chance {1 / num_classes:.2f}")
+  common.print_table("Probe accuracy of the conditioned class",
+                     ["videos", "clips", "accuracy", "sprite visible", "per-class accuracy"], rows)
+
+
+if __name__ == "__main__":
+  app.run(main)
