@@ -7,28 +7,21 @@ so each process also leaves what its calls returned in ``WORKDIR/process_ID.json
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-os.environ["JAX_PLATFORMS"] = "cpu"
+from multiprocess_setup import join_two_process_cluster  # first: it sets up JAX's devices
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
-
-from vqvdm_jax import runtime  # noqa: E402
 
 
 def main(port: str, process_id: str, workdir: str) -> None:
-  runtime.initialize_distributed(f"127.0.0.1:{port}", 2, int(process_id))
-  runtime.configure_jax()
+  join_two_process_cluster(port, process_id)
   from multiprocess_common import evaluation_config
 
   from vqvdm_jax.evaluation import evaluate, evaluate_vqgan, features
   from vqvdm_jax.training import sharding
 
-  assert jax.process_count() == 2 and jax.device_count() == 4, jax.devices()
   config = evaluation_config(workdir, "two_processes")
   # The reference cache, first missed (the processes extract together, process 0 writes), then
   # hit (process 0 reads, the others receive): both give every process the same arrays.

@@ -3,23 +3,17 @@
 Run as ``python multiprocess_worker.py PORT PROCESS_ID WORKDIR``; 2 CPU devices per process.
 """
 
-import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-os.environ["JAX_PLATFORMS"] = "cpu"
+from multiprocess_setup import join_two_process_cluster  # first: it sets up JAX's devices
 
 import jax  # noqa: E402
 
-from vqvdm_jax import runtime  # noqa: E402
-
 
 def main(port: str, process_id: str, workdir: str) -> None:
-  runtime.initialize_distributed(f"127.0.0.1:{port}", 2, int(process_id))
-  runtime.configure_jax()
+  join_two_process_cluster(port, process_id)
   from multiprocess_common import NUM_STEPS, global_batch, make_trainer
 
-  assert jax.process_count() == 2 and jax.device_count() == 4, jax.devices()
   trainer = make_trainer(workdir, jax.devices())
   state = trainer.initial_state(1.5, 0)
   rows = slice(jax.process_index() * 4, (jax.process_index() + 1) * 4)  # this process's half
