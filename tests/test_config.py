@@ -66,3 +66,20 @@ def test_shipped_configs_keep_enough_channels_per_group(recwarn):
   for name in ("tiny", "demo", "ucf101", "sky_timelapse"):
     config_lib.validate(load_config(name))
   assert not [w for w in recwarn if "GroupNorm" in str(w.message)]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("diffusion.optim.lr_decay", "linear", r"diffusion\.optim\.lr_decay.*'constant', 'cosine'"),
+    ("vqgan.optim.final_learning_rate_fraction", 1.5, r"vqgan\.optim\.final_learning_rate"),
+    ("diffusion.loss_weighting", "p2", r"diffusion\.loss_weighting.*'uniform', 'min_snr'"),
+    ("diffusion.min_snr_gamma", 0.0, r"diffusion\.min_snr_gamma.*positive"),
+])
+def test_bad_optimizer_and_loss_weighting_values_name_the_field(field, value, message):
+  config = load_config("tiny")
+  *parents, leaf = field.split(".")
+  node = config
+  for parent in parents:
+    node = node[parent]
+  node[leaf] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config)

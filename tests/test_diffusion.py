@@ -16,12 +16,14 @@ from vqvdm_jax.diffusion.schedule import (
     cosine_beta_schedule,
     eps_from_v,
     linear_beta_schedule,
+    loss_weight,
     make_schedule,
     predict_eps_from_x0,
     predict_x0_from_eps,
     q_posterior_mean_variance,
     q_posterior_mean_variance_strided,
     q_sample,
+    signal_to_noise,
     training_target,
     v_target,
     x0_from_v,
@@ -237,3 +239,31 @@ def test_ddim_with_eta_one_is_strided_ddpm():
 def test_unknown_schedule_is_an_error():
   with pytest.raises(ValueError, match="linear"):
     make_schedule("quadratic", 10)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weight_makes_the_loss_min_snr_times_the_x0_error(prediction):
+  schedule = linear_beta_schedule(1000)
+  gamma = 5.0
+  t = jnp.array([0, 30, 200, 500, 999])  # SNR from ~1e4 down to ~4e-5: both sides of gamma
+  shape = (5, 2, 4, 4, 3)
+  x0, noise, error = normal(0, shape), normal(1, shape), 0.1 * normal(2, shape)
+  xt = q_sample(schedule, x0, t, noise)
+  x0_hat = x0 + error
+  eps_hat = predict_eps_from_x0(schedule, xt, t, x0_hat)
+  output = eps_hat if prediction == "eps" else v_target(schedule, x0_hat, t, eps_hat)
+  target = training_target(schedule, x0, t, noise, prediction)
+  per_sample = jnp.mean((output - target) ** 2, axis=(1, 2, 3, 4))
+  weighted = loss_weight(schedule, t, prediction, "min_snr", gamma) * per_sample
+  snr = np.asarray(signal_to_noise(schedule, t), np.float64)
+  expected = np.minimum(snr, gamma) * np.mean(np.asarray(error, np.float64) ** 2, axis=(1, 2, 3, 4))
+  np.testing.assert_allclose(weighted, expected, rtol=2e-3)
+  assert snr[0] > gamma > snr[-1]
+
+
+def test_uniform_weight_is_one_and_unknown_weighting_is_rejected():
+  schedule = linear_beta_schedule(1000)
+  t = jnp.array([0, 500, 999])
+  np.testing.assert_array_equal(loss_weight(schedule, t, "v", "uniform"), np.ones(3))
+  with pytest.raises(ValueError, match="min_snr"):
+    loss_weight(schedule, t, "v", "p2")

@@ -182,3 +182,31 @@ def test_discriminator_is_neither_run_nor_updated_before_disc_start(tmp_path, mo
   assert calls["generator"] >= 1 and calls["discriminator"] >= 1
   assert metrics["gan/active"] == 1.0 and metrics["loss/discriminator"] > 0
   assert relative_difference(after_first.disc_params, jax.device_get(state).disc_params) > 0
+
+
+def test_learning_rate_warms_up_then_stays_or_decays_on_a_cosine():
+  constant = vqgan_trainer.warmup_schedule(1e-3, 10)
+  cosine = vqgan_trainer.warmup_schedule(1e-3, 10, "cosine", total_steps=110, final_fraction=0.1)
+  for schedule in (constant, cosine):
+    np.testing.assert_allclose(float(schedule(0)), 1e-4, rtol=1e-6)  # (0 + 1) / 10 of the peak
+    np.testing.assert_allclose(float(schedule(9)), 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(float(constant(110)), 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(float(cosine(10)), 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(float(cosine(60)), 1e-3 * (0.1 + 0.9 * 0.5), rtol=1e-5)
+  np.testing.assert_allclose(float(cosine(110)), 1e-4, rtol=1e-5)
+  np.testing.assert_allclose(float(cosine(500)), 1e-4, rtol=1e-5)  # held past the end
+
+
+def test_optimizer_follows_the_configured_decay():
+  config = load_config("tiny")
+  optim = config.diffusion.optim
+  optim.update(learning_rate=1.0, warmup_steps=1, grad_clip_norm=0.0, lr_decay="cosine",
+               final_learning_rate_fraction=0.0, b1=0.0, b2=0.0)
+  tx = vqgan_trainer.make_optimizer(optim.learning_rate, optim, total_steps=3)
+  params = {"w": np.zeros(())}
+  state = tx.init(params)
+  steps = []
+  for _ in range(4):  # with b1 = b2 = 0 Adam's step is the learning rate times sign(grad)
+    updates, state = tx.update({"w": np.ones(())}, state, params)
+    steps.append(-float(updates["w"]))
+  np.testing.assert_allclose(steps, [1.0, 1.0, 0.5, 0.0], atol=1e-3)

@@ -105,6 +105,8 @@ def base_config() -> ml_collections.ConfigDict:
   optim.b2 = 0.9
   optim.weight_decay = 0.0
   optim.warmup_steps = 1000
+  optim.lr_decay = "constant"  # after warm-up: "constant", or "cosine" to train.num_steps.
+  optim.final_learning_rate_fraction = 0.0  # where 'cosine' ends, as a fraction of the peak.
   optim.grad_clip_norm = 1.0  # global-norm clipping (0: off).
   optim.ema_decay = 0.999  # EMA of the generator weights used for evaluation (0: off).
 
@@ -146,6 +148,9 @@ def base_config() -> ml_collections.ConfigDict:
   schedule.beta_end = 2e-2
   schedule.cosine_s = 0.008
   diffusion.prediction = "eps"  # 'eps' (Ho et al., the paper) or 'v' (Salimans & Ho).
+  # 'uniform' (Ho et al.'s L_simple, the paper) or 'min_snr' (Hang et al. 2023, Min-SNR-γ).
+  diffusion.loss_weighting = "uniform"
+  diffusion.min_snr_gamma = 5.0
 
   diffusion.latents = latents = ml_collections.ConfigDict()
   latents.source = "quantized"  # 'quantized' (after the codebook) or 'encoder' (before it).
@@ -158,6 +163,8 @@ def base_config() -> ml_collections.ConfigDict:
   doptim.b2 = 0.999
   doptim.weight_decay = 0.0
   doptim.warmup_steps = 1000
+  doptim.lr_decay = "constant"  # after warm-up: "constant", or "cosine" to train.num_steps.
+  doptim.final_learning_rate_fraction = 0.0  # where 'cosine' ends, as a fraction of the peak.
   doptim.grad_clip_norm = 1.0
   doptim.ema_decay = 0.9999  # EMA of the U-Net weights; sampling uses it.
 
@@ -233,6 +240,8 @@ _DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 _SCHEDULES = ("linear", "cosine")
 _PREDICTIONS = ("eps", "v")
+_LOSS_WEIGHTINGS = ("uniform", "min_snr")
+_LR_DECAYS = ("constant", "cosine")
 _SAMPLERS = ("ddpm", "ddim")
 _LATENT_SOURCES = ("quantized", "encoder")
 
@@ -280,6 +289,14 @@ def _warn_if_groups_are_narrow(channels: int, num_groups: int, prefix: str) -> N
         stacklevel=3)
 
 
+def _validate_optim(optim: ml_collections.ConfigDict, prefix: str) -> None:
+  _require(optim.lr_decay in _LR_DECAYS, f"{prefix}.lr_decay",
+           f"got {optim.lr_decay!r}; choose one of {_LR_DECAYS}.")
+  _require(0.0 <= optim.final_learning_rate_fraction <= 1.0,
+           f"{prefix}.final_learning_rate_fraction",
+           f"must be in [0, 1], got {optim.final_learning_rate_fraction}.")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails at start-up, naming the field and the fix, on values the code cannot run with."""
   data, model = config.data, config.vqgan.model
@@ -316,6 +333,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(data.num_frames % model.temporal_downsample == 0, "data.num_frames",
              f"{data.num_frames} is not divisible by vqgan.model.temporal_downsample="
              f"{model.temporal_downsample}; use a multiple of it (the paper uses 16).")
+  _validate_optim(config.vqgan.optim, "vqgan.optim")
   quantizer = config.vqgan.quantizer
   _require(quantizer.kind in _QUANTIZERS, "vqgan.quantizer.kind",
            f"got {quantizer.kind!r}; choose one of {_QUANTIZERS}.")
@@ -382,6 +400,11 @@ def _validate_diffusion(config: ml_collections.ConfigDict) -> None:
            f"got {diffusion.schedule.kind!r}; choose one of {_SCHEDULES}.")
   _require(diffusion.prediction in _PREDICTIONS, "diffusion.prediction",
            f"got {diffusion.prediction!r}; choose one of {_PREDICTIONS}.")
+  _validate_optim(diffusion.optim, "diffusion.optim")
+  _require(diffusion.loss_weighting in _LOSS_WEIGHTINGS, "diffusion.loss_weighting",
+           f"got {diffusion.loss_weighting!r}; choose one of {_LOSS_WEIGHTINGS}.")
+  _require(diffusion.min_snr_gamma > 0, "diffusion.min_snr_gamma",
+           f"must be positive, got {diffusion.min_snr_gamma}.")
   _require(diffusion.sample.sampler in _SAMPLERS, "diffusion.sample.sampler",
            f"got {diffusion.sample.sampler!r}; choose one of {_SAMPLERS}.")
   _require(diffusion.latents.source in _LATENT_SOURCES, "diffusion.latents.source",

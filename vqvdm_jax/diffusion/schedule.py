@@ -16,6 +16,7 @@ import numpy as np
 from flax import struct
 
 PREDICTIONS = ("eps", "v")
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
 
 @struct.dataclass
@@ -202,6 +203,34 @@ def training_target(schedule: DiffusionSchedule, x0: jax.Array, t: jax.Array, no
     return noise
   if prediction == "v":
     return v_target(schedule, x0, t, noise)
+  raise ValueError(f"Unknown prediction {prediction!r}; choose one of {PREDICTIONS}.")
+
+
+def signal_to_noise(schedule: DiffusionSchedule, t: jax.Array) -> jax.Array:
+  """SNR(t) = ᾱ_t / (1 - ᾱ_t) for ``t [B]``, shape ``[B]``."""
+  alpha_bar = jnp.take(schedule.alphas_cumprod, jnp.asarray(t, jnp.int32), axis=0)
+  return alpha_bar / (1.0 - alpha_bar)
+
+
+def loss_weight(schedule: DiffusionSchedule, t: jax.Array, prediction: str = "eps",
+                weighting: str = "uniform", min_snr_gamma: float = 5.0) -> jax.Array:
+  """Per-sample weight ``[B]`` of the regression loss; 'uniform' is 1 (Ho et al.'s L_simple).
+
+  'min_snr' is Hang et al. 2023 (Min-SNR-γ): weight the x_0 error by min(SNR, γ). An ε error is
+  SNR times an x_0 error and a v error (SNR + 1) times, so the weight on the ε loss is
+  min(SNR, γ) / SNR and on the v loss min(SNR, γ) / (SNR + 1). It stops the low-noise steps, whose
+  loss is large and which only refine detail, from dominating the gradient.
+  """
+  if weighting == "uniform":
+    return jnp.ones(jnp.shape(t), jnp.float32)
+  if weighting != "min_snr":
+    raise ValueError(f"Unknown loss weighting {weighting!r}; choose one of {LOSS_WEIGHTINGS}.")
+  snr = signal_to_noise(schedule, t)
+  clipped = jnp.minimum(snr, min_snr_gamma)
+  if prediction == "eps":
+    return clipped / snr
+  if prediction == "v":
+    return clipped / (snr + 1.0)
   raise ValueError(f"Unknown prediction {prediction!r}; choose one of {PREDICTIONS}.")
 
 

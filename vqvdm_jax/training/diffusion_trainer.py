@@ -70,11 +70,15 @@ def make_train_step(config: ml_collections.ConfigDict, unet: UNet3D,
     z_t = schedule_lib.q_sample(schedule, z0, t, noise)
     target = schedule_lib.training_target(schedule, z0, t, noise, diffusion.prediction)
     labels = drop_labels(batch["label"], diffusion.class_drop_rate, null_label(config), label_rng)
+    weights = schedule_lib.loss_weight(schedule, t, diffusion.prediction,
+                                       diffusion.loss_weighting, diffusion.min_snr_gamma)
 
     def loss_fn(params):
       output = apply_fn(params, z_t, t, batch["fps"], labels, train=True,
                         rngs={"dropout": dropout_rng})
-      return jnp.mean((output.astype(jnp.float32) - target) ** 2)
+      squared_error = jnp.mean((output.astype(jnp.float32) - target) ** 2,
+                               axis=tuple(range(1, target.ndim)))
+      return jnp.mean(weights * squared_error)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -107,7 +111,8 @@ class DiffusionTrainer:
     self.unet = make_unet(config)
     self.schedule = make_schedule(config)
     optim = config.diffusion.optim
-    self.tx = vqgan_trainer.make_optimizer(optim.learning_rate, optim)
+    self.tx = vqgan_trainer.make_optimizer(optim.learning_rate, optim,
+                                                config.diffusion.train.num_steps)
     self.replicated = sharding.replicated(self.mesh)
     train = config.diffusion.train
     self.checkpointer = checkpointing.Checkpointer(

@@ -61,20 +61,33 @@ def make_discriminator(config: ml_collections.ConfigDict) -> Discriminator3D:
                          conv_impl=config.vqgan.model.conv_impl)
 
 
-def warmup_schedule(learning_rate: float, warmup_steps: int) -> optax.Schedule:
-  """Linear warm-up to ``learning_rate`` over ``warmup_steps`` updates; the first update is not 0."""
+def warmup_schedule(learning_rate: float, warmup_steps: int, decay: str = "constant",
+                    total_steps: int = 0, final_fraction: float = 0.0) -> optax.Schedule:
+  """Linear warm-up to ``learning_rate`` over ``warmup_steps`` updates (the first is not 0), then
+  constant, or with ``decay='cosine'`` a half-cosine down to ``final_fraction * learning_rate``
+  at ``total_steps``. Short runs gain from the decay: the last updates average out their noise."""
   warmup_steps = max(warmup_steps, 1)
-  return lambda count: learning_rate * jnp.minimum(1.0, (count + 1) / warmup_steps)
+
+  def schedule(count):
+    warmup = jnp.minimum(1.0, (count + 1) / warmup_steps)
+    if decay == "constant":
+      return learning_rate * warmup
+    progress = jnp.clip((count - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+    cosine = final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    return learning_rate * warmup * cosine
+
+  return schedule
 
 
-def make_optimizer(learning_rate: float, optim: ml_collections.ConfigDict
-                   ) -> optax.GradientTransformation:
-  """Adam(W) with linear warm-up and optional global-norm clipping."""
+def make_optimizer(learning_rate: float, optim: ml_collections.ConfigDict,
+                   total_steps: int = 0) -> optax.GradientTransformation:
+  """Adam(W) with linear warm-up, ``optim.lr_decay`` over ``total_steps``, optional clipping."""
   chain = []
   if optim.grad_clip_norm > 0:
     chain.append(optax.clip_by_global_norm(optim.grad_clip_norm))
-  chain.append(optax.adamw(warmup_schedule(learning_rate, optim.warmup_steps), b1=optim.b1,
-                           b2=optim.b2, weight_decay=optim.weight_decay))
+  schedule = warmup_schedule(learning_rate, optim.warmup_steps, optim.lr_decay, total_steps,
+                             optim.final_learning_rate_fraction)
+  chain.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay))
   return optax.chain(*chain)
 
 
@@ -257,8 +270,8 @@ class VQGANTrainer:
     self.model = make_vqgan(config)
     self.discriminator = make_discriminator(config)
     optim = config.vqgan.optim
-    self.gen_tx = make_optimizer(optim.learning_rate, optim)
-    self.disc_tx = make_optimizer(optim.disc_learning_rate, optim)
+    self.gen_tx = make_optimizer(optim.learning_rate, optim, config.vqgan.train.num_steps)
+    self.disc_tx = make_optimizer(optim.disc_learning_rate, optim, config.vqgan.train.num_steps)
     self.lpips_module, lpips_params = losses.load_lpips()
     self.replicated = sharding.replicated(self.mesh)
     self.lpips_params = jax.device_put(lpips_params, self.replicated)
@@ -388,8 +401,8 @@ def restore_tokenizer(config: ml_collections.ConfigDict, workdir: fileio.PathLik
   model = make_vqgan(config)
   discriminator = make_discriminator(config)
   optim = config.vqgan.optim
-  gen_tx = make_optimizer(optim.learning_rate, optim)
-  disc_tx = make_optimizer(optim.disc_learning_rate, optim)
+  gen_tx = make_optimizer(optim.learning_rate, optim, config.vqgan.train.num_steps)
+  disc_tx = make_optimizer(optim.disc_learning_rate, optim, config.vqgan.train.num_steps)
   directory = stage_dir(workdir) / "checkpoints"
   checkpointer = checkpointing.Checkpointer(directory, config.vqgan.train.checkpoint_every,
                                             config.vqgan.train.keep_checkpoints)
