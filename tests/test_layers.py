@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from vqvdm_jax.models import layers
 
@@ -64,3 +65,38 @@ def test_group_count_divides_channels():
   assert layers.group_count(48, 32) == 24
   assert layers.group_count(8, 32) == 8
   assert layers.group_count(12, 8) == 6
+
+
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_res_block_conditioning_matches_its_formula(scale_shift):
+  # With the convs' kernels zeroed around the conditioning, the block's second half sees only
+  # GroupNorm(conv1(h)) and the projected embedding: additive (the paper) or AdaGN's
+  # GroupNorm(h) * (1 + scale) + shift (Dhariwal & Nichol 2021).
+  features = 4
+  block = layers.ResBlock3D(features, num_groups=2, conv_impl="native", scale_shift=scale_shift)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 2, 4, 4, features))
+  embedding = jax.random.normal(jax.random.PRNGKey(1), (2, 6))
+  params = block.init(jax.random.PRNGKey(2), x, embedding)["params"]
+  dense = params["Dense_0"]["kernel"]
+  assert dense.shape == (6, 2 * features if scale_shift else features)
+  # The second conv becomes the identity (its centre tap), so out = x + silu(conditioned norm).
+  identity = jnp.zeros((3, 3, 3, features, features)).at[1, 1, 1].set(jnp.eye(features))
+  params = {**params, "Conv3D_1": {"kernel": identity, "bias": jnp.zeros(features)}}
+  out = block.apply({"params": params}, x, embedding)
+
+  def group_norm(v):  # two groups, GroupNorm's initial scale 1 and bias 0
+    groups = v.reshape(*v.shape[:-1], 2, features // 2)
+    mean = groups.mean(axis=(1, 2, 3, 5), keepdims=True)
+    var = groups.var(axis=(1, 2, 3, 5), keepdims=True)
+    return ((groups - mean) / jnp.sqrt(var + 1e-6)).reshape(v.shape)
+
+  h = layers.Conv3D(features, conv_impl="native").apply(
+      {"params": params["Conv3D_0"]}, nn.silu(group_norm(x)))
+  projected = nn.silu(embedding) @ dense + params["Dense_0"]["bias"]
+  projected = projected[:, None, None, None, :]
+  if scale_shift:
+    scale, shift = projected[..., :features], projected[..., features:]
+    expected = x + nn.silu(group_norm(h) * (1 + scale) + shift)
+  else:
+    expected = x + nn.silu(group_norm(h + projected))
+  np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=2e-4)

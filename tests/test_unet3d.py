@@ -122,3 +122,28 @@ def test_remat_keeps_the_parameters_the_output_and_the_gradients(conditional_une
   np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
   for got, want in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(plain_grads), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_scale_shift_norm_reaches_every_residual_block():
+  from helpers import load_config
+
+  from vqvdm_jax.diffusion.model import make_unet
+
+  config = load_config("tiny")
+  z = jnp.zeros((1, 2, 4, 4, config.vqgan.model.latent_channels))
+  fps = jnp.ones((1,)) if config.diffusion.use_fps else None
+  labels = jnp.zeros((1,), jnp.int32) if config.diffusion.use_class else None
+
+  def embedding_projections(scale_shift: bool) -> dict:
+    config.diffusion.unet.scale_shift_norm = scale_shift
+    shapes = jax.eval_shape(make_unet(config).init, init_key(0), z, jnp.zeros((1,), jnp.int32),
+                            fps, labels)
+    return {jax.tree_util.keystr(path): leaf.shape
+            for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)
+            if "res_block" in jax.tree_util.keystr(path) and "Dense_0" in jax.tree_util.keystr(path)
+            and jax.tree_util.keystr(path).endswith("['kernel']")}
+
+  added, scale_shift = embedding_projections(False), embedding_projections(True)
+  assert len(added) >= 3 and added.keys() == scale_shift.keys()
+  for name, (width, features) in added.items():
+    assert scale_shift[name] == (width, 2 * features), name

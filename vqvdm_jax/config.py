@@ -137,6 +137,9 @@ def base_config() -> ml_collections.ConfigDict:
   unet.dtype = "float32"
   unet.attention_impl = "xla"  # as vqgan.model.attention_impl
   unet.remat = False  # rematerialise U-Net blocks: less activation memory, ~1/3 more compute.
+  # Conditioning enters each residual block as a sum (the paper) or, with True, as the scale
+  # and shift of its second GroupNorm (AdaGN, Dhariwal & Nichol 2021).
+  unet.scale_shift_norm = False
   diffusion.use_class = True  # class conditioning (with a null label for guidance).
   diffusion.use_fps = True  # FPS embedding added to the timestep embedding (VQ-VDM eq. 6).
   diffusion.class_drop_rate = 0.5  # rho: probability of training with the null label.

@@ -26,7 +26,7 @@ def make_unet(config: ml_collections.ConfigDict) -> UNet3D:
       num_heads=unet.num_heads, dropout=unet.dropout, num_groups=unet.num_groups,
       num_classes=config.data.num_classes if config.diffusion.use_class else 0,
       use_fps=config.diffusion.use_fps, conv_impl=unet.conv_impl, dtype=jnp.dtype(unet.dtype),
-      remat=unet.remat, attention_impl=unet.attention_impl)
+      remat=unet.remat, attention_impl=unet.attention_impl, scale_shift=unet.scale_shift_norm)
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> schedule_lib.DiffusionSchedule:

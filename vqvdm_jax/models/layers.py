@@ -137,7 +137,9 @@ class ResBlock3D(nn.Module):
   """GroupNorm -> SiLU -> Conv3D, twice, plus a (1x1x1-projected) skip connection.
 
   ``embedding [B, D]``, if given, is projected to the channels and added between the two convs
-  (the U-Net's conditioning, VQ-VDM §3.2).
+  (the U-Net's conditioning, VQ-VDM §3.2). With ``scale_shift`` it is projected to a per-channel
+  scale and shift of the second GroupNorm instead: AdaGN, Dhariwal & Nichol 2021 §3,
+  h = GroupNorm(h) · (1 + scale) + shift.
   """
 
   features: int
@@ -146,6 +148,7 @@ class ResBlock3D(nn.Module):
   conv_impl: str = "auto"
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  scale_shift: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, embedding: jax.Array | None = None,
@@ -154,10 +157,16 @@ class ResBlock3D(nn.Module):
         features, kernel, causal=self.causal, conv_impl=self.conv_impl, dtype=self.dtype)
     h = nn.silu(Normalize(self.num_groups, self.causal)(x))
     h = conv(self.features, (3, 3, 3))(h)
-    if embedding is not None:
+    if embedding is None:
+      h = Normalize(self.num_groups, self.causal)(h)
+    elif self.scale_shift:
+      projected = nn.Dense(2 * self.features, dtype=self.dtype)(nn.silu(embedding))
+      scale, shift = jnp.split(projected[:, None, None, None, :], 2, axis=-1)
+      h = Normalize(self.num_groups, self.causal)(h) * (1 + scale) + shift
+    else:
       projected = nn.Dense(self.features, dtype=self.dtype)(nn.silu(embedding))
-      h = h + projected[:, None, None, None, :]
-    h = nn.silu(Normalize(self.num_groups, self.causal)(h))
+      h = Normalize(self.num_groups, self.causal)(h + projected[:, None, None, None, :])
+    h = nn.silu(h)
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
     h = conv(self.features, (3, 3, 3))(h)
     if x.shape[-1] != self.features:

@@ -69,6 +69,7 @@ class SpatialAttention(nn.Module):
   num_groups: int = 32
   dtype: Dtype = jnp.float32
   attention_impl: str = "xla"  # 'xla', 'cudnn' or 'auto' (models/attention.py)
+  scale_shift: bool = False  # condition through GroupNorm scale and shift (AdaGN), not a sum
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, H, W, C]
@@ -115,11 +116,13 @@ class UNetBlock(nn.Module):
   conv_impl: str = "auto"
   dtype: Dtype = jnp.float32
   attention_impl: str = "xla"
+  scale_shift: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, embedding: jax.Array, train: bool = False) -> jax.Array:
     x = ResBlock3D(self.features, self.num_groups, conv_impl=self.conv_impl, dropout=self.dropout,
-                   dtype=self.dtype, name="res_block")(x, embedding, deterministic=not train)
+                   dtype=self.dtype, scale_shift=self.scale_shift,
+                   name="res_block")(x, embedding, deterministic=not train)
     if self.use_attention:
       x = SpatialAttention(self.num_heads, self.num_groups, self.dtype, self.attention_impl,
                            name="spatial_attention")(x)
@@ -150,6 +153,7 @@ class UNet3D(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False  # recompute each block's activations in the backward pass
   attention_impl: str = "xla"  # 'xla', 'cudnn' or 'auto' (models/attention.py)
+  scale_shift: bool = False  # condition through GroupNorm scale and shift (AdaGN), not a sum
 
   def _embedding(self, timesteps: jax.Array, fps: jax.Array | None,
                  labels: jax.Array | None, batch: int) -> jax.Array:
@@ -189,7 +193,7 @@ class UNet3D(nn.Module):
     block_class = nn.remat(UNetBlock, static_argnums=(3,)) if self.remat else UNetBlock
     block = lambda level, features, name: block_class(  # noqa: E731
         features, level in self.attention_levels, self.num_heads, self.num_groups, self.dropout,
-        self.conv_impl, self.dtype, self.attention_impl, name=name)
+        self.conv_impl, self.dtype, self.attention_impl, self.scale_shift, name=name)
 
     h = Conv3D(self.channels, conv_impl=self.conv_impl, dtype=self.dtype, name="input_conv")(z)
     skips = [h]
@@ -207,10 +211,11 @@ class UNet3D(nn.Module):
 
     middle_features = self.channels * self.channel_multipliers[-1]
     h = block_class(middle_features, True, self.num_heads, self.num_groups, self.dropout,
-                    self.conv_impl, self.dtype, self.attention_impl,
+                    self.conv_impl, self.dtype, self.attention_impl, self.scale_shift,
                     name="middle_block")(h, embedding, train)
     h = ResBlock3D(middle_features, self.num_groups, conv_impl=self.conv_impl,
-                   dropout=self.dropout, dtype=self.dtype, name="middle_res_block")(
+                   dropout=self.dropout, dtype=self.dtype, scale_shift=self.scale_shift,
+                   name="middle_res_block")(
                        h, embedding, deterministic=not train)
 
     for level in reversed(range(num_levels)):
