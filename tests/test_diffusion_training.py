@@ -54,7 +54,24 @@ def test_latent_cache_is_built_once_and_holds_the_scale_factor(pipeline_run):
   state = trainer.restore()
   trainer.checkpointer.close()
   assert float(state.scale_factor) == pytest.approx(cache.scale_factor)
+  np.testing.assert_array_equal(np.asarray(state.latent_shift), 0.0)  # center=False
   assert int(state.tokenizer_step) == 4
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_latent_normalization_gives_unit_variance_and_round_trips(center):
+  rng = np.random.default_rng(0)
+  latents = (rng.standard_normal((64, 2, 4, 4, 3)) * [0.5, 2.0, 1.0] + [-3.0, 1.0, 0.5])
+  shift, scale = latents_lib.normalization(latents, center)
+  z = np.asarray(latents_lib.to_model_space(latents.astype(np.float32), shift, scale))
+  assert z.std() == pytest.approx(1.0, rel=1e-4)
+  if center:
+    np.testing.assert_allclose(z.reshape(-1, 3).mean(axis=0), 0.0, atol=1e-4)
+  else:
+    np.testing.assert_array_equal(shift, 0.0)
+    assert scale == pytest.approx(latents_lib.scale_factor(latents))
+  np.testing.assert_allclose(latents_lib.from_model_space(z, shift, scale), latents, rtol=1e-4,
+                             atol=1e-4)
 
 
 def test_rerunning_train_mode_resumes_and_does_not_retrain(pipeline_run):
@@ -104,6 +121,41 @@ def test_tiny_stage2_run_lowers_its_loss_and_keeps_an_ema_of_the_weights(tmp_pat
           jax.tree.leaves(previous[0]), jax.tree.leaves(jax.device_get(state.params))))
   trainer.checkpointer.close()
   assert np.mean(losses[-20:]) < 0.75 * np.mean(losses[:5]), (losses[:5], losses[-20:])
+
+
+def test_train_step_sees_latents_through_the_states_shift_and_scale(tmp_path):
+  _, trainer = _tiny_trainer(tmp_path, jax.devices()[:1])
+  base = np.random.default_rng(1).normal(size=(8, 2, 4, 4, 4)).astype(np.float32)
+  shift = np.array([-2.0, 0.5, 1.0, 3.0], np.float32)
+  batch = {"label": np.arange(8, dtype=np.int32) % 4, "fps": np.full(8, 8.0, np.float32)}
+  _, plain = trainer.step(trainer.initial_state(2.0, 0), {**batch, "latent": base / 2.0})
+  _, shifted = trainer.step(trainer.initial_state(2.0, 0, shift),
+                            {**batch, "latent": base / 2.0 + shift})
+  _, unshifted = trainer.step(trainer.initial_state(2.0, 0),
+                              {**batch, "latent": base / 2.0 + shift})
+  trainer.checkpointer.close()
+  # (base / 2 + shift - shift) * 2 = base / 2 * 2: the model saw the same z_0 either way.
+  assert float(shifted["loss/diffusion"]) == pytest.approx(float(plain["loss/diffusion"]),
+                                                           rel=1e-5)
+  assert float(unshifted["loss/diffusion"]) != pytest.approx(float(plain["loss/diffusion"]),
+                                                             rel=1e-2)
+
+
+def test_centered_stage2_stores_the_channel_mean_of_its_latents(pipeline_run, tmp_path):
+  config, workdir = pipeline_run
+  config = load_config("tiny")
+  config.diffusion.latents.center = True
+  config.diffusion.train.num_steps = 1
+  (tmp_path / "diffusion").mkdir()
+  (tmp_path / "vqgan").symlink_to(workdir / "vqgan")
+  (tmp_path / "diffusion" / "latents").symlink_to(workdir / "diffusion" / "latents")
+  state = diffusion_trainer.train_diffusion(config, tmp_path)
+  cache = latents_lib.LatentCache(latents_lib.cache_directory(workdir, 4))
+  clips = np.asarray(cache.latents[:config.diffusion.latents.scale_estimate_clips], np.float64)
+  mean = clips.reshape(-1, clips.shape[-1]).mean(axis=0)
+  assert np.abs(mean).max() > 1e-3  # otherwise centring would be invisible
+  np.testing.assert_allclose(np.asarray(state.latent_shift), mean, rtol=1e-4, atol=1e-6)
+  assert float(state.scale_factor) == pytest.approx(1.0 / np.std(clips - mean), rel=1e-5)
 
 
 def _sample(config, trainer, state, labels, mesh_devices):

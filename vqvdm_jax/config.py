@@ -159,6 +159,8 @@ def base_config() -> ml_collections.ConfigDict:
   latents.source = "quantized"  # 'quantized' (after the codebook) or 'encoder' (before it).
   latents.encode_batch_size = 16
   latents.scale_estimate_clips = 256  # clips whose latents set the scale factor (1 / std).
+  # Subtract the per-channel mean of those clips before scaling (False: scale_by_std alone).
+  latents.center = False
 
   diffusion.optim = doptim = ml_collections.ConfigDict()
   doptim.learning_rate = 1e-4

@@ -19,6 +19,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from vqvdm_jax import fileio, video_io
+from vqvdm_jax.data import latents as latents_lib
 from vqvdm_jax.diffusion import samplers
 from vqvdm_jax.diffusion.schedule import DiffusionSchedule
 from vqvdm_jax.models.unet3d import UNet3D
@@ -83,8 +84,7 @@ def generate_batches(config: ml_collections.ConfigDict,
                       in_shardings=(params_sharding, split, split, replicated),
                       out_shardings=split)
   # Replicated output: on several processes a batch-split array cannot be read whole on one.
-  unscale = jax.jit(lambda latents, scale_factor: latents / scale_factor,
-                    out_shardings=replicated)
+  unscale = jax.jit(latents_lib.from_model_space, out_shardings=replicated)
   for start in range(0, len(labels), batch_size):
     batch_labels = np.resize(labels[start:start + batch_size], batch_size)  # pad the last batch
     batch_fps = np.resize(fps[start:start + batch_size], batch_size)
@@ -93,7 +93,7 @@ def generate_batches(config: ml_collections.ConfigDict,
     latents = sample_fn(state.ema_params, batch_labels, batch_fps,
                         sharding.from_replicated_host_data(rng, replicated))
     # Through the host: the tokenizer may live on another mesh than the sampler (it is small).
-    unscaled = np.asarray(jax.device_get(unscale(latents, state.scale_factor)))
+    unscaled = np.asarray(jax.device_get(unscale(latents, state.latent_shift, state.scale_factor)))
     decoded = tokenizer.decode_latents(unscaled)
     yield np.asarray(jax.device_get(decoded))[:len(labels) - start]
 

@@ -10,7 +10,9 @@ into memory (a local cache is memory-mapped).
 
 The scale factor (latent-diffusion's ``scale_by_std``) is 1 / std of the cached latents over the
 first ``diffusion.latents.scale_estimate_clips`` clips, so the diffusion model sees unit-variance
-latents whatever the tokenizer's scale.
+latents whatever the tokenizer's scale. With ``diffusion.latents.center`` the per-channel mean of
+the same clips is subtracted first (``normalization``); both are fixed when stage 2 starts and
+stored in its checkpoint.
 """
 
 from __future__ import annotations
@@ -68,6 +70,27 @@ def scale_factor(latents: np.ndarray) -> float:
   if not np.isfinite(std) or std <= 0:
     raise ValueError(f"Cached latents have std {std}; the tokenizer checkpoint looks broken.")
   return 1.0 / std
+
+
+def normalization(latents: np.ndarray, center: bool) -> tuple[np.ndarray, float]:
+  """(shift [c], scale): stage 2 trains on ``(latent - shift) * scale`` and samples map back by
+  ``z / scale + shift``. ``center=False`` is scale_by_std alone (shift 0). ``center=True`` also
+  removes the per-channel mean: an ε-model learns a latent's mean only from its high-noise loss,
+  which is small, so un-centred latents come out with the wrong mean (benchmarks/RESULTS.md)."""
+  latents = np.asarray(latents, np.float64)
+  channels = latents.shape[-1]
+  shift = (latents.reshape(-1, channels).mean(axis=0) if center else np.zeros(channels))
+  return shift.astype(np.float32), scale_factor(latents - shift)
+
+
+def to_model_space(latents: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """What the diffusion model sees: ``(latent - shift) * scale``, channel-last."""
+  return (latents - shift) * scale
+
+
+def from_model_space(z: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """Inverse of ``to_model_space``: sampled ``z`` back to the tokenizer's latent space."""
+  return z / scale + shift
 
 
 def build_or_load(config: ml_collections.ConfigDict, workdir: fileio.PathLike, tokenizer_step: int,

@@ -39,6 +39,7 @@ class DiffusionTrainState:
   opt_state: PyTree
   rng: jax.Array  # base key; step keys are fold_in(rng, step)
   scale_factor: jax.Array  # latents are multiplied by it (scale_by_std), fixed at stage-2 start
+  latent_shift: jax.Array  # [c], subtracted before scaling (0 unless diffusion.latents.center)
   tokenizer_step: jax.Array  # the stage-1 checkpoint whose latents this model learned
   nonfinite_streak: jax.Array  # consecutive skipped (non-finite) updates up to this step
 
@@ -63,7 +64,7 @@ def make_train_step(config: ml_collections.ConfigDict, unet: UNet3D,
   def train_step(state: DiffusionTrainState, batch: dict):
     rng = jax.random.fold_in(state.rng, state.step)
     time_rng, noise_rng, label_rng, dropout_rng = jax.random.split(rng, 4)
-    z0 = batch["latent"] * state.scale_factor
+    z0 = latents_lib.to_model_space(batch["latent"], state.latent_shift, state.scale_factor)
     batch_size = z0.shape[0]
     t = jax.random.randint(time_rng, (batch_size,), 0, schedule.num_steps)
     noise = jax.random.normal(noise_rng, z0.shape, z0.dtype)
@@ -118,17 +119,20 @@ class DiffusionTrainer:
     self.checkpointer = checkpointing.Checkpointer(
         self.workdir / "checkpoints", train.checkpoint_every, train.keep_checkpoints,
         config.run.async_checkpoints)
-    abstract = jax.eval_shape(functools.partial(self._init_state, 1.0, 0))
+    abstract = jax.eval_shape(functools.partial(self._init_state, 1.0, self._zero_shift(), 0))
     self.state_sharding = sharding.state_shardings(
         abstract, self.mesh, config.mesh.param_sharding, config.mesh.fsdp_min_size)
-    self._init = jax.jit(self._init_state, static_argnums=(1,),
+    self._init = jax.jit(self._init_state, static_argnums=(2,),
                          out_shardings=self.state_sharding)
     self.train_step = jax.jit(
         make_train_step(config, self.unet, self.schedule, self.tx),
         in_shardings=(self.state_sharding, sharding.batch_sharding(self.mesh)),
         out_shardings=(self.state_sharding, self.replicated), donate_argnums=(0,))
 
-  def _init_state(self, scale_factor, tokenizer_step: int) -> DiffusionTrainState:
+  def _zero_shift(self) -> np.ndarray:
+    return np.zeros(self.latent_shape[-1], np.float32)
+
+  def _init_state(self, scale_factor, latent_shift, tokenizer_step: int) -> DiffusionTrainState:
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(self.config.seed + 1))
     batch = 1
     z = jnp.zeros((batch, *self.latent_shape), jnp.float32)
@@ -140,14 +144,18 @@ class DiffusionTrainer:
         step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
         opt_state=self.tx.init(params), rng=state_rng,
         scale_factor=jnp.asarray(scale_factor, jnp.float32),
+        latent_shift=jnp.asarray(latent_shift, jnp.float32),
         tokenizer_step=jnp.asarray(tokenizer_step, jnp.int32),
         nonfinite_streak=jnp.zeros((), jnp.int32))
 
-  def initial_state(self, scale_factor: float, tokenizer_step: int) -> DiffusionTrainState:
-    return self._init(scale_factor, tokenizer_step)
+  def initial_state(self, scale_factor: float, tokenizer_step: int,
+                    latent_shift: np.ndarray | None = None) -> DiffusionTrainState:
+    if latent_shift is None:
+      latent_shift = self._zero_shift()
+    return self._init(scale_factor, latent_shift, tokenizer_step)
 
   def abstract_state(self) -> DiffusionTrainState:
-    abstract = jax.eval_shape(functools.partial(self._init_state, 1.0, 0))
+    abstract = jax.eval_shape(functools.partial(self._init_state, 1.0, self._zero_shift(), 0))
     return sharding.abstract_with_shardings(abstract, self.state_sharding)
 
   def restore(self, data_iterator: Any | None = None) -> DiffusionTrainState | None:
@@ -168,7 +176,10 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: fileio.PathLike
   data_iterator = latents_lib.train_iterator(cache, train.batch_size, config.seed)
   state = trainer.restore(data_iterator)
   if state is None:
-    state = trainer.initial_state(cache.scale_factor, tokenizer.step)
+    shift, scale = latents_lib.normalization(
+        cache.latents[:config.diffusion.latents.scale_estimate_clips],
+        config.diffusion.latents.center)
+    state = trainer.initial_state(scale, tokenizer.step, shift)
   elif int(state.tokenizer_step) != tokenizer.step:
     logging.warning("Stage 2 resumes a model trained on tokenizer step %d latents; the latest "
                     "tokenizer is step %d. Continuing with the model's own scale factor.",
