@@ -73,6 +73,7 @@ def test_shipped_configs_keep_enough_channels_per_group(recwarn):
     ("vqgan.optim.final_learning_rate_fraction", 1.5, r"vqgan\.optim\.final_learning_rate"),
     ("diffusion.loss_weighting", "p2", r"diffusion\.loss_weighting.*'uniform', 'min_snr'"),
     ("diffusion.min_snr_gamma", 0.0, r"diffusion\.min_snr_gamma.*positive"),
+    ("diffusion.sample.guidance_interval", (800, 200), r"guidance_interval.*start < end"),
 ])
 def test_bad_optimizer_and_loss_weighting_values_name_the_field(field, value, message):
   config = load_config("tiny")

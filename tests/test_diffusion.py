@@ -192,6 +192,19 @@ def fake_apply_fn(calls):
   return apply_fn
 
 
+def test_guidance_interval_guides_inside_and_is_conditional_outside():
+  z, t = normal(0), jnp.array([100, 700])  # one sample inside [200, 800), one outside
+  fps, labels, null_label = jnp.array([8.0, 16.0]), jnp.array([1, 2]), 5
+  apply_fn = fake_apply_fn([])
+  conditional = apply_fn(2.0, z, t, fps, labels)
+  unconditional = apply_fn(2.0, z, t, fps, jnp.full_like(labels, null_label))
+  guided = make_guided_model_fn(apply_fn, 2.0, fps, labels, null_label, 3.0, (200, 800))(z, t)
+  np.testing.assert_allclose(guided[0], conditional[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(guided[1], (3.0 * (conditional - unconditional) + unconditional)[1],
+                             rtol=1e-5, atol=1e-5)
+  assert not np.allclose(guided[1], conditional[1])
+
+
 def test_guidance_uses_one_batched_forward_and_w1_is_conditional():
   z, t = normal(0), jnp.array([10, 20])
   fps, labels, null_label = jnp.array([8.0, 16.0]), jnp.array([1, 2]), 5

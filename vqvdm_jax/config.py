@@ -186,6 +186,8 @@ def base_config() -> ml_collections.ConfigDict:
   sample.num_steps = 100  # sampling steps (respaced when < schedule.num_steps).
   sample.eta = 0.0  # DDIM stochasticity (0: deterministic).
   sample.guidance_scale = 1.0  # w of VQ-VDM eq. 9 (1: conditional model alone).
+  # Timesteps [start, end) where w applies, 1 elsewhere (Kynkäänniemi et al. 2024); (): all.
+  sample.guidance_interval = ()
   sample.label = -1  # class to sample; -1 cycles through every class.
   sample.fps = 16.0  # frame rate to condition on.
   sample.num_videos = 8
@@ -418,6 +420,12 @@ def _validate_diffusion(config: ml_collections.ConfigDict) -> None:
            "diffusion.sample.num_steps",
            f"{diffusion.sample.num_steps} must be in 1..diffusion.schedule.num_steps="
            f"{diffusion.schedule.num_steps}.")
+  interval = tuple(diffusion.sample.guidance_interval)
+  _require(not interval or (len(interval) == 2
+                            and 0 <= interval[0] < interval[1] <= diffusion.schedule.num_steps),
+           "diffusion.sample.guidance_interval",
+           f"got {interval}; use () for every step or (start, end) with "
+           f"0 <= start < end <= diffusion.schedule.num_steps={diffusion.schedule.num_steps}.")
   _require(0.0 <= diffusion.class_drop_rate <= 1.0, "diffusion.class_drop_rate",
            f"must be a probability, got {diffusion.class_drop_rate}.")
   if diffusion.use_class:

@@ -50,7 +50,8 @@ def make_sample_fn(config: ml_collections.ConfigDict, unet: UNet3D,
     model_fn = samplers.make_guided_model_fn(
         apply_fn, params, fps if config.diffusion.use_fps else None,
         labels if config.diffusion.use_class else None,
-        diffusion_trainer.null_label(config), sample.guidance_scale)
+        diffusion_trainer.null_label(config), sample.guidance_scale,
+        tuple(sample.guidance_interval) if sample.guidance_interval else None)
     shape = (labels.shape[0], *latent_shape)
     if sample.sampler == "ddpm":
       return samplers.ddpm_sample(model_fn, schedule, shape, rng, config.diffusion.prediction,
