@@ -3,7 +3,8 @@ r"""Is the conditioned class recognisable? Probe accuracy of a trained run's sam
 A frame classifier (``vqvdm_jax.evaluation.probe``) is trained on the tokenizer's reconstructions
 of ``--probe_clips`` training clips; its accuracy on held-out reconstructions is the ceiling for
 anything that tokenizer decodes. A classifier must label an empty frame too, so beside it is the
-share of clips with a visible sprite (``probe.foreground_visible``). Then ``--num_videos`` samples (classes in turn) are drawn from
+share of clips with a visible sprite (``probe.foreground_visible``), and the share both
+correctly labelled and visible. Then ``--num_videos`` samples (classes in turn) are drawn from
 the run's stage-2 EMA weights at each guidance scale and classified.
 
   python benchmarks/sample_classes.py --config=configs/demo.py --workdir=/tmp/demo
@@ -58,12 +59,18 @@ def main(argv):
   held_out = len(clips) // 8
   params = probe.train_frame_classifier(clips[held_out:], labels[held_out:], num_classes,
                                         FLAGS.probe_steps, seed=config.seed)
-  ceiling = probe.predict_clip_labels(params, clips[:held_out], num_classes)
-  rows = [["held-out reconstructions (ceiling)", str(held_out),
-           f"{(ceiling == labels[:held_out]).mean():.3f}",
-           f"{probe.foreground_visible(clips[:held_out]).mean():.3f}",
-           " ".join(f"{a:.2f}" for a in probe.per_class_accuracy(
-               ceiling, labels[:held_out], num_classes))]]
+
+  def row(name: str, videos: np.ndarray, expected: np.ndarray) -> list[str]:
+    predicted = probe.predict_clip_labels(params, videos, num_classes)
+    visible = probe.foreground_visible(videos)
+    per_class_visible = [visible[expected == label].mean() for label in range(num_classes)]
+    return [name, str(len(videos)), f"{(predicted == expected).mean():.3f}",
+            f"{((predicted == expected) & visible).mean():.3f}", f"{visible.mean():.3f}",
+            " ".join(f"{a:.2f}" for a in probe.per_class_accuracy(predicted, expected,
+                                                                   num_classes)),
+            " ".join(f"{v:.2f}" for v in per_class_visible)]
+
+  rows = [row("held-out reconstructions (ceiling)", clips[:held_out], labels[:held_out])]
   print(" | ".join(rows[-1]), f"({time.perf_counter() - start:.0f} s)", flush=True)
 
   sample = config.diffusion.sample
@@ -74,19 +81,15 @@ def main(argv):
     start = time.perf_counter()
     videos = sampling.generate(config, state, tokenizer, trainer.unet, trainer.schedule,
                                trainer.mesh, sample_labels, fps, FLAGS.seed)
-    predicted = probe.predict_clip_labels(params, videos, num_classes)
-    rows.append([f"samples, w = {guidance}", str(FLAGS.num_videos),
-                 f"{(predicted == sample_labels).mean():.3f}",
-                 f"{probe.foreground_visible(videos).mean():.3f}",
-                 " ".join(f"{a:.2f}" for a in probe.per_class_accuracy(
-                     predicted, sample_labels, num_classes))])
+    rows.append(row(f"samples, w = {guidance}", videos, sample_labels))
     print(" | ".join(rows[-1]), f"({time.perf_counter() - start:.0f} s)", flush=True)
 
   print(f"Device: {common.device_description()}; {FLAGS.workdir}: stage-2 step "
         f"{int(state.step)}, tokenizer step {tokenizer.step}; {sample.sampler} "
         f"{sample.num_steps} steps; chance {1 / num_classes:.2f}")
   common.print_table("Probe accuracy of the conditioned class",
-                     ["videos", "clips", "accuracy", "sprite visible", "per-class accuracy"], rows)
+                     ["videos", "clips", "accuracy", "correct and visible", "sprite visible",
+                      "per-class accuracy", "per-class visible"], rows)
 
 
 if __name__ == "__main__":
