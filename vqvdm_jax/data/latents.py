@@ -75,8 +75,8 @@ def scale_factor(latents: np.ndarray) -> float:
 def normalization(latents: np.ndarray, center: bool) -> tuple[np.ndarray, float]:
   """(shift [c], scale): stage 2 trains on ``(latent - shift) * scale`` and samples map back by
   ``z / scale + shift``. ``center=False`` is scale_by_std alone (shift 0). ``center=True`` also
-  removes the per-channel mean: an ε-model learns a latent's mean only from its high-noise loss,
-  which is small, so un-centred latents come out with the wrong mean (benchmarks/RESULTS.md)."""
+  removes the per-channel mean, which an ε-model otherwise learns only from its small
+  high-noise loss (on the demo that alone did not make ε work; benchmarks/RESULTS.md)."""
   latents = np.asarray(latents, np.float64)
   channels = latents.shape[-1]
   shift = (latents.reshape(-1, channels).mean(axis=0) if center else np.zeros(channels))

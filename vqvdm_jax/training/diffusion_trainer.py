@@ -113,7 +113,7 @@ class DiffusionTrainer:
     self.schedule = make_schedule(config)
     optim = config.diffusion.optim
     self.tx = vqgan_trainer.make_optimizer(optim.learning_rate, optim,
-                                                config.diffusion.train.num_steps)
+                                           config.diffusion.train.num_steps)
     self.replicated = sharding.replicated(self.mesh)
     train = config.diffusion.train
     self.checkpointer = checkpointing.Checkpointer(
