@@ -69,7 +69,6 @@ class SpatialAttention(nn.Module):
   num_groups: int = 32
   dtype: Dtype = jnp.float32
   attention_impl: str = "xla"  # 'xla', 'cudnn' or 'auto' (models/attention.py)
-  scale_shift: bool = False  # condition through GroupNorm scale and shift (AdaGN), not a sum
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, H, W, C]
