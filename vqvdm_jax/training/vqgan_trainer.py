@@ -68,15 +68,14 @@ def warmup_schedule(learning_rate: float, warmup_steps: int, decay: str = "const
   at ``total_steps``. Short runs gain from the decay: the last updates average out their noise."""
   warmup_steps = max(warmup_steps, 1)
 
-  def schedule(count):
-    warmup = jnp.minimum(1.0, (count + 1) / warmup_steps)
-    if decay == "constant":
-      return learning_rate * warmup
-    progress = jnp.clip((count - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
-    cosine = final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-    return learning_rate * warmup * cosine
+  def warmup(count):
+    return learning_rate * jnp.minimum(1.0, (count + 1) / warmup_steps)
 
-  return schedule
+  if decay == "constant":
+    return warmup
+  cosine = optax.cosine_decay_schedule(learning_rate, max(total_steps - warmup_steps, 1),
+                                       alpha=final_fraction)
+  return optax.join_schedules([warmup, cosine], [warmup_steps])
 
 
 def make_optimizer(learning_rate: float, optim: ml_collections.ConfigDict,
