@@ -89,16 +89,20 @@ def test_null_label_is_used_at_rate_rho():
     assert float(jnp.mean(dropped == 7)) == pytest.approx(rate, abs=0.015)
 
 
-def _tiny_trainer(tmp_path, devices, **overrides):
+def _tiny_trainer(tmp_path, devices, learning_rate=None, **overrides):
   config = load_config("tiny")
   for key, value in overrides.items():
     config.diffusion.train[key] = value
+  if learning_rate is not None:
+    config.diffusion.optim.learning_rate = learning_rate
   trainer = diffusion_trainer.DiffusionTrainer(config, tmp_path, (2, 4, 4, 4), devices=devices)
   return config, trainer
 
 
+@pytest.mark.learning
 def test_tiny_stage2_run_lowers_its_loss_and_keeps_an_ema_of_the_weights(tmp_path):
-  config, trainer = _tiny_trainer(tmp_path, jax.devices()[:1])
+  """Measured mean(last 20) / mean(first 5): 0.463 (XLA:CPU default and AVX), 0.474 (SSE4_2)."""
+  config, trainer = _tiny_trainer(tmp_path, jax.devices()[:1], learning_rate=3e-3)
   # One latent per class: a learnable target whose ε is fully determined by z_t and t.
   pattern = np.random.default_rng(0).normal(size=(4, 2, 4, 4, 4)).astype(np.float32)
   latents = 0.1 * pattern[np.arange(8) % 4]
@@ -120,7 +124,7 @@ def test_tiny_stage2_run_lowers_its_loss_and_keeps_an_ema_of_the_weights(tmp_pat
       assert not all(np.array_equal(a, b) for a, b in zip(
           jax.tree.leaves(previous[0]), jax.tree.leaves(jax.device_get(state.params))))
   trainer.checkpointer.close()
-  assert np.mean(losses[-20:]) < 0.75 * np.mean(losses[:5]), (losses[:5], losses[-20:])
+  assert np.mean(losses[-20:]) < 0.7 * np.mean(losses[:5]), (losses[:5], losses[-20:])
 
 
 def test_train_step_sees_latents_through_the_states_shift_and_scale(tmp_path):

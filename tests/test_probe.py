@@ -14,17 +14,20 @@ def sprite_clips(split: str, num_clips: int):
   return np.stack([item["video"] for item in items]), np.array([item["label"] for item in items])
 
 
+@pytest.mark.learning
 def test_probe_learns_sprite_shapes_and_fails_on_shuffled_labels():
+  """Held-out accuracy measured 0.69-0.72 (shuffled labels: 0.27-0.28) under XLA:CPU's default,
+  AVX and SSE4_2 code; 128 held-out clips keep the estimate's noise near ±0.04."""
   videos, labels = sprite_clips("train", 128)
-  held_out, held_out_labels = sprite_clips("eval", 64)
+  held_out, held_out_labels = sprite_clips("eval", 128)
   params = probe.train_frame_classifier(videos, labels, 4, num_steps=300, batch_size=64)
   accuracy = (probe.predict_clip_labels(params, held_out, 4) == held_out_labels).mean()
-  assert accuracy > 0.6, accuracy  # chance is 0.25
+  assert accuracy > 0.5, accuracy  # chance is 0.25
   # Labels unrelated to the shape cannot be learned: the probe reads the sprite, not the index.
   shuffled = np.random.default_rng(0).permutation(labels)
   params = probe.train_frame_classifier(videos, shuffled, 4, num_steps=300, batch_size=64)
   accuracy = (probe.predict_clip_labels(params, held_out, 4) == held_out_labels).mean()
-  assert accuracy < 0.5, accuracy
+  assert accuracy < 0.42, accuracy
 
 
 def test_per_class_accuracy():

@@ -121,22 +121,35 @@ def test_evaluate_without_checkpoint_says_how_to_train(tmp_path):
     evaluate_vqgan(load_config("tiny"), tmp_path)
 
 
-def test_tiny_run_overfits_a_few_clips(tmp_path):
+@pytest.mark.learning
+def test_tiny_run_learns_more_than_a_constant_colour(tmp_path):
+  """Four clips, reconstruction only: the error falls far below its start and below the best
+  single colour's, whatever the CPU's instruction set (see README, Reproducibility).
+
+  Clipping on and a moderate learning rate keep the trajectory smooth; the median of the last
+  ten steps ignores a lone spike. Measured (median of the last 10 / first step): 0.066 / 0.515
+  with XLA:CPU's default, AVX and SSE4_2 code on an AVX2 EPYC; the bounds are 0.129 and 0.080.
+  """
   config = load_config("tiny")
   config.data.num_train_clips = 4
   config.vqgan.train.batch_size = 4
   config.vqgan.loss.disc_start = 10_000  # reconstruction only: the GAN slows early fitting
-  config.vqgan.optim.learning_rate = 3e-3
-  config.vqgan.optim.grad_clip_norm = 0.0
+  config.vqgan.optim.learning_rate = 1e-3
+  config.vqgan.optim.grad_clip_norm = 1.0
   trainer = vqgan_trainer.VQGANTrainer(config, tmp_path, devices=jax.devices()[:4])
   batches = pipeline.train_iterator(config.data, 4, config.seed)
+  clips = next(pipeline.train_iterator(config.data, 4, config.seed))["video"]
+  clips = clips.astype(np.float32) / 127.5 - 1.0
+  constant_colour_error = float(np.mean((clips - clips.mean()) ** 2))  # 0.089 here
   state = trainer.initial_state()
   l2 = []
-  for _ in range(80):
+  for _ in range(60):
     state, metrics = trainer.step(state, next(batches))
     l2.append(float(metrics["loss/l2"]))
   trainer.checkpointer.close()
-  assert np.mean(l2[-5:]) < 0.35 * np.mean(l2[:3]), (l2[:3], l2[-5:])
+  settled = float(np.median(l2[-10:]))
+  assert settled < 0.25 * l2[0], (l2[:3], l2[-10:])
+  assert settled < 0.9 * constant_colour_error, (constant_colour_error, l2[-10:])
 
 
 def test_command_line_rejects_inconsistent_config_naming_the_field(tmp_path):
