@@ -32,7 +32,7 @@ import ml_collections  # noqa: E402
 
 from vqvdm_jax import runtime  # noqa: E402
 from vqvdm_jax.evaluation import features, i3d, metrics  # noqa: E402
-from vqvdm_jax.training import sharding  # noqa: E402
+from vqvdm_jax import sharding  # noqa: E402
 
 flags.DEFINE_list("batch_sizes", ["1", "16", "64"], "I3D batch sizes to time.")
 flags.DEFINE_integer("num_samples", 2048, "Clips per set of the FVD (the paper: 2,048).")

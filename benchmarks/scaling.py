@@ -94,7 +94,7 @@ def _diffusion_case(config, batch, devices, workdir):
 
 
 def _step_flops(trainer, state, host_batch) -> float:
-  from vqvdm_jax.training import sharding
+  from vqvdm_jax import sharding
   batch = sharding.shard_batch(host_batch, trainer.mesh)
   extra = (trainer.lpips_params,) if hasattr(trainer, "lpips_params") else ()
   analysis = trainer.train_step.lower(state, batch, *extra).compile().cost_analysis()

@@ -24,7 +24,8 @@ import common  # noqa: E402
 
 from vqvdm_jax import runtime  # noqa: E402
 from vqvdm_jax.models.vqgan import VQGAN3D  # noqa: E402
-from vqvdm_jax.training import sharding, vqgan_trainer  # noqa: E402
+from vqvdm_jax import sharding  # noqa: E402
+from vqvdm_jax.training import vqgan_trainer  # noqa: E402
 
 flags.DEFINE_string("config", "configs/ucf101.py", "Config whose model is measured.")
 flags.DEFINE_integer("frames", 16, "Clip length.")

@@ -1,4 +1,4 @@
-r"""Sky Time-lapse, 16x128x128, unconditional (no class, no FPS): SPEC.md §4.
+r"""Sky Time-lapse, 16x128x128, unconditional (no class, no FPS): docs/paper.md §5, Experiments.
 
 Prepare once (sky_train/ and sky_test/ frame folders in /data/sky), then run:
   python -m vqvdm_jax.data.prepare --dataset=sky_timelapse --source_dir=/data/sky \

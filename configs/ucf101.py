@@ -1,4 +1,4 @@
-r"""UCF-101, 16x128x128, class + FPS conditioning: the paper's settings (SPEC.md §2, §4).
+r"""UCF-101, 16x128x128, class + FPS conditioning: the paper's settings (docs/paper.md §3, §5).
 
 Prepare once (UCF101.rar and the split zip unpacked into /data/UCF101), then run:
   python -m vqvdm_jax.data.prepare --dataset=ucf101 --source_dir=/data/UCF101 --data_dir=/data/tfds

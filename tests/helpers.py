@@ -5,7 +5,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from vqvdm_jax import sampling
+from vqvdm_jax.models.vqgan import latent_shape
 from vqvdm_jax.training import diffusion_trainer, vqgan_trainer
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -29,6 +29,6 @@ def untrained_checkpoints(config, workdir, devices, step: int) -> None:
   vqgan.checkpointer.save(step, at_step(vqgan.initial_state()), force=True)
   vqgan.checkpointer.close()
   diffusion = diffusion_trainer.DiffusionTrainer(
-      config, workdir, sampling.tokenizer_latent_shape(config), devices)
+      config, workdir, latent_shape(config)[1:], devices)
   diffusion.checkpointer.save(step, at_step(diffusion.initial_state(1.0, step)), force=True)
   diffusion.checkpointer.close()

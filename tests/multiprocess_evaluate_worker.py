@@ -10,17 +10,16 @@ import json
 import sys
 from pathlib import Path
 
-from multiprocess_setup import join_two_process_cluster  # first: it sets up JAX's devices
-
 import numpy as np  # noqa: E402
+from multiprocess_setup import join_two_process_cluster  # first: it sets up JAX's devices
 
 
 def main(port: str, process_id: str, workdir: str) -> None:
   join_two_process_cluster(port, process_id)
   from multiprocess_common import evaluation_config
 
+  from vqvdm_jax import sharding
   from vqvdm_jax.evaluation import evaluate, evaluate_vqgan, features
-  from vqvdm_jax.training import sharding
 
   config = evaluation_config(workdir, "two_processes")
   # The reference cache, first missed (the processes extract together, process 0 writes), then

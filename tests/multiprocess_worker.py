@@ -5,9 +5,8 @@ Run as ``python multiprocess_worker.py PORT PROCESS_ID WORKDIR``; 2 CPU devices 
 
 import sys
 
-from multiprocess_setup import join_two_process_cluster  # first: it sets up JAX's devices
-
 import jax  # noqa: E402
+from multiprocess_setup import join_two_process_cluster  # first: it sets up JAX's devices
 
 
 def main(port: str, process_id: str, workdir: str) -> None:

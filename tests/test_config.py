@@ -47,12 +47,6 @@ def test_level_count_must_match_downsampling_factors():
     config_lib.validate(config)
 
 
-def test_shared_fields_are_references_so_one_override_reaches_every_group():
-  config = load_config("tiny")
-  config.data.num_frames = 12
-  assert config.vqgan.num_frames == 12
-
-
 @pytest.mark.parametrize("group", ["vqgan.model", "diffusion.unet"])
 def test_too_few_channels_per_groupnorm_group_warns_with_the_fix(group):
   config = load_config("tiny")

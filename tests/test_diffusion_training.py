@@ -9,9 +9,11 @@ import pytest
 from helpers import load_config
 
 from vqvdm_jax import main as main_lib
-from vqvdm_jax import sampling
 from vqvdm_jax.data import latents as latents_lib
-from vqvdm_jax.training import diffusion_trainer, vqgan_trainer
+from vqvdm_jax.inference import model as model_lib
+from vqvdm_jax.inference import sampling
+from vqvdm_jax.inference.tokenizer import load_tokenizer
+from vqvdm_jax.training import diffusion_trainer
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def test_latent_cache_is_built_once_and_holds_the_scale_factor(pipeline_run):
   expected = 1.0 / np.std(np.asarray(cache.latents[:config.diffusion.latents.scale_estimate_clips],
                                      np.float64))
   assert cache.scale_factor == pytest.approx(expected, rel=1e-6)
-  tokenizer = vqgan_trainer.restore_tokenizer(config, workdir)
+  tokenizer = load_tokenizer(workdir)
 
   def must_not_encode(video):
     raise AssertionError("the cache exists; nothing should be re-encoded")
@@ -162,12 +164,6 @@ def test_centered_stage2_stores_the_channel_mean_of_its_latents(pipeline_run, tm
   assert float(state.scale_factor) == pytest.approx(1.0 / np.std(clips - mean), rel=1e-5)
 
 
-def _sample(config, trainer, state, labels, mesh_devices):
-  sample_fn = sampling.make_sample_fn(config, trainer.unet, trainer.schedule, (2, 4, 4, 4))
-  fps = jnp.full(labels.shape, 8.0)
-  return np.asarray(jax.jit(sample_fn)(state.ema_params, labels, fps, jax.random.PRNGKey(3)))
-
-
 def test_sampling_is_deterministic_for_a_seed_and_depends_on_it(tmp_path):
   config, trainer = _tiny_trainer(tmp_path, jax.devices()[:1])
   state = trainer.initial_state(1.0, 0)
@@ -184,15 +180,11 @@ def test_sampling_is_deterministic_for_a_seed_and_depends_on_it(tmp_path):
 
 def test_sharded_sampling_equals_single_device_sampling(pipeline_run):
   config, workdir = pipeline_run
-  tokenizer = vqgan_trainer.restore_tokenizer(config, workdir)
   videos = []
   for devices in (jax.devices()[:1], jax.devices()[:4]):
-    trainer = diffusion_trainer.DiffusionTrainer(config, workdir, (2, 4, 4, 4), devices=devices)
-    state = trainer.restore()
-    trainer.checkpointer.close()
-    labels, fps = np.array([0, 1, 2, 3], np.int32), np.full(4, 8.0, np.float32)
-    videos.append(sampling.generate(config, state, tokenizer, trainer.unet, trainer.schedule,
-                                    trainer.mesh, labels, fps, seed=5))
+    model = model_lib.load(workdir, devices=devices)
+    assert model.mesh.size == len(devices)
+    videos.append(model.sample(labels=[0, 1, 2, 3], fps=8.0, seed=5))
   assert videos[0].shape == (4, 8, 16, 16, 3) and videos[0].dtype == np.uint8
   # uint8 after decoding: allow a rounding step where float sums differ in the last bit.
   assert np.abs(videos[0].astype(int) - videos[1].astype(int)).max() <= 1
@@ -202,8 +194,9 @@ def test_sample_mode_without_stage2_checkpoint_says_how_to_train(pipeline_run, t
   config, workdir = pipeline_run
   import shutil
   shutil.copytree(workdir / "vqgan", tmp_path / "vqgan")
-  with pytest.raises(FileNotFoundError, match="--mode=train_diffusion"):
-    sampling.sample(config, tmp_path)
+  shutil.copy(workdir / "config.json", tmp_path / "config.json")
+  with pytest.raises(FileNotFoundError, match="has no stage-2 checkpoint.*--mode=train_diffusion"):
+    model_lib.load(tmp_path)
 
 
 def test_sample_every_writes_progress_samples_during_stage2(pipeline_run, tmp_path):

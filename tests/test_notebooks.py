@@ -98,11 +98,14 @@ def test_demo_notebook_trains_both_stages_and_shows_samples(demo_run):
 
 def test_load_checkpoint_notebook_restores_both_stages_and_shows_samples(demo_run, tmp_path):
   _, workdir = demo_run
-  notebook = execute("load_checkpoint.ipynb", {**COMMON, "WORKDIR": str(workdir), "LABEL": 2},
+  # No checkout and no config: the package and the workdir's recorded config are enough.
+  parameters = {key: value for key, value in COMMON.items() if key not in ("REPO_DIR", "CONFIG")}
+  notebook = execute("load_checkpoint.ipynb", {**parameters, "WORKDIR": str(workdir), "LABEL": 2},
                      tmp_path)
   text, displays = outputs(notebook)
   assert f"Tokenizer: stage-1 checkpoint at step {STEPS}." in text
   assert (f"Diffusion model: stage-2 checkpoint at step {STEPS}, trained on tokenizer step "
           f"{STEPS}") in text
   assert "Sampled 4 videos of shape (8, 16, 16, 3), classes [2, 2, 2, 2]." in text
-  assert count_videos(displays) == (2, 4)  # tokenizer round trip and sample grid; 4 videos
+  assert "Latents (4, 2, 4, 4, 4); round trip (4, 8, 16, 16, 3) uint8." in text
+  assert count_videos(displays) == (2, 4)  # sample grid and tokenizer round trip; 4 videos

@@ -22,10 +22,11 @@ from etils.epath import backend as epath_backend
 from etils.epath import gpath
 from helpers import load_config
 
-from vqvdm_jax import fileio, video_io
+from vqvdm_jax import checkpointing, fileio, video_io
 from vqvdm_jax import main as main_lib
+from vqvdm_jax import workdir as workdir_lib
 from vqvdm_jax.data import latents as latents_lib
-from vqvdm_jax.training import checkpointing, diffusion_trainer, vqgan_trainer
+from vqvdm_jax.training import diffusion_trainer
 
 WORKDIR = "gs://bucket/run"
 
@@ -129,8 +130,8 @@ def _video(frames=4, size=16, seed=0):
 
 
 def test_workdir_paths_keep_the_gs_scheme():
-  assert str(vqgan_trainer.stage_dir(WORKDIR)) == "gs://bucket/run/vqgan"
-  assert str(diffusion_trainer.stage_dir(WORKDIR)) == "gs://bucket/run/diffusion"
+  assert str(workdir_lib.vqgan_dir(WORKDIR)) == "gs://bucket/run/vqgan"
+  assert str(workdir_lib.diffusion_dir(WORKDIR)) == "gs://bucket/run/diffusion"
   assert str(latents_lib.cache_directory(WORKDIR, 12)) == (
       "gs://bucket/run/diffusion/latents/tokenizer_0000012")
   assert str(fileio.absolute(WORKDIR + "/vqgan/checkpoints")) == "gs://bucket/run/vqgan/checkpoints"
@@ -140,7 +141,7 @@ def test_local_paths_stay_local_and_become_absolute(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   assert not fileio.is_remote("workdirs/run") and fileio.is_remote(WORKDIR)
   assert str(fileio.absolute("workdirs/run")) == str(tmp_path / "workdirs" / "run")
-  assert str(vqgan_trainer.stage_dir("workdirs/run")) == "workdirs/run/vqgan"
+  assert str(workdir_lib.vqgan_dir("workdirs/run")) == "workdirs/run/vqgan"
 
 
 def test_checkpointer_saves_and_restores_under_a_gs_workdir(fake_gcs):

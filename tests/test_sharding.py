@@ -7,7 +7,8 @@ from helpers import load_config
 from jax.sharding import PartitionSpec
 
 from vqvdm_jax import config as config_lib
-from vqvdm_jax.training import diffusion_trainer, sharding
+from vqvdm_jax import sharding
+from vqvdm_jax.training import diffusion_trainer
 
 LATENT_SHAPE = (2, 4, 4, 4)
 

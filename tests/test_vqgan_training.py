@@ -12,7 +12,7 @@ from helpers import load_config
 
 from vqvdm_jax.data import pipeline
 from vqvdm_jax.evaluation.evaluate_vqgan import evaluate_vqgan
-from vqvdm_jax.training import vqgan_trainer
+from vqvdm_jax.training import optimizers, vqgan_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -198,8 +198,8 @@ def test_discriminator_is_neither_run_nor_updated_before_disc_start(tmp_path, mo
 
 
 def test_learning_rate_warms_up_then_stays_or_decays_on_a_cosine():
-  constant = vqgan_trainer.warmup_schedule(1e-3, 10)
-  cosine = vqgan_trainer.warmup_schedule(1e-3, 10, "cosine", total_steps=110, final_fraction=0.1)
+  constant = optimizers.warmup_schedule(1e-3, 10)
+  cosine = optimizers.warmup_schedule(1e-3, 10, "cosine", total_steps=110, final_fraction=0.1)
   for schedule in (constant, cosine):
     np.testing.assert_allclose(float(schedule(0)), 1e-4, rtol=1e-6)  # (0 + 1) / 10 of the peak
     np.testing.assert_allclose(float(schedule(9)), 1e-3, rtol=1e-6)
@@ -215,7 +215,7 @@ def test_optimizer_follows_the_configured_decay():
   optim = config.diffusion.optim
   optim.update(learning_rate=1.0, warmup_steps=1, grad_clip_norm=0.0, lr_decay="cosine",
                final_learning_rate_fraction=0.0, b1=0.0, b2=0.0)
-  tx = vqgan_trainer.make_optimizer(optim.learning_rate, optim, total_steps=3)
+  tx = optimizers.make_optimizer(optim.learning_rate, optim, total_steps=3)
   params = {"w": np.zeros(())}
   state = tx.init(params)
   steps = []

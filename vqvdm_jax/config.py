@@ -1,9 +1,8 @@
 """The experiment configuration: defaults shared by every ``configs/*.py`` and its validation.
 
 A config file calls :func:`base_config`, overrides what its experiment changes and returns it.
-Every field a user may change lives here; code reads fields, never magic numbers.
-Values shared between groups (clip length, resolution) are ``FieldReference``s, so an override
-on the command line (``--config.data.num_frames=8``) reaches every group that uses them.
+Every field a user may change lives here, once (clip length and resolution under ``data``,
+read by both stages); code reads fields, never magic numbers.
 """
 
 from __future__ import annotations
@@ -12,22 +11,18 @@ import math
 import warnings
 
 import ml_collections
-from ml_collections import config_dict
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Defaults: the paper's settings (SPEC.md §2) where the paper gives them, ours elsewhere."""
+  """Defaults: the paper's settings (docs/paper.md) where the paper gives them, ours elsewhere."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-
-  num_frames = config_dict.FieldReference(16)
-  resolution = config_dict.FieldReference(128)
 
   # ---------------------------------------------------------------- data
   config.data = data = ml_collections.ConfigDict()
   data.name = "synthetic"  # 'synthetic' is the embedded moving-sprites dataset.
-  data.num_frames = num_frames
-  data.resolution = resolution
+  data.num_frames = 16
+  data.resolution = 128
   data.num_classes = 4  # synthetic: sprite shapes (square, disc, triangle, cross).
   data.fps_values = (4.0, 8.0, 16.0)  # synthetic: per-clip frame rates.
   data.sprite_size = 0.25  # synthetic: sprite side as a fraction of the frame (<= 0.5).
@@ -44,8 +39,6 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- stage 1: 3D VQGAN
   config.vqgan = vqgan = ml_collections.ConfigDict()
-  vqgan.num_frames = num_frames
-  vqgan.resolution = resolution
 
   vqgan.model = model = ml_collections.ConfigDict()
   model.channels = 64  # width of the first level.
@@ -88,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
   loss.disc_weight = 0.5  # lambda_2
   loss.feature_matching_weight = 1.0  # lambda_3
   loss.disc_start = 10000  # GAN terms (L_disc and L_disc_aux) are off before this step.
-  loss.gan_loss = "vanilla"  # 'vanilla' (log D, SPEC eq. 3) or 'hinge'.
+  loss.gan_loss = "vanilla"  # 'vanilla' (log D, docs/paper.md eq. 3) or 'hinge'.
   loss.adaptive_disc_weight = False  # Taming's gradient-norm ratio at the decoder's last layer.
   loss.adaptive_weight_max = 1e4
   loss.lecam_weight = 0.0  # LeCam regularisation of the discriminator (0: off).

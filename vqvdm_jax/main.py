@@ -1,9 +1,15 @@
 r"""Entry point: ``python -m vqvdm_jax.main --config=configs/NAME.py --workdir=DIR [--mode=...]``.
 
 Config fields are overridden on the command line, e.g. ``--config.vqgan.train.batch_size=16``.
+The first run on a workdir records its config there (``DIR/config.json``); later runs may leave
+``--config`` out and get the recorded one, and a run whose model fields differ from the record
+stops before touching the workdir.
 """
 
 from __future__ import annotations
+
+import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -23,13 +29,33 @@ flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0, for multi-process runs not on a TPU pod or SLURM.")
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
+
+RECORDED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recorded_config.py")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with ``--config`` defaulting to the workdir's recorded config."""
+  given = any(arg == "--config" or arg.startswith("--config=") for arg in argv[1:])
+  workdir = next((arg.partition("=")[2] for arg in argv[1:] if arg.startswith("--workdir=")),
+                 None)
+  if not given and workdir:
+    argv = [argv[0], f"--config={RECORDED_CONFIG}:{workdir}", *argv[1:]]
+  try:
+    return FLAGS(argv)
+  except flags.Error as error:
+    sys.stderr.write(f"{error}\nPass --help for the flags.\n")
+    sys.exit(1)
 
 
 def run(mode: str, config, workdir: str) -> None:
   if mode not in MODES:
     raise ValueError(f"--mode={mode!r} is not one of {MODES}.")
   config_lib.validate(config)
+  from vqvdm_jax import workdir as workdir_lib
+  # Before anything is restored or written: a model field that differs from the workdir's
+  # record would otherwise end in a shape error deep inside Orbax.
+  workdir_lib.check_or_record_config(config, workdir, write=False)
   if mode != "sample" and config.data.name != "synthetic":
     from vqvdm_jax.data import real
     try:  # before any compilation: a missing dataset is the first thing to hear about.
@@ -50,8 +76,8 @@ def run(mode: str, config, workdir: str) -> None:
     logging.info("Stage 2 of 2: latent diffusion with the 3D U-Net.")
     train_diffusion(config, workdir)
   if mode in ("train", "sample"):
-    from vqvdm_jax.sampling import sample
-    sample(config, workdir)
+    from vqvdm_jax.inference.model import load
+    load(workdir, config=config).write_samples(workdir_lib.samples_dir(workdir))
   if mode == "evaluate":
     from vqvdm_jax.evaluation.evaluate import evaluate
     evaluate(config, workdir)
@@ -60,7 +86,9 @@ def run(mode: str, config, workdir: str) -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.INFO)  # the project's progress; --verbosity=1 adds libraries'
+  runtime.quiet_library_logs()
   try:
     config_lib.validate(FLAGS.config)  # before the distributed runtime waits for its peers
     runtime.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
@@ -73,4 +101,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -34,9 +34,11 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vqvdm_jax import fileio, sampling
+from vqvdm_jax import fileio
 from vqvdm_jax.data import pipeline
 from vqvdm_jax.evaluation import c3d, features, i3d, metrics
+from vqvdm_jax.inference import sampling
+from vqvdm_jax.inference.model import load
 
 KVD_PROTOCOL = {"kernel": "k(x, y) = (x.y / 400 + 1)^3 (KID's)",
                 "estimator": "unbiased MMD^2 on all N x N clips (no subsets)",
@@ -216,8 +218,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
   """Samples from the latest checkpoints of ``workdir``, scores them, writes the results file."""
   started = time.perf_counter()
   evaluation, sample = config.evaluation, config.diffusion.sample
-  state, tokenizer, trainer = sampling.restore_models(config, workdir, devices)
-  mesh = trainer.mesh
+  model = load(workdir, config=config, devices=devices)
+  mesh = model.mesh
   i3d_extractor = features.i3d_extractor(mesh, evaluation.batch_size)
   c3d_extractor = _load_c3d(config, mesh)
   num_fvd = evaluation.num_samples_fvd
@@ -235,8 +237,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
   logging.info("Evaluating %d generated clips (FVD/KVD on %d, IS on %d).", len(labels), num_fvd,
                num_is)
   fake_features, probabilities = score_generated(
-      sampling.generate_batches(config, state, tokenizer, trainer.unet, trainer.schedule,
-                                        mesh, labels, fps, evaluation.seed),
+      sampling.generate_batches(model, labels, fps, evaluation.seed),
       len(labels), i3d_extractor, num_fvd, c3d_extractor, num_is)
 
   results: dict[str, Any] = {
@@ -254,7 +255,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
   results.update({
       "num_samples_fvd": int(num_fvd), "num_reference_clips": int(len(reference["features"])),
       "num_samples_is": int(num_is),
-      "checkpoint_step": int(jax.device_get(state.step)), "tokenizer_step": tokenizer.step,
+      "checkpoint_step": model.step, "tokenizer_step": model.tokenizer.step,
       "guidance_scale": float(sample.guidance_scale), "sampler": sample.sampler,
       "num_steps": int(sample.num_steps), "eta": float(sample.eta),
       "seed": int(evaluation.seed), "weights": "ema",

@@ -20,10 +20,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vqvdm_jax import fileio, losses, video_io
+from vqvdm_jax import fileio, losses, sharding, video_io
+from vqvdm_jax import workdir as workdir_lib
 from vqvdm_jax.data import pipeline
 from vqvdm_jax.evaluation import features, i3d, metrics, reconstruction
-from vqvdm_jax.training import sharding, vqgan_trainer
+from vqvdm_jax.inference.tokenizer import load_tokenizer
 
 
 def codebook_statistics(indices: np.ndarray, codebook_size: int) -> dict[str, float]:
@@ -47,19 +48,15 @@ def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
 
   ``devices`` (default: all) carry the I3D network of rFVD.
   """
-  trainer = vqgan_trainer.VQGANTrainer(config, workdir)
-  state = trainer.checkpointer.restore(trainer.abstract_state())
-  if state is None:
-    raise FileNotFoundError(
-        f"No stage-1 checkpoint in {trainer.checkpointer.directory}. Train one first: "
-        f"python -m vqvdm_jax.main --config=... --workdir={workdir} --mode=train_vqgan")
-  variables = {"params": vqgan_trainer.eval_params(state, config),
-               "quantizer_state": state.quantizer_state}
-  lpips_module = trainer.lpips_module
+  tokenizer = load_tokenizer(workdir, config=config)
+  variables, model = tokenizer.variables, tokenizer.model
+  replicated = jax.tree.leaves(variables)[0].sharding
+  lpips_module, lpips_params = losses.load_lpips()
+  lpips_params = jax.device_put(lpips_params, replicated)
 
   def clip_metrics(variables, lpips_params, video_uint8):
     video = pipeline.to_model_input(video_uint8)
-    x_hat, quantized = trainer.model.apply(variables, video, train=False)
+    x_hat, quantized = model.apply(variables, video, train=False)
     x_hat = jnp.clip(x_hat, -1.0, 1.0)
     frames, frames_hat = (x.reshape((-1, *x.shape[2:])) for x in (video, x_hat))
     frame_lpips = losses.lpips_distance(lpips_module, lpips_params, frames, frames_hat)
@@ -71,8 +68,8 @@ def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
   # The weights as restored; clips in and metrics out replicated, so that every process (each
   # read the same clips) can read every result.
   clip_metrics = jax.jit(clip_metrics, in_shardings=(
-      jax.tree.map(lambda leaf: leaf.sharding, variables), trainer.replicated,
-      trainer.replicated), out_shardings=trainer.replicated)
+      jax.tree.map(lambda leaf: leaf.sharding, variables), replicated,
+      replicated), out_shardings=replicated)
 
   eval_config = config.vqgan.eval
   per_clip = {"psnr": [], "ssim": [], "lpips": []}
@@ -85,8 +82,8 @@ def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
   i3d_features = {"original": [], "reconstruction": []}
   for batch in pipeline.eval_batches(config.data, eval_config.batch_size, eval_config.num_clips,
                                      config.seed):
-    video = sharding.from_replicated_host_data(batch["video"], trainer.replicated)
-    out = jax.device_get(clip_metrics(variables, trainer.lpips_params, video))
+    video = sharding.from_replicated_host_data(batch["video"], replicated)
+    out = jax.device_get(clip_metrics(variables, lpips_params, video))
     for name in per_clip:
       per_clip[name].append(np.asarray(out[name], np.float64))
     all_indices.append(np.asarray(out["indices"]))
@@ -99,7 +96,7 @@ def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
   results = {name: float(np.mean(np.concatenate(values))) for name, values in per_clip.items()}
   results.update(codebook_statistics(np.concatenate([i.reshape(-1) for i in all_indices]),
                                      codebook_size(config)))
-  results.update({"step": int(jax.device_get(state.step)),
+  results.update({"step": tokenizer.step,
                   "num_clips": int(sum(len(v) for v in per_clip["psnr"])),
                   "weights": "ema" if config.vqgan.optim.ema_decay > 0 else "raw",
                   "psnr_data_range": "[-1, 1] (2.0)"})
@@ -108,10 +105,9 @@ def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
         *(np.concatenate(i3d_features[key]) for key in ("original", "reconstruction")))
     results["rfvd_protocol"] = {**i3d.PROTOCOL,
                                 "deviations": i3d.protocol_deviations(config.data.num_frames)}
-  out_dir = vqgan_trainer.stage_dir(workdir)
+  out_dir = workdir_lib.vqgan_dir(workdir)
   if jax.process_index() == 0:
     (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     video_io.write_comparison_grid(out_dir / "eval_grid", originals[0], reconstructions[0], fps=8)
   logging.info("Stage-1 evaluation at step %d: %s", results["step"], results)
-  trainer.checkpointer.close()
   return results

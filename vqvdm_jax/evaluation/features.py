@@ -18,8 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from vqvdm_jax import sharding
 from vqvdm_jax.evaluation import i3d
-from vqvdm_jax.training import sharding
 
 PyTree = Any
 

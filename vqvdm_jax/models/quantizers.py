@@ -101,7 +101,7 @@ def perplexity(indices: jax.Array, num_codes: int) -> jax.Array:
 def ema_codebook_update(cluster_size: jax.Array, embed_sum: jax.Array, z_flat: jax.Array,
                         one_hot: jax.Array, decay: float,
                         epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """VQ-VAE-2 EMA update of the codebook (SPEC §5), in float32.
+  """VQ-VAE-2 EMA update of the codebook (docs/paper.md §2.2), in float32.
 
   N_i <- γ N_i + (1 - γ) n_i,  m_i <- γ m_i + (1 - γ) Σ_{j assigned to i} z_j,
   e_i = m_i / Ñ_i with the Laplace-smoothed size Ñ_i = (N_i + ε) / (n + K ε) · n, n = Σ_i N_i.

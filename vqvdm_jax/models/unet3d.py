@@ -1,4 +1,4 @@
-"""The spatio-temporal 3D U-Net of VQ-VDM stage 2 (SPEC.md §3): it predicts ε (or v) for latents.
+"""The spatio-temporal 3D U-Net of VQ-VDM stage 2 (docs/paper.md): it predicts ε (or v) for latents.
 
 Latents are channel-last, ``z [B, t, h, w, c]``. Every block is Residual Block → Spatial
 Attention → Temporal Attention (VQ-VDM §3.2). The down path halves h and w (never t) between
@@ -139,13 +139,14 @@ class UNet3D(nn.Module):
   guidance, and ``labels=None`` means "unconditional" (every sample gets the null label).
   """
 
-  channels: int = 128
-  channel_multipliers: tuple[int, ...] = (1, 2, 4)
-  num_res_blocks: int = 2
-  attention_levels: tuple[int, ...] = (1, 2)
-  num_heads: int = 4
+  # The architecture has no defaults here: `diffusion.model.make_unet` passes the config's.
+  channels: int
+  channel_multipliers: tuple[int, ...]
+  num_res_blocks: int
+  attention_levels: tuple[int, ...]
+  num_heads: int
+  num_groups: int
   dropout: float = 0.0
-  num_groups: int = 32
   num_classes: int = 0
   use_fps: bool = False
   conv_impl: str = "auto"

@@ -18,15 +18,19 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from etils import epath
 
+from vqvdm_jax import checkpointing, fileio, sharding
 from vqvdm_jax import config as config_lib
-from vqvdm_jax import fileio
+from vqvdm_jax import workdir as workdir_lib
 from vqvdm_jax.data import latents as latents_lib
 from vqvdm_jax.diffusion import schedule as schedule_lib
 from vqvdm_jax.diffusion.model import apply_unet, make_schedule, make_unet, null_label
+from vqvdm_jax.inference import sampling
+from vqvdm_jax.inference.model import VideoModel, init_unet_params
+from vqvdm_jax.inference.tokenizer import load_tokenizer
 from vqvdm_jax.models.unet3d import UNet3D
-from vqvdm_jax.training import checkpointing, loop, sharding, vqgan_trainer
+from vqvdm_jax.training import loop
+from vqvdm_jax.training.optimizers import make_optimizer
 
 PyTree = Any
 
@@ -42,11 +46,6 @@ class DiffusionTrainState:
   latent_shift: jax.Array  # [c], subtracted before scaling (0 unless diffusion.latents.center)
   tokenizer_step: jax.Array  # the stage-1 checkpoint whose latents this model learned
   nonfinite_streak: jax.Array  # consecutive skipped (non-finite) updates up to this step
-
-
-def stage_dir(workdir: fileio.PathLike) -> epath.Path:
-  """``DIR/diffusion``; an epath, so that ``--workdir=gs://bucket/run`` keeps its scheme."""
-  return epath.Path(workdir) / "diffusion"
 
 
 def drop_labels(labels: jax.Array, rate: float, null: int, rng: jax.Array) -> jax.Array:
@@ -104,7 +103,7 @@ class DiffusionTrainer:
                latent_shape: tuple[int, ...], devices: list | None = None):
     config_lib.validate(config)
     self.config = config
-    self.workdir = stage_dir(workdir)
+    self.workdir = workdir_lib.diffusion_dir(workdir)
     self.latent_shape = tuple(latent_shape)  # [t, h, w, c]
     self.mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch_size(config.diffusion.train.batch_size, self.mesh,
@@ -112,7 +111,7 @@ class DiffusionTrainer:
     self.unet = make_unet(config)
     self.schedule = make_schedule(config)
     optim = config.diffusion.optim
-    self.tx = vqgan_trainer.make_optimizer(optim.learning_rate, optim,
+    self.tx = make_optimizer(optim.learning_rate, optim,
                                            config.diffusion.train.num_steps)
     self.replicated = sharding.replicated(self.mesh)
     train = config.diffusion.train
@@ -134,12 +133,7 @@ class DiffusionTrainer:
 
   def _init_state(self, scale_factor, latent_shift, tokenizer_step: int) -> DiffusionTrainState:
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(self.config.seed + 1))
-    batch = 1
-    z = jnp.zeros((batch, *self.latent_shape), jnp.float32)
-    t = jnp.zeros((batch,), jnp.int32)
-    fps = jnp.ones((batch,), jnp.float32) if self.config.diffusion.use_fps else None
-    labels = jnp.zeros((batch,), jnp.int32) if self.config.diffusion.use_class else None
-    params = self.unet.init(init_rng, z, t, fps, labels)["params"]
+    params = init_unet_params(self.config, self.unet, self.latent_shape, init_rng)
     return DiffusionTrainState(
         step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
         opt_state=self.tx.init(params), rng=state_rng,
@@ -167,8 +161,12 @@ class DiffusionTrainer:
 
 def train_diffusion(config: ml_collections.ConfigDict, workdir: fileio.PathLike
                     ) -> DiffusionTrainState:
-  """Trains stage 2 to ``diffusion.train.num_steps`` on the latest stage-1 tokenizer's latents."""
-  tokenizer = vqgan_trainer.restore_tokenizer(config, workdir)
+  """Trains stage 2 to ``diffusion.train.num_steps`` on the latest stage-1 tokenizer's latents.
+
+  Like stage 1, checks the config against the workdir's record, or records it.
+  """
+  workdir_lib.check_or_record_config(config, workdir, write=jax.process_index() == 0)
+  tokenizer = load_tokenizer(workdir, config=config)
   cache = latents_lib.build_or_load(config, workdir, tokenizer.step,
                                     tokenizer.encode_for_diffusion)
   trainer = DiffusionTrainer(config, workdir, cache.latent_shape)
@@ -196,13 +194,14 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: fileio.PathLike
 
   def write_progress_samples(step: int, state: DiffusionTrainState) -> None:
     if train.sample_every and step % train.sample_every == 0 and step < train.num_steps:
-      from vqvdm_jax import sampling  # the sampler imports this module
-      sampling.write_samples(config, state, tokenizer, trainer.unet, trainer.schedule,
-                             trainer.mesh, trainer.workdir / "progress" / f"step_{step:07d}")
+      model = VideoModel(config, tokenizer, state.ema_params, state.scale_factor,
+                         state.latent_shift, step, trainer.mesh, trainer.unet, trainer.schedule)
+      sampling.write_samples(model, trainer.workdir / "progress" / f"step_{step:07d}")
 
   return loop.train_loop(
       stage="Stage 2", state=state, step_fn=trainer.step, data_iterator=data_iterator,
       checkpointer=trainer.checkpointer, num_steps=train.num_steps, log_every=train.log_every,
       batch_size=train.batch_size, summary_dir=trainer.workdir / "summaries",
       max_nonfinite_skips=config.run.max_nonfinite_skips,
-      learning_rate_field="diffusion.optim.learning_rate", on_step=write_progress_samples)
+      learning_rate_field="diffusion.optim.learning_rate", config=config,
+      headline=("loss/diffusion", "grad_norm/unet"), on_step=write_progress_samples)

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from vqvdm_jax import checkpointing
 from vqvdm_jax.runtime import Preempted
-from vqvdm_jax.training import checkpointing, reporting
+from vqvdm_jax.training import reporting
 
 
 class NonFiniteUpdates(FloatingPointError):
@@ -80,7 +81,8 @@ def train_loop(*, stage: str, state: Any, step_fn: Callable[[Any, dict], tuple[A
                data_iterator: Any, checkpointer: checkpointing.Checkpointer, num_steps: int,
                log_every: int, batch_size: int, summary_dir: Any, max_nonfinite_skips: int,
                learning_rate_field: str,
-               on_step: Callable[[int, Any], None] | None = None) -> Any:
+               on_step: Callable[[int, Any], None] | None = None,
+               config: Any | None = None, headline: tuple[str, ...] = ()) -> Any:
   """Runs ``state`` from its step to ``num_steps``; returns the final state.
 
   Raises :class:`Preempted` after saving on SIGTERM, :class:`NonFiniteUpdates` when
@@ -88,16 +90,32 @@ def train_loop(*, stage: str, state: Any, step_fn: Callable[[Any, dict], tuple[A
   """
   start_step = int(jax.device_get(state.step))
   writer = reporting.make_metric_writer(summary_dir)
+  if config is not None:
+    reporting.write_config(writer, config)
   progress = reporting.make_progress_reporter(num_steps, writer, log_every)
   guard = PreemptionGuard()
   window_start = time.time()
   try:
     for step in range(start_step + 1, num_steps + 1):
+      if step == start_step + 1:
+        logging.info("%s: compiling the train step ...", stage)
+        compile_start = time.time()
       state, metrics = step_fn(state, next(data_iterator))
+      if step == start_step + 1:
+        jax.block_until_ready(metrics)
+        logging.info("%s: compiled and ran the first step in %.1f s.", stage,
+                     time.time() - compile_start)
+        window_start, window_step = time.time(), step
       if step % log_every == 0 or step == num_steps:
         metrics["nonfinite/streak"] = state.nonfinite_streak
+        window_steps = step - window_step
         metrics, window_start = reporting.write_train_metrics(
-            writer, step, metrics, log_every * batch_size, window_start)
+            writer, step, metrics, window_steps * batch_size, window_start)
+        if window_steps:
+          logging.info("%s", reporting.progress_line(
+              stage, step, num_steps, metrics["clips_per_second"] / batch_size, metrics,
+              headline))
+        window_step = step
         if metrics["nonfinite/streak"] >= max_nonfinite_skips:
           raise NonFiniteUpdates(
               f"{stage}: the last {int(metrics['nonfinite/streak'])} updates up to step {step} "

@@ -24,12 +24,15 @@ import optax
 from absl import logging
 from etils import epath
 
+from vqvdm_jax import checkpointing, fileio, losses, sharding, video_io
 from vqvdm_jax import config as config_lib
-from vqvdm_jax import fileio, losses, video_io
+from vqvdm_jax import workdir as workdir_lib
 from vqvdm_jax.data import pipeline
+from vqvdm_jax.inference import tokenizer as tokenizer_lib
 from vqvdm_jax.models.discriminator import Discriminator3D
 from vqvdm_jax.models.vqgan import VQGAN3D, make_vqgan
-from vqvdm_jax.training import checkpointing, loop, sharding
+from vqvdm_jax.training import loop
+from vqvdm_jax.training.optimizers import make_optimizer
 
 PyTree = Any
 
@@ -50,50 +53,10 @@ class VQGANTrainState:
   nonfinite_streak: jax.Array  # consecutive skipped (non-finite) updates up to this step
 
 
-def stage_dir(workdir: fileio.PathLike) -> epath.Path:
-  """``DIR/vqgan``; an epath, so that ``--workdir=gs://bucket/run`` keeps its scheme."""
-  return epath.Path(workdir) / "vqgan"
-
-
 def make_discriminator(config: ml_collections.ConfigDict) -> Discriminator3D:
   disc = config.vqgan.discriminator
   return Discriminator3D(channels=disc.channels, num_layers=disc.num_layers,
                          conv_impl=config.vqgan.model.conv_impl)
-
-
-def warmup_schedule(learning_rate: float, warmup_steps: int, decay: str = "constant",
-                    total_steps: int = 0, final_fraction: float = 0.0) -> optax.Schedule:
-  """Linear warm-up to ``learning_rate`` over ``warmup_steps`` updates (the first is not 0), then
-  constant, or with ``decay='cosine'`` a half-cosine down to ``final_fraction * learning_rate``
-  at ``total_steps``. Short runs gain from the decay: the last updates average out their noise."""
-  warmup_steps = max(warmup_steps, 1)
-
-  def warmup(count):
-    return learning_rate * jnp.minimum(1.0, (count + 1) / warmup_steps)
-
-  if decay == "constant":
-    return warmup
-  cosine = optax.cosine_decay_schedule(learning_rate, max(total_steps - warmup_steps, 1),
-                                       alpha=final_fraction)
-  return optax.join_schedules([warmup, cosine], [warmup_steps])
-
-
-def make_optimizer(learning_rate: float, optim: ml_collections.ConfigDict,
-                   total_steps: int = 0) -> optax.GradientTransformation:
-  """Adam(W) with linear warm-up, ``optim.lr_decay`` over ``total_steps``, optional clipping."""
-  chain = []
-  if optim.grad_clip_norm > 0:
-    chain.append(optax.clip_by_global_norm(optim.grad_clip_norm))
-  schedule = warmup_schedule(learning_rate, optim.warmup_steps, optim.lr_decay, total_steps,
-                             optim.final_learning_rate_fraction)
-  chain.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay))
-  return optax.chain(*chain)
-
-
-def dummy_video(config: ml_collections.ConfigDict, batch_size: int = 1) -> jax.Array:
-  data = config.data
-  return jnp.zeros((batch_size, data.num_frames, data.resolution, data.resolution, 3),
-                   jnp.float32)
 
 
 def init_train_state(config: ml_collections.ConfigDict, model: VQGAN3D,
@@ -101,7 +64,7 @@ def init_train_state(config: ml_collections.ConfigDict, model: VQGAN3D,
                      disc_tx: optax.GradientTransformation) -> VQGANTrainState:
   rng = jax.random.PRNGKey(config.seed)
   init_rng, quantizer_rng, disc_rng, state_rng = jax.random.split(rng, 4)
-  video = dummy_video(config)
+  video = tokenizer_lib.dummy_video(config)
   variables = model.init({"params": init_rng, "quantizer": quantizer_rng}, video)
   params = variables["params"]
   disc_params = discriminator.init(disc_rng, video)["params"]
@@ -263,7 +226,7 @@ class VQGANTrainer:
                devices: list | None = None):
     config_lib.validate(config)
     self.config = config
-    self.workdir = stage_dir(workdir)
+    self.workdir = workdir_lib.vqgan_dir(workdir)
     self.mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch_size(config.vqgan.train.batch_size, self.mesh, "vqgan.train.batch_size")
     self.model = make_vqgan(config)
@@ -320,7 +283,7 @@ class VQGANTrainer:
 
 def eval_params(state: VQGANTrainState, config: ml_collections.ConfigDict) -> PyTree:
   """The weights evaluation uses: the EMA copy when it is kept, else the raw parameters."""
-  return state.ema_params if config.vqgan.optim.ema_decay > 0 else state.params
+  return getattr(state, tokenizer_lib.weights_field(config))
 
 
 def write_reconstructions(trainer: VQGANTrainer, state: VQGANTrainState,
@@ -334,7 +297,12 @@ def write_reconstructions(trainer: VQGANTrainer, state: VQGANTrainState,
 
 
 def train_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike) -> VQGANTrainState:
-  """Trains stage 1 to ``config.vqgan.train.num_steps``, resuming from the workdir if it can."""
+  """Trains stage 1 to ``config.vqgan.train.num_steps``, resuming from the workdir if it can.
+
+  The workdir records the config on its first run; a config whose model fields differ from
+  the record stops here, before anything is restored or written.
+  """
+  workdir_lib.check_or_record_config(config, workdir, write=jax.process_index() == 0)
   trainer = VQGANTrainer(config, workdir)
   train = config.vqgan.train
   data_iterator = pipeline.train_iterator(config.data, train.batch_size, config.seed)
@@ -359,61 +327,6 @@ def train_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike) -> 
       checkpointer=trainer.checkpointer, num_steps=train.num_steps, log_every=train.log_every,
       batch_size=train.batch_size, summary_dir=trainer.workdir / "summaries",
       max_nonfinite_skips=config.run.max_nonfinite_skips,
-      learning_rate_field="vqgan.optim.learning_rate", on_step=write_eval)
-
-
-class Tokenizer:
-  """A trained stage-1 model for stage 2: clips -> latents, latents -> clips (jitted)."""
-
-  def __init__(self, config: ml_collections.ConfigDict, model: VQGAN3D, params: PyTree,
-               quantizer_state: PyTree, step: int):
-    self.config, self.model, self.step = config, model, step
-    self.variables = {"params": params, "quantizer_state": quantizer_state}
-    quantize_latents = config.diffusion.latents.source == "quantized"
-
-    @jax.jit
-    def encode(variables, video_uint8):
-      latent = model.apply(variables, pipeline.to_model_input(video_uint8),
-                           method=VQGAN3D.encode)
-      if quantize_latents:
-        latent = model.apply(variables, latent, method=VQGAN3D.quantize).quantized
-      return latent
-
-    @jax.jit
-    def decode(variables, latent):
-      quantized = model.apply(variables, latent, method=VQGAN3D.quantize).quantized
-      return pipeline.to_uint8(model.apply(variables, quantized, method=VQGAN3D.decode))
-
-    self._encode, self._decode = encode, decode
-
-  def encode_for_diffusion(self, video_uint8: np.ndarray) -> np.ndarray:
-    """uint8 clips -> the latents stage 2 learns (quantized or not, per the config)."""
-    return np.asarray(jax.device_get(self._encode(self.variables, jnp.asarray(video_uint8))))
-
-  def decode_latents(self, latent: jax.Array) -> jax.Array:
-    """Unscaled latents -> quantized -> decoded uint8 clips (VQ-VDM's sampling path)."""
-    return self._decode(self.variables, latent)
-
-
-def restore_tokenizer(config: ml_collections.ConfigDict, workdir: fileio.PathLike) -> Tokenizer:
-  """The latest stage-1 checkpoint of ``workdir`` as a :class:`Tokenizer`; fails clearly if none."""
-  model = make_vqgan(config)
-  discriminator = make_discriminator(config)
-  optim = config.vqgan.optim
-  gen_tx = make_optimizer(optim.learning_rate, optim, config.vqgan.train.num_steps)
-  disc_tx = make_optimizer(optim.disc_learning_rate, optim, config.vqgan.train.num_steps)
-  directory = stage_dir(workdir) / "checkpoints"
-  checkpointer = checkpointing.Checkpointer(directory, config.vqgan.train.checkpoint_every,
-                                            config.vqgan.train.keep_checkpoints)
-  abstract = jax.eval_shape(functools.partial(init_train_state, config, model, discriminator,
-                                              gen_tx, disc_tx))
-  replicated = sharding.replicated(sharding.make_mesh(config.mesh))
-  state = checkpointer.restore(sharding.abstract_with_shardings(
-      abstract, sharding.tree_shardings(abstract, replicated)))
-  checkpointer.close()
-  if state is None:
-    raise FileNotFoundError(
-        f"No stage-1 checkpoint in {directory}. Train the tokenizer first: "
-        f"python -m vqvdm_jax.main --config=... --workdir={workdir} --mode=train_vqgan")
-  return Tokenizer(config, model, eval_params(state, config), state.quantizer_state,
-                   int(jax.device_get(state.step)))
+      learning_rate_field="vqgan.optim.learning_rate", config=config,
+      headline=("loss/l2", "loss/lpips", "loss/vq", "codebook/usage", "loss/discriminator"),
+      on_step=write_eval)

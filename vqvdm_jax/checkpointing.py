@@ -1,7 +1,9 @@
 """Every Orbax call of the project: save and restore a train state with its input iterator.
 
-The rest of the code sees ``Checkpointer.save(step, state, data_iterator)`` and
-``Checkpointer.restore(abstract_state, data_iterator)``. Saves are atomic (Orbax writes to a
+The trainers see ``Checkpointer.save(step, state, data_iterator)`` and
+``Checkpointer.restore(abstract_state, data_iterator)``; loading a trained model for inference
+sees :func:`restore_fields`, which reads some fields of a saved state (weights, not optimizer
+moments) without knowing the rest. Saves are atomic (Orbax writes to a
 temporary directory and renames), so an interrupted save never corrupts an earlier checkpoint.
 """
 
@@ -77,3 +79,38 @@ class Checkpointer:
     self._manager.wait_until_finished()
     self._manager.close()
     self._closed = True
+
+
+def checkpoint_steps(directory: fileio.PathLike) -> list[int]:
+  """The steps of the finished checkpoints in ``directory`` (none if it does not exist)."""
+  directory = fileio.absolute(directory)
+  if not directory.exists():
+    return []
+  return list(ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False)).all_steps())
+
+
+def restore_fields(directory: fileio.PathLike, abstract_fields: dict[str, Any],
+                   step: int | None = None) -> tuple[dict[str, Any], int] | None:
+  """Some top-level fields of a saved train state, and the step; None without a checkpoint.
+
+  ``abstract_fields`` maps field names (``params``, ``ema_params``, ...) to pytrees of
+  ``jax.ShapeDtypeStruct``s with shardings; the arrays are read straight into those shardings.
+  The other fields (optimizer states, discriminator) are neither read nor built.
+  """
+  directory = fileio.absolute(directory)
+  steps = checkpoint_steps(directory)
+  if not steps:
+    return None
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    raise FileNotFoundError(f"{directory} has no checkpoint of step {step}; it has steps "
+                            f"{sorted(steps)}.")
+  abstract_fields = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_fields)
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=abstract_fields, restore_args=ocp.checkpoint_utils.construct_restore_args(
+          abstract_fields), partial_restore=True)))
+  manager.close()
+  return dict(restored["state"]), step

@@ -1,0 +1,153 @@
+"""A trained stage-1 tokenizer: videos <-> quantized latents and code indices.
+
+:func:`load_tokenizer` rebuilds the 3D VQGAN from a workdir's recorded config and reads only
+its weights (the EMA copy when the run kept one) and quantizer state from the latest (or a
+chosen) checkpoint: no discriminator, no optimizer, no trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vqvdm_jax import checkpointing, fileio, runtime, sharding
+from vqvdm_jax import workdir as workdir_lib
+from vqvdm_jax.data import pipeline
+from vqvdm_jax.models.vqgan import VQGAN3D, make_vqgan
+
+PyTree = Any
+
+
+def weights_field(config: ml_collections.ConfigDict) -> str:
+  """The saved weights evaluation and sampling use: the EMA copy when the run kept one."""
+  return "ema_params" if config.vqgan.optim.ema_decay > 0 else "params"
+
+
+def dummy_video(config: ml_collections.ConfigDict, batch_size: int = 1) -> jax.Array:
+  data = config.data
+  return jnp.zeros((batch_size, data.num_frames, data.resolution, data.resolution, 3),
+                   jnp.float32)
+
+
+def init_variables(config: ml_collections.ConfigDict, model: VQGAN3D, rng: jax.Array) -> PyTree:
+  """The VQGAN's initial ``{'params', 'quantizer_state'}``."""
+  init_rng, quantizer_rng = jax.random.split(rng)
+  variables = model.init({"params": init_rng, "quantizer": quantizer_rng}, dummy_video(config))
+  return {"params": variables["params"],
+          "quantizer_state": variables.get("quantizer_state", {})}
+
+
+class Tokenizer:
+  """Stage 1 for users and for stage 2. Videos are uint8 ``[B, T, H, W, 3]``.
+
+  ``encode`` -> quantized latents ``[B, t, h, w, c]``, ``decode`` <- quantized latents (or any
+  latents: they are quantized first) or code indices ``[B, t, h, w]``; ``reconstruct`` is
+  both. The jitted functions compile once per input shape.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, params: PyTree,
+               quantizer_state: PyTree, step: int, model: VQGAN3D | None = None):
+    self.config, self.step = config, step
+    self.model = make_vqgan(config) if model is None else model
+    self.variables = {"params": params, "quantizer_state": quantizer_state}
+    model, quantize_latents = self.model, config.diffusion.latents.source == "quantized"
+
+    def quantize(variables, latent):
+      return model.apply(variables, latent, method=VQGAN3D.quantize).quantized
+
+    def to_video(variables, quantized):
+      return pipeline.to_uint8(model.apply(variables, quantized, method=VQGAN3D.decode))
+
+    def encoder_latent(variables, video_uint8):
+      return model.apply(variables, pipeline.to_model_input(video_uint8), method=VQGAN3D.encode)
+
+    def for_diffusion(variables, video_uint8):
+      latent = encoder_latent(variables, video_uint8)
+      return quantize(variables, latent) if quantize_latents else latent
+
+    self._encode = jax.jit(lambda v, x: quantize(v, encoder_latent(v, x)))
+    self._for_diffusion = jax.jit(for_diffusion)
+    self._decode_latents = jax.jit(lambda v, z: to_video(v, quantize(v, z)))
+    self._encode_indices = jax.jit(lambda v, x: model.apply(
+        v, pipeline.to_model_input(x), method=VQGAN3D.encode_to_indices))
+    self._decode_indices = jax.jit(lambda v, i: pipeline.to_uint8(model.apply(
+        v, i, method=VQGAN3D.decode_from_indices)))
+
+  def encode(self, videos: np.ndarray) -> np.ndarray:
+    """uint8 videos ``[B, T, H, W, 3]`` -> quantized latents ``[B, t, h, w, c]`` float32."""
+    return np.asarray(jax.device_get(self._encode(self.variables, _videos(videos))))
+
+  def encode_to_indices(self, videos: np.ndarray) -> np.ndarray:
+    """uint8 videos -> code indices ``[B, t, h, w]`` int32."""
+    return np.asarray(jax.device_get(self._encode_indices(self.variables, _videos(videos))))
+
+  def decode(self, codes: np.ndarray) -> np.ndarray:
+    """Latents ``[B, t, h, w, c]`` (quantized first) or indices ``[B, t, h, w]`` -> uint8 videos."""
+    codes = np.asarray(codes)
+    if np.issubdtype(codes.dtype, np.integer):
+      return np.asarray(jax.device_get(self._decode_indices(self.variables, codes)))
+    return np.asarray(jax.device_get(self.decode_latents(codes)))
+
+  def reconstruct(self, videos: np.ndarray) -> np.ndarray:
+    """uint8 videos -> encoded, quantized and decoded uint8 videos."""
+    return self.decode(self.encode(videos))
+
+  def encode_for_diffusion(self, videos: np.ndarray) -> np.ndarray:
+    """uint8 clips -> the latents stage 2 learns (``diffusion.latents.source``)."""
+    return np.asarray(jax.device_get(self._for_diffusion(self.variables, _videos(videos))))
+
+  def decode_latents(self, latent: jax.Array) -> jax.Array:
+    """Unscaled latents -> quantized -> decoded uint8 clips (VQ-VDM's sampling path), on device."""
+    return self._decode_latents(self.variables, latent)
+
+
+def _videos(videos: np.ndarray) -> jax.Array:
+  videos = np.asarray(videos)
+  if videos.ndim != 5 or videos.shape[-1] != 3 or videos.dtype != np.uint8:
+    raise ValueError(f"Expected uint8 videos [B, T, H, W, 3], got {videos.dtype} "
+                     f"{videos.shape}.")
+  return jnp.asarray(videos)
+
+
+def resolve_config(workdir: fileio.PathLike,
+                   config: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
+  """``config`` checked against the workdir's record, or the record itself."""
+  if config is None:
+    config = workdir_lib.read_config(workdir)
+    if config is None:
+      raise FileNotFoundError(
+          f"{workdir} has no {workdir_lib.CONFIG_FILE}: it is not a vqvdm_jax workdir, or it "
+          f"was trained before workdirs recorded their config; pass config= (the config it was "
+          f"trained with).")
+    return config
+  workdir_lib.check_or_record_config(config, workdir, write=False)
+  return config
+
+
+def load_tokenizer(workdir: fileio.PathLike, step: int | None = None,
+                   config: ml_collections.ConfigDict | None = None,
+                   devices: list | None = None) -> Tokenizer:
+  """The stage-1 tokenizer of ``workdir`` (latest checkpoint, or ``step``), replicated over
+  ``devices`` (default: all). ``config`` defaults to the workdir's record."""
+  runtime.configure_jax()  # the random-number settings every run uses, so seeds agree
+  config = resolve_config(workdir, config)
+  model = make_vqgan(config)
+  abstract = jax.eval_shape(lambda: init_variables(config, model, jax.random.PRNGKey(0)))
+  field = weights_field(config)
+  replicated = sharding.replicated(sharding.make_mesh(config.mesh, devices))
+  wanted = {field: abstract["params"], "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  if jax.tree.leaves(abstract["quantizer_state"]):
+    wanted["quantizer_state"] = abstract["quantizer_state"]
+  wanted = sharding.abstract_with_shardings(wanted, sharding.tree_shardings(wanted, replicated))
+  directory = workdir_lib.vqgan_dir(workdir) / "checkpoints"
+  restored = checkpointing.restore_fields(directory, wanted, step)
+  if restored is None:
+    raise FileNotFoundError(
+        f"{workdir} has no stage-1 checkpoint (in {directory}); train the tokenizer first: "
+        f"python -m vqvdm_jax.main --workdir={workdir} --mode=train_vqgan")
+  fields, step = restored
+  return Tokenizer(config, fields[field], fields.get("quantizer_state", {}), step, model)
