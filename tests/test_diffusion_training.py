@@ -29,7 +29,7 @@ def test_train_mode_runs_both_stages_and_writes_samples(pipeline_run):
   config, workdir = pipeline_run
   assert (workdir / "vqgan" / "checkpoints" / "4").exists()
   assert (workdir / "diffusion" / "checkpoints" / "4").exists()
-  samples = workdir / "samples"
+  samples = workdir / "samples" / "000"  # the first invocation's folder
   info = json.loads((samples / "samples.json").read_text())
   assert info["num_videos"] == config.diffusion.sample.num_videos
   assert info["labels"] == [0, 1, 2, 3]  # label -1 cycles through the classes

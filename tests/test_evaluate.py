@@ -39,7 +39,7 @@ def test_evaluate_mode_is_registered():
 
 def test_results_json_carries_the_numbers_and_every_protocol_field(trained):
   config, workdir, results = trained
-  written = json.loads((workdir / "eval" / "results.json").read_text())
+  written = json.loads((workdir / "eval" / "000" / "results.json").read_text())
   assert written == results
   assert np.isfinite(written["fvd"]) and written["fvd"] >= 0 and np.isfinite(written["kvd"])
   assert written["inception_score"] is None and "c3d_weights" in written["inception_score_skipped"]
@@ -91,6 +91,9 @@ def test_inception_score_uses_the_named_c3d_file_and_the_reference_cache(trained
   assert "inception_score_skipped" not in results
   # The same seed and checkpoint give the same FVD set, hence the same FVD.
   assert results["fvd"] == pytest.approx(first["fvd"], rel=1e-6)
+  # Each evaluation writes its own folder: the first results file is still the first's.
+  assert json.loads((workdir / "eval" / "000" / "results.json").read_text()) == first
+  assert json.loads((workdir / "eval" / "001" / "results.json").read_text()) == results
 
 
 def test_evaluate_vqgan_adds_rfvd_of_reconstructions(trained):

@@ -81,7 +81,7 @@ print(json.dumps({{"step": model.step, "tokenizer_step": model.tokenizer.step,
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report == {"step": 5, "tokenizer_step": 5, "training_imported": []}
-  written = np.load(workdir / "samples" / "videos.npz")
+  written = np.load(workdir / "samples" / "000" / "videos.npz")
   np.testing.assert_array_equal(np.load(tmp_path / "videos.npy"), written["videos"])
   assert written["labels"].tolist() == [0, 1, 2, 3]
 
@@ -156,14 +156,17 @@ def test_a_conflicting_model_field_stops_naming_it_and_changes_nothing(workdir):
 def test_sample_mode_with_the_workdir_alone(workdir, tmp_path):
   copy = tmp_path / "copy"
   shutil.copytree(workdir, copy)
-  shutil.rmtree(copy / "samples")
+  first = snapshot(copy / "samples" / "000")
   result = subprocess.run(
       [sys.executable, "-m", "vqvdm_jax.main", f"--workdir={copy}", "--mode=sample",
        "--config.diffusion.sample.label=2", "--config.diffusion.sample.num_videos=2"],
       capture_output=True, text=True, cwd=tmp_path, env=subprocess_environment(), timeout=400)
   assert result.returncode == 0, result.stderr[-3000:]
-  info = json.loads((copy / "samples" / "samples.json").read_text())
-  assert info["labels"] == [2, 2] and info["step"] == 5
+  # A second invocation: its own folder; the first one's outputs stay as they were.
+  assert snapshot(copy / "samples" / "000") == first
+  info = json.loads((copy / "samples" / "001" / "samples.json").read_text())
+  assert info["labels"] == [2, 2] and info["step"] == 5 and info["num_videos"] == 2
+  assert len(list((copy / "samples" / "001").glob("video_*.mp4"))) == 2
 
 
 def test_evaluate_vqgan_with_the_recorded_config(workdir):

@@ -91,7 +91,7 @@ def test_demo_notebook_trains_both_stages_and_shows_samples(demo_run):
   assert f"Diffusion model trained to step {STEPS}." in text
   assert (workdir / "vqgan" / "checkpoints" / str(STEPS)).exists()
   assert (workdir / "diffusion" / "checkpoints" / str(STEPS)).exists()
-  info = json.loads((workdir / "samples" / "samples.json").read_text())
+  info = json.loads((workdir / "samples" / "000" / "samples.json").read_text())
   assert (info["step"], info["num_videos"], info["num_steps"]) == (STEPS, 4, COMMON["SAMPLE_STEPS"])
   assert count_videos(displays) == (2, 4)  # reconstructions and sample grid; 4 videos
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from helpers import load_config
 
-from vqvdm_jax import runtime
+from vqvdm_jax import checkpointing, runtime
 from vqvdm_jax.training import diffusion_trainer, loop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,10 +84,11 @@ def test_a_run_killed_at_a_random_moment_resumes_to_the_uninterrupted_result(tmp
     np.testing.assert_array_equal(got, want)
 
 
-def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_and_ctrl_c_save_the_current_step_and_exit_cleanly(tmp_path, signum):
   process = _start(tmp_path, 100_000, tmp_path / "run.log")
   _wait_for(tmp_path / "vqgan" / "checkpoints" / "2", process)
-  process.send_signal(signal.SIGTERM)
+  process.send_signal(signum)
   assert process.wait(timeout=120) == 0
   log = (tmp_path / "run.log").read_text()
   assert "Preempted at step" in log, log[-3000:]
@@ -165,3 +166,57 @@ def test_nonfinite_updates_are_skipped_and_too_many_stop_the_run(tmp_path):
                     checkpointer=trainer.checkpointer, num_steps=50, log_every=1,
                     batch_size=8, summary_dir=tmp_path / "summaries", max_nonfinite_skips=3,
                     learning_rate_field="diffusion.optim.learning_rate")
+
+
+def _corrupt(checkpoint: Path, how: str) -> None:
+  """What an interrupted copy or a full disk leaves: a truncated data file, or no metadata."""
+  state = checkpoint / "state"
+  if how == "truncated":
+    for data_file in (state / "ocdbt.process_0" / "d").iterdir():
+      data_file.write_bytes(data_file.read_bytes()[:7])
+  else:
+    (state / "_METADATA").unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated", "no_metadata"])
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, how, caplog):
+  config = load_config("tiny")
+  from vqvdm_jax.training import vqgan_trainer
+  trainers = {"vqgan": vqgan_trainer.VQGANTrainer(config, tmp_path, devices=jax.devices()[:1]),
+              "diffusion": _diffusion_trainer(tmp_path)[1]}
+  initial = {"vqgan": trainers["vqgan"].initial_state(),
+             "diffusion": trainers["diffusion"].initial_state(1.0, 0)}
+  for stage, trainer in trainers.items():
+    for step in (2, 4):
+      trainer.checkpointer.save(step, initial[stage].replace(step=jax.numpy.asarray(step)),
+                                force=True)
+    trainer.checkpointer.close()
+    _corrupt(tmp_path / stage / "checkpoints" / "4", how)
+
+  reopened = {"vqgan": vqgan_trainer.VQGANTrainer(config, tmp_path, devices=jax.devices()[:1]),
+              "diffusion": _diffusion_trainer(tmp_path)[1]}
+  restored = {"vqgan": reopened["vqgan"].restore_or_init(),
+              "diffusion": reopened["diffusion"].restore()}
+  for stage, trainer in reopened.items():
+    trainer.checkpointer.close()
+    assert int(restored[stage].step) == 2, stage
+    for got, want in zip(jax.tree.leaves(jax.device_get(restored[stage].params)),
+                         jax.tree.leaves(jax.device_get(initial[stage].params)), strict=True):
+      np.testing.assert_array_equal(got, want)
+    checkpoints = tmp_path / stage / "checkpoints"
+    assert (checkpoints / "4.unrestorable").is_dir() and not (checkpoints / "4").exists()
+    warnings = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+    assert any(f"step 4 in {checkpoints}" in message for message in warnings), warnings
+
+
+def test_no_restorable_checkpoint_is_one_clear_error(tmp_path):
+  _, trainer = _diffusion_trainer(tmp_path)
+  trainer.checkpointer.save(2, trainer.initial_state(1.0, 0), force=True)
+  trainer.checkpointer.close()
+  _corrupt(tmp_path / "diffusion" / "checkpoints" / "2", "truncated")
+  _, reopened = _diffusion_trainer(tmp_path)
+  with pytest.raises(checkpointing.UnrestorableCheckpointError,
+                     match=r"No checkpoint in .* can be restored \(step 2: .*\)"):
+    reopened.restore()
+  reopened.checkpointer.close()
+  assert (tmp_path / "diffusion" / "checkpoints" / "2.unrestorable").is_dir()  # kept

@@ -195,9 +195,9 @@ def test_train_mode_checkpoints_and_resumes_in_a_gs_workdir(fake_gcs, monkeypatc
   assert (root / "vqgan" / "reconstructions" / "step_0000002.mp4").exists()
   assert len(latents_lib.LatentCache(latents_lib.cache_directory(WORKDIR, 2))) == (
       config.data.num_train_clips)
-  info = json.loads((root / "samples" / "samples.json").read_text())
+  info = json.loads((root / "samples" / "000" / "samples.json").read_text())
   assert info["step"] == 2
-  assert len(list((root / "samples").glob("video_*.mp4"))) == config.diffusion.sample.num_videos
+  assert len(list((root / "samples" / "000").glob("video_*.mp4"))) == config.diffusion.sample.num_videos
   assert os.listdir(fake_gcs.path(root / "vqgan" / "summaries"))  # TensorBoard event files
 
   def must_resume(*args):

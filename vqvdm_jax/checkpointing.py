@@ -16,7 +16,19 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from vqvdm_jax import config as config_lib
 from vqvdm_jax import fileio
+
+
+class UnrestorableCheckpointError(config_lib.UserError):
+  """Every checkpoint of a directory failed to restore; the message lists why, step by step."""
+
+
+def _short_reason(error: Exception) -> str:
+  """The last line of an Orbax/TensorStore error, which names the file and the problem."""
+  lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+  reason = lines[-1] if lines else type(error).__name__
+  return f"{type(error).__name__}: {reason[:300]}"
 
 
 class Checkpointer:
@@ -57,17 +69,46 @@ class Checkpointer:
 
     ``abstract_state`` is a pytree of arrays or ``jax.ShapeDtypeStruct``s with shardings; the
     restored arrays take those shardings. The iterator, if given, is moved to its saved position.
+
+    Without ``step``, a newest checkpoint that cannot be read (a truncated file, a missing
+    ``_METADATA``: a disk filled up, a copy interrupted) is reported in one warning, moved aside
+    to ``<step>.unrestorable`` (kept, never deleted, and out of the way of new saves) and the
+    previous one is restored; :class:`UnrestorableCheckpointError` when none can be.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      return None
     abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    if step is not None:
+      return self._restore_step(step, items)
+    failures = []
+    for candidate in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        return self._restore_step(candidate, items)
+      except Exception as error:  # noqa: BLE001 -- any failure to read means: try an older one
+        reason = _short_reason(error)
+        failures.append(f"step {candidate}: {reason}")
+        moved = self._move_aside(candidate)
+        logging.warning("The checkpoint of step %d in %s cannot be restored (%s); moved to %s, "
+                        "trying the previous one.", candidate, self.directory, reason, moved)
+    if failures:
+      raise UnrestorableCheckpointError(
+          f"No checkpoint in {self.directory} can be restored ({'; '.join(failures)}). They are "
+          f"kept as <step>.unrestorable; start in a new --workdir or repair them.")
+    return None
+
+  def _restore_step(self, step: int, items: dict) -> Any:
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     logging.info("Restored checkpoint of step %d from %s.", step, self.directory)
     return restored["state"]
+
+  def _move_aside(self, step: int) -> Any:
+    source = self.directory / str(step)
+    target = self.directory / f"{step}.unrestorable"
+    if jax.process_index() == 0 and source.exists():
+      source.rename(target)
+    self._manager.reload()
+    return target
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
@@ -102,15 +143,26 @@ def restore_fields(directory: fileio.PathLike, abstract_fields: dict[str, Any],
   steps = checkpoint_steps(directory)
   if not steps:
     return None
-  if step is None:
-    step = max(steps)
-  elif step not in steps:
-    raise FileNotFoundError(f"{directory} has no checkpoint of step {step}; it has steps "
-                            f"{sorted(steps)}.")
+  if step is not None and step not in steps:
+    raise config_lib.MissingCheckpointError(
+        f"{directory} has no checkpoint of step {step}; it has steps {sorted(steps)}.")
   abstract_fields = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_fields)
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+  args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item=abstract_fields, restore_args=ocp.checkpoint_utils.construct_restore_args(
-          abstract_fields), partial_restore=True)))
-  manager.close()
-  return dict(restored["state"]), step
+          abstract_fields), partial_restore=True))
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    if step is not None:
+      return dict(manager.restore(step, args=args)["state"]), step
+    failures = []
+    for candidate in sorted(steps, reverse=True):  # like Checkpointer.restore, but read-only
+      try:
+        return dict(manager.restore(candidate, args=args)["state"]), candidate
+      except Exception as error:  # noqa: BLE001 -- any failure to read means: try an older one
+        failures.append(f"step {candidate}: {_short_reason(error)}")
+        logging.warning("The checkpoint of step %d in %s cannot be restored (%s); trying the "
+                        "previous one.", candidate, directory, _short_reason(error))
+    raise UnrestorableCheckpointError(
+        f"No checkpoint in {directory} can be restored ({'; '.join(failures)}).")
+  finally:
+    manager.close()

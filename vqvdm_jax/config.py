@@ -246,8 +246,17 @@ _SAMPLERS = ("ddpm", "ddim")
 _LATENT_SOURCES = ("quantized", "encoder")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+  """A problem the user can fix (config, workdir, data); the entry point prints the message
+  alone, without a traceback, and exits with status 2."""
+
+
+class ConfigError(UserError, ValueError):
   """A config value is unknown or inconsistent; the message names the field and the fix."""
+
+
+class MissingCheckpointError(UserError, FileNotFoundError):
+  """A workdir lacks what a mode needs (a record, a stage's checkpoint); says how to make it."""
 
 
 def _require(condition: bool, field: str, message: str) -> None:
@@ -351,7 +360,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"must be >= 0 (0: every frame), got {config.vqgan.loss.lpips_frames}.")
   train = config.vqgan.train
   _require(train.batch_size >= 1, "vqgan.train.batch_size", f"must be >= 1, got {train.batch_size}.")
-  for field in ("log_every", "checkpoint_every", "eval_every"):
+  for field in ("num_steps", "log_every", "checkpoint_every", "eval_every"):
     _require(train[field] >= 1, f"vqgan.train.{field}", f"must be >= 1, got {train[field]}.")
   _validate_diffusion(config)
   _validate_evaluation(config)
@@ -431,8 +440,11 @@ def _validate_diffusion(config: ml_collections.ConfigDict) -> None:
   dtrain = diffusion.train
   _require(dtrain.batch_size >= 1, "diffusion.train.batch_size",
            f"must be >= 1, got {dtrain.batch_size}.")
-  for field in ("log_every", "checkpoint_every"):
+  for field in ("num_steps", "log_every", "checkpoint_every"):
     _require(dtrain[field] >= 1, f"diffusion.train.{field}", f"must be >= 1, got {dtrain[field]}.")
+  for field in ("num_videos", "batch_size"):
+    _require(diffusion.sample[field] >= 1, f"diffusion.sample.{field}",
+             f"must be >= 1, got {diffusion.sample[field]}.")
 
 
 def _validate_evaluation(config: ml_collections.ConfigDict) -> None:

@@ -29,6 +29,9 @@ flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0, for multi-process runs not on a TPU pod or SLURM.")
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.DEFINE_string("output_dir", None,
+                    "sample / evaluate: where to write (default: a new DIR/samples/NNN or "
+                    "DIR/eval/NNN, so that no invocation overwrites another's outputs).")
 flags.mark_flags_as_required(["workdir"])
 
 RECORDED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recorded_config.py")
@@ -43,12 +46,28 @@ def parse_flags(argv: list[str]) -> list[str]:
     argv = [argv[0], f"--config={RECORDED_CONFIG}:{workdir}", *argv[1:]]
   try:
     return FLAGS(argv)
-  except flags.Error as error:
-    sys.stderr.write(f"{error}\nPass --help for the flags.\n")
-    sys.exit(1)
+  except (flags.Error, AttributeError, OSError, ValueError, TypeError) as error:
+    # ml_collections raises these while loading --config and applying --config.* overrides.
+    sys.stderr.write(f"Error: {_flag_error_message(error, argv)}\n")
+    sys.exit(2)
 
 
-def run(mode: str, config, workdir: str) -> None:
+def _flag_error_message(error: Exception, argv: list[str]) -> str:
+  message = str(error).strip()
+  if isinstance(error, AttributeError):  # an override naming a field the config lacks
+    field = message.strip("\"'")
+    named = [arg.partition("=")[0] for arg in argv if arg.startswith("--config.")
+             and f".{field}" in arg.partition("=")[0]]
+    return (f"{named[0] if named else 'a --config.* override'}: the config has no field "
+            f"{field!r}; see README (Running) or the config file for the fields.")
+  if "Failed loading config file" in message or "No such file" in message:
+    return (f"could not load the config file ({message.splitlines()[-1].strip()}); pass "
+            f"--config=configs/NAME.py[:VARIANT].")
+  message = message.splitlines()[-1] if len(message) > 400 else message
+  return message.removeprefix("ValueError: ")
+
+
+def run(mode: str, config, workdir: str, output_dir: str | None = None) -> None:
   if mode not in MODES:
     raise ValueError(f"--mode={mode!r} is not one of {MODES}.")
   config_lib.validate(config)
@@ -62,6 +81,21 @@ def run(mode: str, config, workdir: str) -> None:
       real.check_prepared(config.data)
     except real.DatasetNotPreparedError as error:
       raise config_lib.ConfigError(str(error)) from error
+  if mode in ("sample", "evaluate", "evaluate_vqgan", "train_diffusion"):
+    workdir_lib.require_checkpoints(workdir, "vqgan")
+  if mode in ("sample", "evaluate"):
+    workdir_lib.require_checkpoints(workdir, "diffusion")
+  # Where this invocation writes, checked before anything compiles or samples.
+  samples_dir = output_dir if mode == "sample" and output_dir else None
+  if mode in ("train", "sample") and samples_dir is None:
+    samples_dir = workdir_lib.new_output_dir(workdir_lib.samples_dir(workdir))
+  eval_dir = None
+  if mode == "evaluate":
+    eval_dir = output_dir or workdir_lib.new_output_dir(workdir_lib.eval_dir(workdir))
+  for directory in (workdir if mode.startswith("train") else None, samples_dir, eval_dir,
+                    workdir_lib.vqgan_dir(workdir) if mode == "evaluate_vqgan" else None):
+    if directory is not None:
+      workdir_lib.check_writable(directory)
   runtime.configure_jax()
   # Imports are per mode so `--help` and config errors answer before JAX compiles anything.
   if mode in ("train", "train_vqgan"):
@@ -77,10 +111,10 @@ def run(mode: str, config, workdir: str) -> None:
     train_diffusion(config, workdir)
   if mode in ("train", "sample"):
     from vqvdm_jax.inference.model import load
-    load(workdir, config=config).write_samples(workdir_lib.samples_dir(workdir))
+    load(workdir, config=config).write_samples(samples_dir)
   if mode == "evaluate":
     from vqvdm_jax.evaluation.evaluate import evaluate
-    evaluate(config, workdir)
+    evaluate(config, workdir, out_dir=eval_dir)
 
 
 def main(argv: list[str]) -> None:
@@ -90,12 +124,19 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.INFO)  # the project's progress; --verbosity=1 adds libraries'
   runtime.quiet_library_logs()
   try:
-    config_lib.validate(FLAGS.config)  # before the distributed runtime waits for its peers
+    config = FLAGS.config
+    config.get("seed")  # a config file that failed to load raises what went wrong here
+  except (OSError, AttributeError, ValueError, TypeError) as error:
+    sys.stderr.write(f"Error: {_flag_error_message(error, sys.argv)}\n")
+    sys.exit(2)
+  try:
+    config_lib.validate(config)  # before the distributed runtime waits for its peers
     runtime.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                    FLAGS.process_id)
-    run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
-  except config_lib.ConfigError as error:
-    raise app.UsageError(str(error)) from error
+    run(FLAGS.mode, config, FLAGS.workdir, FLAGS.output_dir)
+  except config_lib.UserError as error:  # what the user can fix: the message, no traceback
+    sys.stderr.write(f"Error: {error}\n")
+    sys.exit(2)
   except runtime.Preempted as preempted:
     logging.warning("%s", preempted)  # a clean stop: the checkpoint is written
 

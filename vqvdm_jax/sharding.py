@@ -17,6 +17,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vqvdm_jax import config as config_lib
+
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
   """A mesh of ``mesh_config.shape`` (-1: the remaining devices) with Auto axis types.
@@ -118,8 +120,9 @@ def from_replicated_host_data(tree: Any, sharding: NamedSharding) -> Any:
 def check_batch_size(batch_size: int, mesh: Mesh, field: str) -> None:
   size = data_parallel_size(mesh)
   if batch_size % size:
-    raise ValueError(f"config.{field}={batch_size} is not divisible by the {size} devices of the "
-                     f"mesh's data axis; use a multiple of {size}.")
+    raise config_lib.ConfigError(
+        f"config.{field}={batch_size} is not divisible by the {size} devices of the mesh's data "
+        f"axis; use a multiple of {size}.")
 
 
 def tree_shardings(tree: Any, sharding: NamedSharding) -> Any:

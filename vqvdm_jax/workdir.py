@@ -9,6 +9,7 @@ anything is restored or written, naming each differing field.
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import ml_collections
@@ -43,8 +44,53 @@ def diffusion_dir(workdir: fileio.PathLike) -> epath.Path:
 
 
 def samples_dir(workdir: fileio.PathLike) -> epath.Path:
-  """``DIR/samples``: what ``--mode=sample`` writes."""
+  """``DIR/samples``: one numbered folder per ``--mode=sample`` (and ``train``) invocation."""
   return epath.Path(workdir) / "samples"
+
+
+def eval_dir(workdir: fileio.PathLike) -> epath.Path:
+  """``DIR/eval``: one numbered folder per ``--mode=evaluate`` invocation."""
+  return epath.Path(workdir) / "eval"
+
+
+def new_output_dir(parent: fileio.PathLike) -> epath.Path:
+  """``parent/NNN``, the next number after every existing one: an invocation's outputs never
+  land beside (or over) an earlier invocation's."""
+  parent = epath.Path(parent)
+  taken = [int(p.name) for p in parent.iterdir() if p.name.isdigit()] if parent.exists() else []
+  return parent / f"{max(taken, default=-1) + 1:03d}"
+
+
+def require_checkpoints(workdir: fileio.PathLike, stage: str) -> None:
+  """Fails with what to run when ``stage`` ('vqgan' or 'diffusion') has no checkpoint yet."""
+  from vqvdm_jax import checkpointing  # Orbax: only for the modes that read checkpoints
+  directory = epath.Path(workdir) / stage / "checkpoints"
+  if not checkpointing.checkpoint_steps(directory):
+    step_mode = "train_vqgan" if stage == "vqgan" else "train_diffusion"
+    what = "stage-1 (tokenizer)" if stage == "vqgan" else "stage-2 (diffusion)"
+    raise config_lib.MissingCheckpointError(
+        f"{epath.Path(workdir)} has no {what} checkpoint (in {directory}); train it first: "
+        f"python -m vqvdm_jax.main --workdir={workdir} --mode={step_mode} (with --config for a "
+        f"new workdir).")
+
+
+def check_writable(directory: fileio.PathLike) -> None:
+  """Fails at start-up, before any compilation, when outputs could not be written there."""
+  directory = epath.Path(directory)
+  for parent in (directory, *directory.parents):
+    if parent.exists():
+      if not parent.is_dir():
+        raise config_lib.ConfigError(f"{parent} is a file, not a directory: choose another "
+                                     f"--workdir (or --output_dir).")
+      break
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".write_test_{uuid.uuid4().hex}"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as error:
+    raise config_lib.ConfigError(f"Cannot write to {directory} ({error.strerror or error}): "
+                                 f"choose a writable --workdir (or --output_dir).") from error
 
 
 def config_path(workdir: fileio.PathLike) -> epath.Path:

@@ -35,6 +35,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from vqvdm_jax import fileio
+from vqvdm_jax import workdir as workdir_lib
 from vqvdm_jax.data import pipeline
 from vqvdm_jax.evaluation import c3d, features, i3d, metrics
 from vqvdm_jax.inference import sampling
@@ -214,8 +215,10 @@ def protocol(config: ml_collections.ConfigDict, num_frames: int) -> dict[str, An
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
-             devices: list | None = None) -> dict[str, Any]:
-  """Samples from the latest checkpoints of ``workdir``, scores them, writes the results file."""
+             devices: list | None = None, out_dir: fileio.PathLike | None = None
+             ) -> dict[str, Any]:
+  """Samples from the latest checkpoints of ``workdir``, scores them, writes ``results.json``
+  into ``out_dir`` (default: a new ``DIR/eval/NNN``)."""
   started = time.perf_counter()
   evaluation, sample = config.evaluation, config.diffusion.sample
   model = load(workdir, config=config, devices=devices)
@@ -268,7 +271,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
       "protocol": protocol(config, int(config.data.num_frames)),
       "wall_time_s": round(time.perf_counter() - started, 1),
   })
-  out_dir = epath.Path(workdir) / "eval"
+  out_dir = epath.Path(out_dir) if out_dir else workdir_lib.new_output_dir(
+      workdir_lib.eval_dir(workdir))
   if jax.process_index() == 0:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -26,6 +26,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from vqvdm_jax import checkpointing, fileio, runtime, sharding
+from vqvdm_jax import config as config_lib
 from vqvdm_jax import workdir as workdir_lib
 from vqvdm_jax.diffusion.model import make_schedule, make_unet
 from vqvdm_jax.diffusion.schedule import DiffusionSchedule
@@ -121,7 +122,7 @@ def load(workdir: fileio.PathLike, step: int | None = None,
   restored = checkpointing.restore_fields(
       directory, sharding.abstract_with_shardings(wanted, shardings), step)
   if restored is None:
-    raise FileNotFoundError(
+    raise config_lib.MissingCheckpointError(
         f"{workdir} has no stage-2 checkpoint (in {directory}); train it first: "
         f"python -m vqvdm_jax.main --workdir={workdir} --mode=train_diffusion")
   fields, step = restored

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from vqvdm_jax import checkpointing, fileio, runtime, sharding
+from vqvdm_jax import config as config_lib
 from vqvdm_jax import workdir as workdir_lib
 from vqvdm_jax.data import pipeline
 from vqvdm_jax.models.vqgan import VQGAN3D, make_vqgan
@@ -119,7 +120,7 @@ def resolve_config(workdir: fileio.PathLike,
   if config is None:
     config = workdir_lib.read_config(workdir)
     if config is None:
-      raise FileNotFoundError(
+      raise config_lib.MissingCheckpointError(
           f"{workdir} has no {workdir_lib.CONFIG_FILE}: it is not a vqvdm_jax workdir, or it "
           f"was trained before workdirs recorded their config; pass config= (the config it was "
           f"trained with).")
@@ -146,7 +147,7 @@ def load_tokenizer(workdir: fileio.PathLike, step: int | None = None,
   directory = workdir_lib.vqgan_dir(workdir) / "checkpoints"
   restored = checkpointing.restore_fields(directory, wanted, step)
   if restored is None:
-    raise FileNotFoundError(
+    raise config_lib.MissingCheckpointError(
         f"{workdir} has no stage-1 checkpoint (in {directory}); train the tokenizer first: "
         f"python -m vqvdm_jax.main --workdir={workdir} --mode=train_vqgan")
   fields, step = restored

@@ -29,22 +29,32 @@ class NonFiniteUpdates(FloatingPointError):
 
 
 class PreemptionGuard:
-  """Turns SIGTERM (what a preempted TPU VM or a SLURM time limit sends) into a stop request.
+  """Turns SIGTERM (what a preempted TPU VM or a SLURM time limit sends) and Ctrl-C (SIGINT)
+  into a stop request: the loop saves a checkpoint after the current step and stops. A second
+  Ctrl-C stops at once (KeyboardInterrupt), without that save.
 
-  On one process the guard installs its own handler. On several, JAX's distributed runtime
-  already listens for the signal and ``reached_preemption_sync_point`` makes every process stop
+  On one process the guard installs its own handlers. On several, JAX's distributed runtime
+  already listens for SIGTERM and ``reached_preemption_sync_point`` makes every process stop
   at the same step, so that the collective checkpoint save can happen.
   """
 
   def __init__(self):
     self._requested = threading.Event()
-    self._previous = None
+    self._previous = {}
+    # Several processes must stop at the same step: there only the runtime's sync point decides.
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+      for signum in (signal.SIGINT, signal.SIGTERM):
+        self._previous[signum] = signal.signal(signum, self._on_signal)
 
   def _on_signal(self, signum, frame) -> None:
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint after the current step.")
+    del frame
+    if signum == signal.SIGINT and self._requested.is_set():
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      raise KeyboardInterrupt  # the second Ctrl-C: stop now
+    name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else "SIGTERM"
+    logging.warning("%s received: saving a checkpoint after the current step, then stopping%s.",
+                    name, "; press Ctrl-C again to stop at once" if signum == signal.SIGINT
+                    else "")
     self._requested.set()
 
   def should_stop(self, step: int) -> bool:
@@ -53,9 +63,9 @@ class PreemptionGuard:
     return self._requested.is_set()
 
   def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
 
 def keep_if(condition: jax.Array, new: Any, old: Any) -> Any:
