@@ -95,6 +95,12 @@ def test_sigterm_and_ctrl_c_save_the_current_step_and_exit_cleanly(tmp_path, sig
   stopped_at = int(log.split("Preempted at step ")[1].split(":")[0])
   assert stopped_at >= 2
   assert (tmp_path / "vqgan" / "checkpoints" / str(stopped_at)).exists()
+  # The terminal a person reads: the project's lines (progress, saves), no library INFO.
+  assert "Stage 1 step 2/100000 (0%)" in log and "steps/s, ETA" in log and "| l2 " in log, log
+  assert "Stage 1: compiling the train step ..." in log, log
+  info_lines = [line for line in log.splitlines() if line.startswith("I")]
+  assert not [line for line in info_lines if "checkpoint_manager.py" in line
+              or "async_checkpointer" in line or "logging_writer.py" in line], log
 
 
 def _diffusion_trainer(tmp_path):

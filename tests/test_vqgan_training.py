@@ -101,7 +101,23 @@ def test_training_writes_checkpoints_reconstructions_and_summaries(uninterrupted
   assert sorted(int(p.name) for p in (stage / "checkpoints").iterdir() if p.name.isdigit()) == [
       2, 4]
   assert (stage / "reconstructions" / "step_0000004.gif").exists()
-  assert list((stage / "summaries").glob("events.out.tfevents.*"))
+  # TensorBoard shows the run: losses, learning rates, the config, reconstructions.
+  from tensorboard.backend.event_processing import event_accumulator
+  events = event_accumulator.EventAccumulator(str(stage / "summaries"), size_guidance={
+      event_accumulator.TENSORS: 0, event_accumulator.IMAGES: 0})
+  events.Reload()
+  tags = events.Tags()
+  scalars = set(tags["tensors"]) | set(tags["scalars"])
+  assert {"loss/l2", "learning_rate/generator", "learning_rate/discriminator"} <= scalars, tags
+  assert "reconstructions" in set(tags["images"]) | set(tags["tensors"]), tags
+  learning_rate = [event for event in events.Tensors("learning_rate/generator")]
+  assert [event.step for event in learning_rate] == [2, 4]
+  config = load_config("tiny")  # warm-up over 1 step: the peak from the first update on
+  from tensorboard.util import tensor_util
+  assert float(tensor_util.make_ndarray(learning_rate[-1].tensor_proto)) == pytest.approx(
+      config.vqgan.optim.learning_rate)
+  plugins = events.PluginTagToContent("hparams")
+  assert plugins, "the config was not written as hparams"
 
 
 def test_evaluate_vqgan_writes_reconstruction_metrics(uninterrupted_run):

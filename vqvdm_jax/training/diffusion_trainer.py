@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from vqvdm_jax import checkpointing, fileio, sharding
+from vqvdm_jax import checkpointing, fileio, sharding, video_io
 from vqvdm_jax import config as config_lib
 from vqvdm_jax import workdir as workdir_lib
 from vqvdm_jax.data import latents as latents_lib
@@ -30,7 +30,7 @@ from vqvdm_jax.inference.model import VideoModel, init_unet_params
 from vqvdm_jax.inference.tokenizer import load_tokenizer
 from vqvdm_jax.models.unet3d import UNet3D
 from vqvdm_jax.training import loop
-from vqvdm_jax.training.optimizers import make_optimizer
+from vqvdm_jax.training.optimizers import learning_rate_schedule, make_optimizer
 
 PyTree = Any
 
@@ -170,7 +170,7 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: fileio.PathLike
   cache = latents_lib.build_or_load(config, workdir, tokenizer.step,
                                     tokenizer.encode_for_diffusion)
   trainer = DiffusionTrainer(config, workdir, cache.latent_shape)
-  train = config.diffusion.train
+  train, optim = config.diffusion.train, config.diffusion.optim
   data_iterator = latents_lib.train_iterator(cache, train.batch_size, config.seed)
   state = trainer.restore(data_iterator)
   if state is None:
@@ -192,11 +192,17 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: fileio.PathLike
                start_step, train.num_steps, trainer.mesh.size, cache.latent_shape,
                float(state.scale_factor))
 
-  def write_progress_samples(step: int, state: DiffusionTrainState) -> None:
+  def write_progress_samples(step: int, state: DiffusionTrainState, writer) -> None:
     if train.sample_every and step % train.sample_every == 0 and step < train.num_steps:
       model = VideoModel(config, tokenizer, state.ema_params, state.scale_factor,
                          state.latent_shift, step, trainer.mesh, trainer.unet, trainer.schedule)
-      sampling.write_samples(model, trainer.workdir / "progress" / f"step_{step:07d}")
+      out_dir = sampling.write_samples(model, trainer.workdir / "progress" / f"step_{step:07d}")
+      if jax.process_index() == 0:  # TensorBoard: each sample's middle frame
+        with (out_dir / "videos.npz").open("rb") as file:
+          videos = np.load(file)["videos"]
+        middle = videos.shape[1] // 2
+        writer.write_images(step, {"samples": video_io.video_grid(
+            videos[:, middle:middle + 1], columns=min(8, len(videos)))})
 
   return loop.train_loop(
       stage="Stage 2", state=state, step_fn=trainer.step, data_iterator=data_iterator,
@@ -204,4 +210,6 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: fileio.PathLike
       batch_size=train.batch_size, summary_dir=trainer.workdir / "summaries",
       max_nonfinite_skips=config.run.max_nonfinite_skips,
       learning_rate_field="diffusion.optim.learning_rate", config=config,
-      headline=("loss/diffusion", "grad_norm/unet"), on_step=write_progress_samples)
+      headline=("loss/diffusion", "grad_norm/unet"), on_step=write_progress_samples,
+      learning_rates={"unet": learning_rate_schedule(optim.learning_rate, optim,
+                                                     train.num_steps)})

@@ -91,9 +91,14 @@ def train_loop(*, stage: str, state: Any, step_fn: Callable[[Any, dict], tuple[A
                data_iterator: Any, checkpointer: checkpointing.Checkpointer, num_steps: int,
                log_every: int, batch_size: int, summary_dir: Any, max_nonfinite_skips: int,
                learning_rate_field: str,
-               on_step: Callable[[int, Any], None] | None = None,
-               config: Any | None = None, headline: tuple[str, ...] = ()) -> Any:
+               on_step: Callable[[int, Any, Any], None] | None = None,
+               config: Any | None = None, headline: tuple[str, ...] = (),
+               learning_rates: dict[str, Callable[[int], Any]] | None = None) -> Any:
   """Runs ``state`` from its step to ``num_steps``; returns the final state.
+
+  ``on_step(step, state, writer)`` runs after every step (evaluation, samples); ``config`` goes
+  to the summaries as hparams; ``headline`` names the metrics of the progress line;
+  ``learning_rates`` maps names to the schedules whose values the summaries record.
 
   Raises :class:`Preempted` after saving on SIGTERM, :class:`NonFiniteUpdates` when
   ``max_nonfinite_skips`` consecutive updates were skipped.
@@ -118,6 +123,8 @@ def train_loop(*, stage: str, state: Any, step_fn: Callable[[Any, dict], tuple[A
         window_start, window_step = time.time(), step
       if step % log_every == 0 or step == num_steps:
         metrics["nonfinite/streak"] = state.nonfinite_streak
+        for name, schedule in (learning_rates or {}).items():
+          metrics[f"learning_rate/{name}"] = schedule(step - 1)  # what this step's update used
         window_steps = step - window_step
         metrics, window_start = reporting.write_train_metrics(
             writer, step, metrics, window_steps * batch_size, window_start)
@@ -138,7 +145,7 @@ def train_loop(*, stage: str, state: Any, step_fn: Callable[[Any, dict], tuple[A
         raise Preempted(step, str(checkpointer.directory))
       checkpointer.save(step, state, data_iterator, force=step == num_steps)
       if on_step is not None:
-        on_step(step, state)
+        on_step(step, state, writer)
   finally:
     guard.close()
     writer.flush()

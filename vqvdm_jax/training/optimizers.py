@@ -24,13 +24,19 @@ def warmup_schedule(learning_rate: float, warmup_steps: int, decay: str = "const
   return optax.join_schedules([warmup, cosine], [warmup_steps])
 
 
+def learning_rate_schedule(learning_rate: float, optim: ml_collections.ConfigDict,
+                           total_steps: int = 0) -> optax.Schedule:
+  """The schedule :func:`make_optimizer` applies (also what the summaries record)."""
+  return warmup_schedule(learning_rate, optim.warmup_steps, optim.lr_decay, total_steps,
+                         optim.final_learning_rate_fraction)
+
+
 def make_optimizer(learning_rate: float, optim: ml_collections.ConfigDict,
                    total_steps: int = 0) -> optax.GradientTransformation:
   """Adam(W) with linear warm-up, ``optim.lr_decay`` over ``total_steps``, optional clipping."""
   chain = []
   if optim.grad_clip_norm > 0:
     chain.append(optax.clip_by_global_norm(optim.grad_clip_norm))
-  schedule = warmup_schedule(learning_rate, optim.warmup_steps, optim.lr_decay, total_steps,
-                             optim.final_learning_rate_fraction)
+  schedule = learning_rate_schedule(learning_rate, optim, total_steps)
   chain.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay))
   return optax.chain(*chain)

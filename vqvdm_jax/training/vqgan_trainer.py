@@ -22,7 +22,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from etils import epath
 
 from vqvdm_jax import checkpointing, fileio, losses, sharding, video_io
 from vqvdm_jax import config as config_lib
@@ -32,7 +31,7 @@ from vqvdm_jax.inference import tokenizer as tokenizer_lib
 from vqvdm_jax.models.discriminator import Discriminator3D
 from vqvdm_jax.models.vqgan import VQGAN3D, make_vqgan
 from vqvdm_jax.training import loop
-from vqvdm_jax.training.optimizers import make_optimizer
+from vqvdm_jax.training.optimizers import learning_rate_schedule, make_optimizer
 
 PyTree = Any
 
@@ -287,13 +286,14 @@ def eval_params(state: VQGANTrainState, config: ml_collections.ConfigDict) -> Py
 
 
 def write_reconstructions(trainer: VQGANTrainer, state: VQGANTrainState,
-                          videos: np.ndarray, step: int) -> epath.Path:
+                          videos: np.ndarray, step: int) -> np.ndarray:
+  """Writes ``reconstructions/step_XXXXXXX.{gif,mp4}``; returns the reconstructions."""
   stem = trainer.workdir / "reconstructions" / f"step_{step:07d}"
   reconstructions = trainer.reconstruct(eval_params(state, trainer.config),
                                         state.quantizer_state, videos)
   if jax.process_index() == 0:
     video_io.write_comparison_grid(stem, videos, reconstructions, fps=8)
-  return stem
+  return reconstructions
 
 
 def train_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike) -> VQGANTrainState:
@@ -304,7 +304,7 @@ def train_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike) -> 
   """
   workdir_lib.check_or_record_config(config, workdir, write=jax.process_index() == 0)
   trainer = VQGANTrainer(config, workdir)
-  train = config.vqgan.train
+  train, optim = config.vqgan.train, config.vqgan.optim
   data_iterator = pipeline.train_iterator(config.data, train.batch_size, config.seed)
   state = trainer.restore_or_init(data_iterator)
   start_step = int(jax.device_get(state.step))
@@ -318,9 +318,13 @@ def train_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike) -> 
   eval_videos = next(pipeline.eval_batches(config.data, train.num_eval_videos,
                                            train.num_eval_videos, config.seed))["video"]
 
-  def write_eval(step: int, state: VQGANTrainState) -> None:
+  def write_eval(step: int, state: VQGANTrainState, writer) -> None:
     if step % train.eval_every == 0 or step == train.num_steps:
-      write_reconstructions(trainer, state, eval_videos, step)
+      reconstructions = write_reconstructions(trainer, state, eval_videos, step)
+      middle = eval_videos.shape[1] // 2  # TensorBoard: the middle frame, originals on top
+      writer.write_images(step, {"reconstructions": video_io.video_grid(
+          np.concatenate([eval_videos, reconstructions])[:, middle:middle + 1],
+          columns=len(eval_videos))})
 
   return loop.train_loop(
       stage="Stage 1", state=state, step_fn=trainer.step, data_iterator=data_iterator,
@@ -329,4 +333,8 @@ def train_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike) -> 
       max_nonfinite_skips=config.run.max_nonfinite_skips,
       learning_rate_field="vqgan.optim.learning_rate", config=config,
       headline=("loss/l2", "loss/lpips", "loss/vq", "codebook/usage", "loss/discriminator"),
+      learning_rates={
+          "generator": learning_rate_schedule(optim.learning_rate, optim, train.num_steps),
+          "discriminator": learning_rate_schedule(optim.disc_learning_rate, optim,
+                                                  train.num_steps)},
       on_step=write_eval)
