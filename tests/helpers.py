@@ -1,9 +1,11 @@
-"""Shared test helpers: load a shipped config by name; checkpoints of untrained models."""
+"""Shared test helpers: load a shipped config by name; checkpoints of untrained models; an
+independent (numpy, float64) bilinear resize, the reference of the I3D and C3D protocols."""
 
 import importlib.util
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 
 from vqvdm_jax.models.vqgan import latent_shape
 from vqvdm_jax.training import diffusion_trainer, vqgan_trainer
@@ -32,3 +34,25 @@ def untrained_checkpoints(config, workdir, devices, step: int) -> None:
       config, workdir, latent_shape(config)[1:], devices)
   diffusion.checkpointer.save(step, at_step(diffusion.initial_state(1.0, step)), force=True)
   diffusion.checkpointer.close()
+
+
+def bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
+  """[size_out, size_in] weights of a half-pixel-centre bilinear resize, no antialiasing.
+
+  Output pixel i samples input coordinate (i + 0.5) * size_in / size_out - 0.5 (clamped to the
+  edge pixels) from its two nearest input pixels.
+  """
+  source = np.clip((np.arange(size_out) + 0.5) * size_in / size_out - 0.5, 0, size_in - 1)
+  low = np.floor(source).astype(int)
+  high = np.minimum(low + 1, size_in - 1)
+  weights = np.zeros((size_out, size_in))
+  np.add.at(weights, (np.arange(size_out), low), 1.0 - (source - low))
+  np.add.at(weights, (np.arange(size_out), high), source - low)
+  return weights
+
+
+def bilinear_resize(video: np.ndarray, height: int, width: int) -> np.ndarray:
+  """``[..., H, W, C]`` -> ``[..., height, width, C]`` in float64, one axis at a time."""
+  *lead, h, w, c = video.shape
+  rows = bilinear_matrix(h, height) @ video.astype(np.float64).reshape(*lead, h, w * c)
+  return bilinear_matrix(w, width) @ rows.reshape(*lead, height, w, c)

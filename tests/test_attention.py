@@ -1,8 +1,9 @@
 """Choosing the attention kernel: 'xla', 'cudnn' or 'auto', validated in the config and the model."""
 
+import types
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from helpers import load_config
 
@@ -89,28 +90,112 @@ def test_cudnn_models_fail_when_built_on_cpu():
                                              "quantizer": jax.random.PRNGKey(1)}, video)
 
 
-def test_auto_unet_on_cpu_equals_the_xla_unet():
-  """In bfloat16, where 'auto' would take cuDNN on a GPU."""
-  config = load_config("tiny")
-  config.diffusion.unet.dtype = "bfloat16"
-  rng = np.random.default_rng(0)
-  z = jnp.asarray(rng.standard_normal((2, 2, 4, 4, 4)), jnp.float32)
-  t, fps, labels = jnp.array([3, 40]), jnp.array([8.0, 16.0]), jnp.array([0, 3])
-  xla_unet = make_unet(config)
-  params = jax.jit(xla_unet.init)(jax.random.key(1, impl="rbg"), z, t, fps, labels)
-  config.diffusion.unet.attention_impl = "auto"
-  auto_unet = make_unet(config)
-  np.testing.assert_array_equal(jax.jit(auto_unet.apply)(params, z, t, fps, labels),
-                                jax.jit(xla_unet.apply)(params, z, t, fps, labels))
+def fake_backend(monkeypatch, backend: str, platform_version: str = "",
+                 compute_capability: str = "") -> None:
+  """Makes ``jax.default_backend()`` and ``jax.devices()`` describe another machine."""
+  device = types.SimpleNamespace(client=types.SimpleNamespace(platform_version=platform_version),
+                                 compute_capability=compute_capability)
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  monkeypatch.setattr(jax, "devices", lambda *args, **kwargs: [device])
 
 
-def test_auto_vqgan_on_cpu_equals_the_xla_vqgan():
+CUDA_VERSION = "PJRT C API\ncuda 12040"
+
+
+@pytest.mark.parametrize("backend, platform_version, capability, expected", [
+    ("cpu", "", "", None),
+    ("tpu", "PJRT C API\nTFRT TPU v5 lite", "", None),
+    ("gpu", "PJRT C API\nrocm 60200", "gfx90a", None),  # AMD GPUs: no cuDNN
+    ("gpu", CUDA_VERSION, "9.0", (9, 0)),
+    ("gpu", CUDA_VERSION, "8.6", (8, 6)),
+])
+def test_compute_capability_is_read_only_on_nvidia_gpus(monkeypatch, backend, platform_version,
+                                                        capability, expected):
+  fake_backend(monkeypatch, backend, platform_version, capability)
+  assert attention._cuda_compute_capability() == expected
+
+
+@pytest.mark.parametrize("machine, dtype, head_dim, seq_len, masked, expected", [
+    ("cpu", jnp.bfloat16, 64, 16, False, "xla"),
+    ("tpu", jnp.bfloat16, 64, 16, False, "xla"),
+    ("rocm", jnp.bfloat16, 64, 16, False, "xla"),
+    ("hopper", jnp.bfloat16, 64, 16, False, "cudnn"),
+    ("hopper", jnp.float16, 256, 15, False, "cudnn"),
+    ("hopper", jnp.bfloat16, 64, 16, True, "cudnn"),
+    ("hopper", jnp.float32, 64, 16, False, "xla"),
+    ("hopper", jnp.bfloat16, 60, 16, False, "xla"),
+    ("hopper", jnp.bfloat16, 264, 16, False, "xla"),
+    ("hopper", jnp.bfloat16, 64, 15, True, "xla"),
+    ("ampere", jnp.bfloat16, 128, 16, False, "cudnn"),
+    ("ampere", jnp.bfloat16, 136, 16, False, "xla"),
+])
+def test_auto_resolves_by_backend_dtype_head_size_and_mask(monkeypatch, machine, dtype, head_dim,
+                                                           seq_len, masked, expected):
+  fake_backend(monkeypatch, *{
+      "cpu": ("cpu",), "tpu": ("tpu", "PJRT C API\nTFRT TPU v5 lite"),
+      "rocm": ("gpu", "PJRT C API\nrocm 60200", "gfx90a"),
+      "hopper": ("gpu", CUDA_VERSION, "9.0"), "ampere": ("gpu", CUDA_VERSION, "8.0")}[machine])
+  assert attention.resolve_attention_impl("auto", dtype, head_dim, seq_len, masked) == expected
+  assert attention.resolve_attention_impl("xla", dtype, head_dim, seq_len, masked) == "xla"
+
+
+@pytest.fixture
+def attention_calls(monkeypatch):
+  """Records (implementation, dtype, head_dim, sequence length, masked) of every attention the
+  models trace, and runs each with XLA's kernel (this machine has no cuDNN)."""
+  calls = []
+  original = jax.nn.dot_product_attention
+
+  def spy(query, key, value, *args, mask=None, implementation=None, **kwargs):
+    calls.append((implementation, jnp.dtype(query.dtype).name, query.shape[-1], query.shape[1],
+                  mask is not None))
+    return original(query, key, value, *args, mask=mask, implementation="xla", **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+  return calls
+
+
+def traced_unet_attention(config, frames: int) -> None:
+  z = jnp.zeros((1, frames, 4, 4, config.vqgan.model.latent_channels))
+  jax.eval_shape(make_unet(config).init, jax.random.PRNGKey(0), z, jnp.zeros((1,), jnp.int32),
+                 jnp.ones((1,)), jnp.zeros((1,), jnp.int32))
+
+
+def test_auto_unet_takes_cudnn_per_layer_where_it_applies(hopper_gpu, attention_calls):
+  # tiny: attention at level 1 and the middle, 16 channels in 2 heads (head dim 8), 2x2 tokens a
+  # frame; the temporal attention is masked over the frames.
   config = load_config("tiny")
-  video = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (1, 8, 16, 16, 3)), jnp.float32)
-  xla_model = make_vqgan(config)
-  variables = jax.jit(xla_model.init)({"params": jax.random.PRNGKey(0),
-                                       "quantizer": jax.random.PRNGKey(1)}, video)
-  config.vqgan.model.attention_impl = "auto"
-  auto_model = make_vqgan(config)
-  np.testing.assert_array_equal(jax.jit(auto_model.apply)(variables, video)[0],
-                                jax.jit(xla_model.apply)(variables, video)[0])
+  config.diffusion.unet.attention_impl, config.diffusion.unet.dtype = "auto", "bfloat16"
+  traced_unet_attention(config, frames=2)
+  assert len(attention_calls) == 8  # down_1, middle, up_1 x 2: one spatial, one temporal each
+  assert set(attention_calls) == {("cudnn", "bfloat16", 8, 4, False),
+                                  ("cudnn", "bfloat16", 8, 2, True)}
+  # Three frames: cuDNN's masked backward needs an even length, so only time falls back to XLA.
+  attention_calls.clear()
+  traced_unet_attention(config, frames=3)
+  assert set(attention_calls) == {("cudnn", "bfloat16", 8, 4, False),
+                                  ("xla", "bfloat16", 8, 3, True)}
+  # float32 inputs: XLA everywhere.
+  attention_calls.clear()
+  config.diffusion.unet.dtype = "float32"
+  traced_unet_attention(config, frames=2)
+  assert {call[0] for call in attention_calls} == {"xla"} and len(attention_calls) == 8
+
+
+def test_auto_unet_on_cpu_takes_xla(attention_calls):
+  config = load_config("tiny")
+  config.diffusion.unet.attention_impl, config.diffusion.unet.dtype = "auto", "bfloat16"
+  traced_unet_attention(config, frames=2)
+  assert {call[:2] for call in attention_calls} == {("xla", "bfloat16")}
+
+
+@pytest.mark.parametrize("dtype, expected", [("bfloat16", "cudnn"), ("float32", "xla")])
+def test_auto_vqgan_attention_follows_the_rule(hopper_gpu, attention_calls, dtype, expected):
+  # tiny: one head of 16 channels over the 2 x 4 x 4 latent tokens of an 8 x 16 x 16 clip.
+  config = load_config("tiny")
+  config.vqgan.model.attention_impl, config.vqgan.model.dtype = "auto", dtype
+  video = jnp.zeros((1, 8, 16, 16, 3), jnp.float32)
+  jax.eval_shape(make_vqgan(config).init, {"params": jax.random.PRNGKey(0),
+                                           "quantizer": jax.random.PRNGKey(1)}, video)
+  assert set(attention_calls) == {(expected, dtype, 16, 32, False)}
+  assert len(attention_calls) == 2  # the encoder's and the decoder's

@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import bilinear_resize
+from PIL import Image
 
 from vqvdm_jax.evaluation import c3d
 
@@ -69,3 +71,38 @@ def test_loading_names_the_missing_keys(tmp_path):
     c3d.load(tmp_path / "partial.npz")
   with pytest.raises(FileNotFoundError, match="c3d_weights"):
     c3d.load(tmp_path / "missing.npz")
+
+
+def test_preprocess_resizes_the_first_16_frames_subtracts_the_mean_clip_and_centre_crops():
+  rng = np.random.default_rng(0)
+  video = rng.integers(0, 256, (2, 18, 30, 40, 3), dtype=np.uint8)
+  mean = rng.uniform(0, 255, (16, 128, 171, 3)).astype(np.float32)
+  got = np.asarray(c3d.preprocess(jnp.asarray(video), jnp.asarray(mean)))
+  assert got.shape == (2, 16, 112, 112, 3)
+  # PIL's bilinear resize (float images; upscaling, so no antialiasing to differ) per channel.
+  resized = np.stack([np.stack([np.stack([
+      np.asarray(Image.fromarray(video[b, t, :, :, c].astype(np.float32), mode="F")
+                 .resize((171, 128), Image.BILINEAR), np.float64)
+      for c in range(3)], axis=-1) for t in range(16)]) for b in range(2)])
+  expected = (resized - mean)[:, :, 8:120, 29:141]  # (128 - 112) / 2 and (171 - 112) // 2
+  np.testing.assert_allclose(got, expected, atol=2e-3)
+
+
+def test_preprocess_downscales_ucf101_frames_bilinearly_without_antialiasing():
+  video = np.random.default_rng(1).integers(0, 256, (1, 16, 240, 320, 3), dtype=np.uint8)
+  mean = np.array([90.0, 98.0, 102.0], np.float32)  # per-channel: broadcasts like a mean clip
+  got = np.asarray(c3d.preprocess(jnp.asarray(video), jnp.asarray(mean)))
+  expected = bilinear_resize(video, 128, 171) - mean
+  np.testing.assert_allclose(got, expected[:, :, 8:120, 29:141], atol=1e-2)
+
+
+@pytest.mark.parametrize("frames, indices", [
+    (5, [0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]),
+    (7, [0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 4, 4, 5, 5, 6, 6]),
+    (1, [0] * 16),
+])
+def test_preprocess_repeats_the_frames_of_short_clips_in_order(frames, indices):
+  video = (10 * np.arange(frames, dtype=np.uint8).reshape(1, frames, 1, 1, 1)
+           * np.ones((1, frames, 4, 4, 3), np.uint8))
+  got = np.asarray(c3d.preprocess(jnp.asarray(video), jnp.zeros((16, 128, 171, 3))))
+  np.testing.assert_allclose(got[0, :, 50, 50, 1], 10.0 * np.array(indices), atol=1e-4)

@@ -1,5 +1,7 @@
 """Noise schedules, the forward process and posterior, the samplers and classifier-free guidance."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -280,3 +282,96 @@ def test_uniform_weight_is_one_and_unknown_weighting_is_rejected():
   np.testing.assert_array_equal(loss_weight(schedule, t, "v", "uniform"), np.ones(3))
   with pytest.raises(ValueError, match="min_snr"):
     loss_weight(schedule, t, "v", "p2")
+
+
+def recording_model_fn(model_fn, states):
+  """``model_fn`` that also records each (t, z_t) a sampler hands it, from inside the jitted loop."""
+
+  def record(z, t):
+    states.append((int(t[0]), np.asarray(z, np.float64)))
+
+  def recorded(z, t):
+    jax.debug.callback(record, z, t)
+    return model_fn(z, t)
+
+  return recorded
+
+
+def linear_alpha_bar_64(num_steps: int) -> np.ndarray:
+  """ᾱ_t of Ho et al.'s linear schedule (1e-4 .. 2e-2) in float64, with ᾱ_{-1} = 1 appended."""
+  return np.append(np.cumprod(1.0 - np.linspace(1e-4, 2e-2, num_steps)), 1.0)  # [-1] is ᾱ_{-1}
+
+
+def visited_states(run, states):
+  """Runs the jitted sampler; returns its output and the states it visited, t descending."""
+  z0 = np.asarray(jax.jit(run)(jax.random.PRNGKey(0)), np.float64)
+  jax.effects_barrier()
+  return z0, sorted(states, key=lambda state: -state[0])
+
+
+@pytest.mark.parametrize("num_steps", [20, 200])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_ddim_states_follow_the_closed_form_marginal(prediction, num_steps):
+  # With the true ε of a known x_0, DDIM (η = 0) keeps ε fixed: every visited state is
+  # x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε, ε read off the initial noise, and the last step gives x_0.
+  schedule = make_schedule("linear", 200)
+  alpha_bar = linear_alpha_bar_64(200)
+  x0 = 0.5 * normal(3)
+  states = []
+  model_fn = recording_model_fn(perfect_model_fn(schedule, x0, prediction), states)
+  z0, states = visited_states(
+      lambda rng: ddim_sample(model_fn, schedule, SHAPE, rng, num_steps, 0.0, prediction), states)
+  expected_timesteps = np.linspace(0, 199, num_steps).round().astype(int)[::-1]
+  assert [t for t, _ in states] == list(expected_timesteps)
+  x0_64 = np.asarray(x0, np.float64)
+  t_first, z_first = states[0]
+  assert t_first == 199 and abs(z_first.std() - 1.0) < 0.1  # starts from unit Gaussian noise
+  eps = (z_first - np.sqrt(alpha_bar[t_first]) * x0_64) / np.sqrt(1.0 - alpha_bar[t_first])
+  for t, z in states[1:]:
+    expected = np.sqrt(alpha_bar[t]) * x0_64 + np.sqrt(1.0 - alpha_bar[t]) * eps
+    np.testing.assert_allclose(z, expected, atol=2e-5, err_msg=f"t = {t}")
+  np.testing.assert_allclose(z0, x0_64, atol=2e-5)
+
+
+@pytest.mark.parametrize("num_steps", [None, 20])
+def test_ddpm_steps_are_the_posterior_mean_plus_state_independent_noise(num_steps):
+  # x_s = μ̃(x_0, x_t) + sqrt(β̃) n with μ̃ = sqrt(ᾱ_s) β'/(1 − ᾱ_t) x_0 + sqrt(ᾱ_t/ᾱ_s)(1 − ᾱ_s)/(1 − ᾱ_t)
+  # x_t, β' = 1 − ᾱ_t/ᾱ_s, β̃ = (1 − ᾱ_s)/(1 − ᾱ_t) β' (s = t − 1 on the full chain: Ho eq. 7).
+  # Two chains with the same seed but different x_0 draw the same n, so the residuals
+  # x_s − μ̃ (float64 μ̃ from the recorded states) must coincide, and be N(0, β̃) noise.
+  schedule = make_schedule("linear", 200)
+  alpha_bar = linear_alpha_bar_64(200)
+  chains = []
+  for seed in (3, 4):
+    x0 = 0.5 * normal(seed)
+    states = []
+    model_fn = recording_model_fn(perfect_model_fn(schedule, x0), states)
+    z0, states = visited_states(
+        lambda rng, model_fn=model_fn: ddpm_sample(model_fn, schedule, SHAPE, rng,
+                                                   num_steps=num_steps), states)
+    chains.append((np.asarray(x0, np.float64), states + [(-1, z0)]))
+  expected_timesteps = (np.arange(199, -1, -1) if num_steps is None
+                        else np.linspace(0, 199, num_steps).round().astype(int)[::-1])
+  for _, states in chains:
+    assert [t for t, _ in states] == list(expected_timesteps) + [-1]
+
+  def residuals(x0, states):
+    out = []
+    for (t, xt), (s, xs) in itertools.pairwise(states):
+      ab_t, ab_s = alpha_bar[t], alpha_bar[s]
+      beta = 1.0 - ab_t / ab_s
+      mean = (np.sqrt(ab_s) * beta / (1.0 - ab_t) * x0
+              + np.sqrt(ab_t / ab_s) * (1.0 - ab_s) / (1.0 - ab_t) * xt)
+      out.append((t, xs - mean, (1.0 - ab_s) / (1.0 - ab_t) * beta))
+    return out
+
+  first, second = (residuals(x0, states) for x0, states in chains)
+  for (t, r1, variance), (_, r2, _) in zip(first, second):
+    np.testing.assert_allclose(r1, r2, atol=2e-5, err_msg=f"t = {t}")
+    if variance == 0:  # the last step adds no noise: it returns the mean, here x_0 itself
+      np.testing.assert_allclose(r1, 0.0, atol=2e-5)
+      continue
+    standardised = r1 / np.sqrt(variance)
+    assert abs(standardised.mean()) < 0.1 and abs(standardised.std() - 1.0) < 0.1, (
+        t, standardised.mean(), standardised.std())
+  assert first[-1][0] == 0 and first[-1][2] == 0.0

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import bilinear_resize
 
 from vqvdm_jax import video_io
 from vqvdm_jax.evaluation import i3d
@@ -59,3 +60,29 @@ def test_preprocess_pins_frames_resolution_and_range(clip_and_logits):
   frames = np.asarray(i3d.preprocess(jnp.asarray(short)))[0, :, 0, 0, 0]
   np.testing.assert_allclose((frames + 1) * 127.5, np.repeat(np.arange(4), 4), atol=1e-4)
   assert i3d.protocol_deviations(4) and not i3d.protocol_deviations(16)
+
+
+@pytest.mark.parametrize("shape", [(1, 18, 12, 20, 3), (2, 16, 300, 260, 3)])
+def test_preprocess_is_the_first_16_frames_bilinear_to_224_in_minus_one_to_one(shape):
+  # Up- and downscaling: a downscale would differ with antialiasing.
+  video = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+  video[0, 0, 0, 0] = (0, 255, 0)  # both ends of the range
+  got = np.asarray(i3d.preprocess(jnp.asarray(video)))
+  assert got.shape == (shape[0], 16, 224, 224, 3) and got.dtype == np.float32
+  resized = bilinear_resize(video[:, :16], 224, 224)
+  np.testing.assert_allclose(got, resized / 127.5 - 1.0, atol=2e-4)  # float32 weights
+  assert got.min() >= -1.0 and got.max() <= 1.0
+
+
+@pytest.mark.parametrize("frames, indices", [
+    (5, [0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]),
+    (7, [0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 4, 4, 5, 5, 6, 6]),
+    (1, [0] * 16),
+])
+def test_preprocess_repeats_the_frames_of_short_clips_in_order(frames, indices):
+  video = (10 * np.arange(frames, dtype=np.uint8).reshape(1, frames, 1, 1, 1)
+           * np.ones((1, frames, 4, 4, 3), np.uint8))
+  got = np.asarray(i3d.preprocess(jnp.asarray(video)))
+  np.testing.assert_allclose((got[0, :, 100, 100, 2] + 1.0) * 127.5, 10.0 * np.array(indices),
+                             atol=1e-4)
+  assert i3d.protocol_deviations(frames)

@@ -100,3 +100,30 @@ def test_res_block_conditioning_matches_its_formula(scale_shift):
   else:
     expected = x + nn.silu(group_norm(h + projected))
   np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=2e-4)
+
+
+@pytest.mark.parametrize("backend, expected", [("cpu", "taps"), ("gpu", "native"),
+                                               ("tpu", "native")])
+def test_auto_conv_impl_is_taps_on_cpu_and_native_elsewhere(monkeypatch, backend, expected):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  assert layers.resolve_conv_impl("auto") == expected
+  assert layers.resolve_conv_impl("native") == "native"
+  assert layers.resolve_conv_impl("taps") == "taps"
+  with pytest.raises(ValueError, match="conv_impl"):
+    layers.resolve_conv_impl("fft")
+  # Conv3D runs the form the rule picks.
+  calls = []
+
+  def spy_on(name: str) -> None:
+    original = getattr(layers, name)
+
+    def spy(*args):
+      calls.append(name)
+      return original(*args)
+
+    monkeypatch.setattr(layers, name, spy)
+
+  spy_on("_native_conv3d")
+  spy_on("_temporal_taps_conv3d")
+  jax.eval_shape(layers.Conv3D(2).init, jax.random.PRNGKey(0), jnp.zeros((1, 3, 4, 4, 1)))
+  assert calls == [{"taps": "_temporal_taps_conv3d", "native": "_native_conv3d"}[expected]]

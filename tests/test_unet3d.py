@@ -58,6 +58,27 @@ def test_timestep_embedding_shape_and_range():
   assert float(jnp.abs(embedding).max()) <= 1.0
 
 
+def sinusoidal_embedding_64(values, dim: int, max_period: float) -> np.ndarray:
+  """ADM's encoding in float64: [cos(t f_i), sin(t f_i)], f_i = max_period^(-i / (dim // 2)),
+  i < dim // 2, then one zero column if dim is odd."""
+  values = np.asarray(values, np.float64)
+  half = dim // 2
+  angles = values[:, None] * max_period ** (-np.arange(half) / half)[None, :]
+  return np.concatenate([np.cos(angles), np.sin(angles), np.zeros((len(values), dim % 2))],
+                        axis=1)
+
+
+def test_timestep_embedding_is_cos_then_sin_of_geometric_frequencies():
+  values = [0, 1, 7, 250, 999, 29.97]  # timesteps, and a fractional frame rate
+  for dim, max_period in ((8, 10000.0), (9, 10000.0), (6, 100.0)):
+    got = timestep_embedding(jnp.asarray(values, jnp.float32), dim, max_period)
+    np.testing.assert_allclose(got, sinusoidal_embedding_64(values, dim, max_period), atol=1e-4,
+                               err_msg=f"dim={dim}, max_period={max_period}")
+  # The default period is Vaswani et al.'s 10000.
+  np.testing.assert_array_equal(timestep_embedding(jnp.asarray(values), 8),
+                                timestep_embedding(jnp.asarray(values), 8, 10000.0))
+
+
 def test_unet_output_shape_equals_input_with_class_and_fps(conditional_unet):
   model, params, z = conditional_unet
   out = jax.jit(model.apply)(params, z, jnp.array([3, 700]), jnp.array([8.0, 29.97]),
@@ -147,3 +168,69 @@ def test_scale_shift_norm_reaches_every_residual_block():
   assert len(added) >= 3 and added.keys() == scale_shift.keys()
   for name, (width, features) in added.items():
     assert scale_shift[name] == (width, 2 * features), name
+
+
+def moved_off_init(params):
+  """Every parameter shifted by a little noise, so no zero-initialised bias hides an input."""
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  return jax.tree_util.tree_unflatten(
+      treedef, [leaf + 0.05 * normal(seed, leaf.shape) for seed, leaf in enumerate(leaves)])
+
+
+def test_fps_conditioning_changes_the_output_per_sample(conditional_unet):
+  model, params, z = conditional_unet
+  params = moved_off_init(params)
+  apply = jax.jit(model.apply)
+  t, labels = jnp.array([5, 5]), jnp.array([0, 1])
+  slow = apply(params, z, t, jnp.array([8.0, 8.0]), labels)
+  fast = apply(params, z, t, jnp.array([30.0, 30.0]), labels)
+  assert np.all(np.asarray(jnp.abs(slow - fast).max(axis=(1, 2, 3, 4))) > 1e-4)
+  # Each sample is conditioned on its own frame rate.
+  mixed = apply(params, z, t, jnp.array([8.0, 30.0]), labels)
+  np.testing.assert_allclose(mixed[0], slow[0], atol=1e-5)
+  np.testing.assert_allclose(mixed[1], fast[1], atol=1e-5)
+
+
+def test_fps_is_ignored_with_use_fps_off():
+  # One level and no class: the smallest U-Net that still embeds a timestep (compiles fast).
+  model = small_unet(use_fps=False, channel_multipliers=(1,), attention_levels=(), num_classes=0)
+  z, t, labels = normal(0, LATENT_SHAPE), jnp.array([5, 5]), None
+  # Parameters from numpy on the traced shapes: no init to compile. Given fps, the init
+  # still makes no FPS embedding.
+  shapes = jax.eval_shape(model.init, init_key(1), z, t, jnp.array([8.0, 8.0]), labels)
+  assert "fps_embedding" not in shapes["params"]
+  params = moved_off_init(jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes))
+  outputs = jax.jit(lambda params: [model.apply(params, z, t, fps, labels) for fps in (
+      None, jnp.array([8.0, 8.0]), jnp.array([30.0, 1.0]))])(params)
+  for output in outputs[1:]:
+    np.testing.assert_array_equal(output, outputs[0])
+
+
+def attention_blocks(model: UNet3D) -> set[str]:
+  shapes = jax.eval_shape(model.init, init_key(0), jnp.zeros(LATENT_SHAPE),
+                          jnp.zeros((2,), jnp.int32), jnp.ones((2,)), jnp.zeros((2,), jnp.int32))
+  return {name for name, block in shapes["params"].items() if "spatial_attention" in block}
+
+
+def test_spatial_attention_sits_at_the_configured_levels_and_the_middle():
+  assert attention_blocks(small_unet(attention_levels=(1,))) == {
+      "down_1_block_0", "middle_block", "up_1_block_0", "up_1_block_1"}
+  assert attention_blocks(small_unet(attention_levels=(0,))) == {
+      "down_0_block_0", "middle_block", "up_0_block_0", "up_0_block_1"}
+  assert attention_blocks(small_unet(attention_levels=())) == {"middle_block"}
+
+
+def test_zeroing_a_spatial_attention_output_changes_the_unet_output(conditional_unet):
+  model, params, z = conditional_unet
+  params = moved_off_init(params)
+  apply = jax.jit(model.apply)
+  args = (z, jnp.array([5, 600]), jnp.array([8.0, 8.0]), jnp.array([0, 1]))
+  base = apply(params, *args)
+  blocks = [name for name, block in params["params"].items() if "spatial_attention" in block]
+  assert len(blocks) == 4
+  for name in blocks:
+    zeroed = jax.tree_util.tree_map(lambda leaf: leaf, params)  # a copy to edit
+    projection = zeroed["params"][name]["spatial_attention"]["SelfAttention_0"]["out"]
+    zeroed["params"][name]["spatial_attention"]["SelfAttention_0"]["out"] = jax.tree.map(
+        jnp.zeros_like, projection)
+    assert float(jnp.abs(apply(zeroed, *args) - base).max()) > 1e-4, name

@@ -106,3 +106,29 @@ def test_remat_keeps_the_parameter_tree_and_the_reconstruction():
   assert jax.tree.structure(abstract) == jax.tree.structure(variables)
   np.testing.assert_allclose(remat_model.apply(variables, video)[0],
                              model.apply(variables, video)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_causal_tokenizer_decoded_frames_before_a_latent_frames_span_ignore_it():
+  config = load_config("tiny")
+  config.vqgan.model.causal = True
+  config.data.num_frames = 9  # latent frames 0, 1, 2 decode to video frames {0}, {1..4}, {5..8}
+  config.vqgan.model.conv_impl = "native"  # one conv per layer: compiles faster than taps
+  model = make_vqgan(config)
+  # Random parameters from numpy on the traced shapes: compiling the init would take longer.
+  shapes = jax.eval_shape(model.init, {"params": jax.random.PRNGKey(0),
+                                       "quantizer": jax.random.PRNGKey(1)},
+                          jnp.zeros((1, 9, 16, 16, 3)))
+  leaves, treedef = jax.tree_util.tree_flatten(shapes)
+  rng = np.random.default_rng(1)
+  variables = jax.tree_util.tree_unflatten(treedef, [
+      jnp.asarray(0.3 * rng.standard_normal(leaf.shape), leaf.dtype) for leaf in leaves])
+  decode = jax.jit(lambda z: model.apply(variables, z, method=VQGAN3D.decode))
+  latent = jnp.asarray(np.random.default_rng(0).standard_normal(
+      (1, 3, 4, 4, config.vqgan.model.latent_channels)), jnp.float32)
+  decoded = decode(latent)
+  assert decoded.shape == (1, 9, 16, 16, 3)
+  for frame, span_start in ((0, 0), (1, 1), (2, 5)):
+    changed = decode(latent.at[:, frame].set(-latent[:, frame]))
+    np.testing.assert_array_equal(np.asarray(changed[:, :span_start]),
+                                  np.asarray(decoded[:, :span_start]))
+    assert not np.allclose(np.asarray(changed[:, span_start]), np.asarray(decoded[:, span_start]))
