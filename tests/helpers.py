@@ -20,19 +20,23 @@ def load_config(name: str, arg: str | None = None):
   return module.get_config(arg)
 
 
-def untrained_checkpoints(config, workdir, devices, step: int) -> None:
-  """Stage-1 and stage-2 checkpoints of freshly initialised models at ``step``.
+def untrained_checkpoints(config, workdir, devices, step: int, *more_steps: int) -> None:
+  """Stage-1 and stage-2 checkpoints of freshly initialised models at ``step`` (and each of
+  ``more_steps``: the same weights under other step numbers).
 
   Evaluation needs weights, not good ones; training the tiny stages first would spend minutes
   of CPU compiling their train steps.
   """
   vqgan = vqgan_trainer.VQGANTrainer(config, workdir, devices)
-  at_step = lambda state: state.replace(step=jnp.asarray(step, jnp.int32))  # noqa: E731
-  vqgan.checkpointer.save(step, at_step(vqgan.initial_state()), force=True)
+  at_step = lambda state, each: state.replace(step=jnp.asarray(each, jnp.int32))  # noqa: E731
+  for each in (step, *more_steps):
+    vqgan.checkpointer.save(each, at_step(vqgan.initial_state(), each), force=True)
   vqgan.checkpointer.close()
   diffusion = diffusion_trainer.DiffusionTrainer(
       config, workdir, latent_shape(config)[1:], devices)
-  diffusion.checkpointer.save(step, at_step(diffusion.initial_state(1.0, step)), force=True)
+  for each in (step, *more_steps):
+    diffusion.checkpointer.save(each, at_step(diffusion.initial_state(1.0, each), each),
+                                force=True)
   diffusion.checkpointer.close()
 
 
