@@ -306,8 +306,23 @@ def _validate_optim(optim: ml_collections.ConfigDict, prefix: str) -> None:
            f"must be in [0, 1], got {optim.final_learning_rate_fraction}.")
 
 
+_VALIDATED: set[str] = set()  # configs (as JSON) already checked in this process
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Fails at start-up, naming the field and the fix, on values the code cannot run with."""
+  """Fails at start-up, naming the field and the fix, on values the code cannot run with.
+
+  Every entry point calls it (the CLI, the trainers, loading); each distinct config is checked
+  and warned about once per process.
+  """
+  key = config.to_json_best_effort(sort_keys=True)
+  if key in _VALIDATED:
+    return
+  _check(config)
+  _VALIDATED.add(key)
+
+
+def _check(config: ml_collections.ConfigDict) -> None:
   data, model = config.data, config.vqgan.model
   _require(data.num_frames >= 1, "data.num_frames", f"must be >= 1, got {data.num_frames}.")
   _require(data.resolution >= 1, "data.resolution", f"must be >= 1, got {data.resolution}.")
