@@ -45,10 +45,6 @@ class LatentCache:
     self.fps = fileio.load_numpy(self.directory / "fps.npy")
 
   @property
-  def scale_factor(self) -> float:
-    return float(self.meta["scale_factor"])
-
-  @property
   def latent_shape(self) -> tuple[int, ...]:
     return tuple(self.latents.shape[1:])
 
@@ -113,10 +109,10 @@ def build_or_load(config: ml_collections.ConfigDict, workdir: fileio.PathLike, t
     labels.append(np.asarray(batch["label"], np.int32))
     fps.append(np.asarray(batch["fps"], np.float32))
   latents = np.concatenate(latents)
-  scale = scale_factor(latents[:latents_config.scale_estimate_clips])
+  # The scale factor is not stored here: stage 2 computes it (and the shift) when it starts and
+  # keeps it in its checkpoint, the one place sampling reads it from.
   meta = {"tokenizer_step": tokenizer_step, "source": latents_config.source,
-          "num_clips": int(len(latents)), "latent_shape": list(latents.shape[1:]),
-          "latent_std": 1.0 / scale, "scale_factor": scale}
+          "num_clips": int(len(latents)), "latent_shape": list(latents.shape[1:])}
   if jax.process_index() == 0:
     partial = directory.with_name(directory.name + ".partial")
     if partial.exists():  # left by an interrupted encode
@@ -127,8 +123,7 @@ def build_or_load(config: ml_collections.ConfigDict, workdir: fileio.PathLike, t
     fileio.save_npy(partial / "fps.npy", np.concatenate(fps))
     (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     partial.rename(directory)
-  logging.info("Stage 2: cached %d latents of shape %s; scale factor %.4f.", len(latents),
-               latents.shape[1:], scale)
+  logging.info("Stage 2: cached %d latents of shape %s.", len(latents), latents.shape[1:])
   return LatentCache(directory)
 
 

@@ -159,7 +159,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: VQGAN3D,
 
   def train_step(state: VQGANTrainState, batch: dict, lpips_params: PyTree):
     rng = jax.random.fold_in(state.rng, state.step)
-    gen_rng, disc_rng = jax.random.split(rng)
+    gen_rng = jax.random.split(rng)[0]  # the first of two: the same stream as ever
     video = pipeline.to_model_input(batch["video"])
     gan_active = state.step >= loss_config.disc_start
 
@@ -189,7 +189,6 @@ def make_train_step(config: ml_collections.ConfigDict, model: VQGAN3D,
     else:
       ema_params = params
 
-    del disc_rng  # the discriminator is deterministic; the key is split for future use.
     disc_params, disc_opt_state, lecam_ema, disc_metrics = jax.lax.cond(
         gan_active, discriminator_update, frozen_discriminator,
         state, video, jax.lax.stop_gradient(terms["x_hat"]))
