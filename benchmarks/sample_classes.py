@@ -26,11 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
 
-from vqvdm_jax import runtime, sampling  # noqa: E402
+import vqvdm_jax  # noqa: E402
+from vqvdm_jax import runtime  # noqa: E402
 from vqvdm_jax.data import pipeline  # noqa: E402
 from vqvdm_jax.evaluation import probe  # noqa: E402
 
-flags.DEFINE_string("config", "configs/demo.py", "The run's config file.")
+flags.DEFINE_string("config", None, "A config file; default: the one the workdir recorded.")
 flags.DEFINE_string("workdir", None, "The run's workdir (both stages trained).", required=True)
 flags.DEFINE_list("guidance", ["1", "2", "4"], "Guidance scales w to sample at.")
 flags.DEFINE_integer("num_videos", 64, "Samples per guidance scale (classes in turn).")
@@ -43,11 +44,12 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   runtime.configure_jax()
-  config = common.load_config(FLAGS.config)
+  model = vqvdm_jax.load(FLAGS.workdir,
+                         config=common.load_config(FLAGS.config) if FLAGS.config else None)
+  config, tokenizer = model.config, model.tokenizer
   if not config.diffusion.use_class:
-    raise app.UsageError(f"{FLAGS.config} trains an unconditional model; nothing to classify.")
+    raise app.UsageError(f"{FLAGS.workdir} holds an unconditional model; nothing to classify.")
   num_classes = config.data.num_classes
-  state, tokenizer, trainer = sampling.restore_models(config, FLAGS.workdir)
 
   start = time.perf_counter()
   clips, labels = [], []
@@ -75,17 +77,14 @@ def main(argv):
 
   sample = config.diffusion.sample
   sample_labels = (np.arange(FLAGS.num_videos) % num_classes).astype(np.int32)
-  fps = np.full(FLAGS.num_videos, sample.fps, np.float32)
   for guidance in FLAGS.guidance:
-    sample.guidance_scale = float(guidance)
     start = time.perf_counter()
-    videos = sampling.generate(config, state, tokenizer, trainer.unet, trainer.schedule,
-                               trainer.mesh, sample_labels, fps, FLAGS.seed)
+    videos = model.sample(labels=sample_labels, guidance_scale=float(guidance), seed=FLAGS.seed)
     rows.append(row(f"samples, w = {guidance}", videos, sample_labels))
     print(" | ".join(rows[-1]), f"({time.perf_counter() - start:.0f} s)", flush=True)
 
   print(f"Device: {common.device_description()}; {FLAGS.workdir}: stage-2 step "
-        f"{int(state.step)}, tokenizer step {tokenizer.step}; {sample.sampler} "
+        f"{model.step}, tokenizer step {tokenizer.step}; {sample.sampler} "
         f"{sample.num_steps} steps; chance {1 / num_classes:.2f}")
   common.print_table("Probe accuracy of the conditioned class",
                      ["videos", "clips", "accuracy", "correct and visible", "sprite visible",
