@@ -93,3 +93,47 @@ def test_fsdp_training_equals_replicated_training_and_restores_onto_another_mesh
   assert restored_kernel.sharding.spec == kernel.spec
   for got, want in zip(_leaves(restored), _leaves(states[0]), strict=True):
     np.testing.assert_array_equal(got, want)
+
+
+def _distinct_state(trainer, seed):
+  """A state whose every leaf holds its own random values (an initial state's moments are 0)."""
+  rng = np.random.default_rng(seed)
+
+  def fill(leaf, leaf_sharding):
+    if np.issubdtype(leaf.dtype, np.floating):
+      values = rng.normal(size=leaf.shape).astype(leaf.dtype)
+    else:
+      values = rng.integers(1, 1000, size=leaf.shape).astype(leaf.dtype)
+    return jax.device_put(values, leaf_sharding)
+
+  return jax.tree.map(fill, trainer.abstract_state(), trainer.state_sharding)
+
+
+def _pieces(array):
+  """Into how many distinct pieces the array is split over its devices."""
+  return array.size // int(np.prod(array.addressable_shards[0].data.shape))
+
+
+def test_an_fsdp_checkpoint_restores_onto_other_mesh_shapes_with_their_sharding(tmp_path):
+  saver = _trainer(tmp_path, (1, 4), "fsdp")
+  state = _distinct_state(saver, 0)
+  kernel = state.params["input_conv"]["kernel"]
+  assert "fsdp" in kernel.sharding.spec and _pieces(kernel) == 4  # saved split four ways
+  saver.checkpointer.save(3, state, force=True)
+  saver.checkpointer.close()
+  saved = _leaves(state)
+
+  for mesh_shape in ((2, 2), (4, 1)):
+    trainer = _trainer(tmp_path, mesh_shape, "fsdp")
+    restored = trainer.restore()
+    trainer.checkpointer.close()
+    assert trainer.mesh.devices.shape == mesh_shape
+    for (path, leaf), expected in zip(jax.tree_util.tree_leaves_with_path(restored),
+                                      jax.tree.leaves(trainer.state_sharding), strict=True):
+      assert leaf.sharding == expected, (mesh_shape, jax.tree_util.keystr(path), leaf.sharding)
+    # On (2, 2) the weights are split in two; on (4, 1) the fsdp axis has one device: whole.
+    restored_kernel = restored.params["input_conv"]["kernel"]
+    split = {(2, 2): 2, (4, 1): 1}[mesh_shape]
+    assert _pieces(restored_kernel) == split, mesh_shape
+    for got, want in zip(_leaves(restored), saved, strict=True):
+      np.testing.assert_array_equal(got, want)

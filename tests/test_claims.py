@@ -1,0 +1,193 @@
+"""What the README promises about runs and trained models, checked directly.
+
+Non-finite gradients are skipped even when the loss is finite, and the skips reach TensorBoard;
+evaluation and sampling load the EMA weights; only process 0 writes summaries and videos.
+"""
+
+import copy
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import load_config
+
+import vqvdm_jax
+from vqvdm_jax import checkpointing
+from vqvdm_jax import workdir as workdir_lib
+from vqvdm_jax.inference import sampling
+from vqvdm_jax.models.vqgan import latent_shape
+from vqvdm_jax.training import diffusion_trainer, loop, reporting, vqgan_trainer
+
+LATENT_SHAPE = (2, 4, 4, 4)
+
+
+@pytest.fixture(scope="module")
+def stage2_trainer(tmp_path_factory):
+  """The tiny stage-2 trainer on one device (the step test_preemption compiles too)."""
+  trainer = diffusion_trainer.DiffusionTrainer(
+      load_config("tiny"), tmp_path_factory.mktemp("stage2"), LATENT_SHAPE,
+      devices=jax.devices()[:1])
+  trainer.checkpointer.close()  # unused: the tests step by hand or give the loop their own
+  return trainer
+
+
+def _batch(index, nan=False):
+  latent = np.random.default_rng(index).normal(size=(8, *LATENT_SHAPE)).astype(np.float32)
+  if nan:
+    latent[0, 0, 0, 0, 0] = np.nan
+  return {"latent": latent, "label": np.arange(8, dtype=np.int32) % 4,
+          "fps": np.full(8, 8.0, np.float32)}
+
+
+def _host(tree):
+  return [np.asarray(leaf) for leaf in jax.tree.leaves(jax.device_get(tree))]
+
+
+def _with_infinite_output_kernel_gradient(params):
+  """Weights whose loss is finite and whose output-conv kernel gradient is +-inf.
+
+  The output GroupNorm emits its bias, 1e36, everywhere; the output conv's kernel is 0, so the
+  prediction is its bias, 1000: a loss near 1e6. The kernel's gradient sums 1e36 x ~2000 over
+  the positions, past float32's 3.4e38; every other gradient passes through the 0 kernel as 0.
+  """
+  params = jax.tree.map(np.array, jax.device_get(params))
+  params["output_norm"]["GroupNorm_0"]["scale"][:] = 0.0
+  params["output_norm"]["GroupNorm_0"]["bias"][:] = 1e36
+  params["output_conv"]["kernel"][:] = 0.0
+  params["output_conv"]["bias"][:] = 1e3
+  return params
+
+
+def test_a_nonfinite_gradient_with_a_finite_loss_skips_the_update(stage2_trainer):
+  trainer = stage2_trainer
+  state, metrics = trainer.step(trainer.initial_state(1.0, 0), _batch(0))
+  assert float(metrics["nonfinite/skipped"]) == 0.0  # Adam's moments and the EMA have moved
+  state = state.replace(params=jax.device_put(
+      _with_infinite_output_kernel_gradient(state.params), trainer.state_sharding.params))
+  before = jax.device_get(state)
+  state, metrics = trainer.step(state, _batch(1))
+  assert np.isfinite(float(metrics["loss/diffusion"]))  # only the gradient is broken
+  assert not np.isfinite(float(metrics["grad_norm/unet"]))
+  assert float(metrics["nonfinite/skipped"]) == 1.0
+  assert int(state.step) == 2 and int(state.nonfinite_streak) == 1
+  kept = (state.params, state.ema_params, state.opt_state, state.rng)
+  for got, want in zip(_host(kept), _host((before.params, before.ema_params, before.opt_state,
+                                           before.rng)), strict=True):
+    np.testing.assert_array_equal(got, want)  # nothing of the update was applied
+
+
+def test_skipped_updates_and_their_streak_reach_the_summaries(stage2_trainer, tmp_path):
+  trainer = stage2_trainer
+  nan_steps = {2, 3}  # batch i is step i + 1's; a NaN in the batch makes the loss NaN
+  batches = iter(grain.MapDataset.range(100).map(
+      lambda index: _batch(index, nan=index + 1 in nan_steps)).to_iter_dataset())
+  loop.train_loop(stage="Stage 2", state=trainer.initial_state(1.0, 0), step_fn=trainer.step,
+                  data_iterator=batches, num_steps=4, log_every=1,
+                  checkpointer=checkpointing.Checkpointer(tmp_path / "checkpoints", 1000, 1),
+                  batch_size=8, summary_dir=tmp_path / "summaries", max_nonfinite_skips=5,
+                  learning_rate_field="diffusion.optim.learning_rate")
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.util import tensor_util
+  events = event_accumulator.EventAccumulator(
+      str(tmp_path / "summaries"), size_guidance={event_accumulator.TENSORS: 0})
+  events.Reload()
+
+  def series(tag):
+    return [(event.step, float(tensor_util.make_ndarray(event.tensor_proto)))
+            for event in events.Tensors(tag)]
+
+  assert series("nonfinite/skipped") == [(1, 0.0), (2, 1.0), (3, 1.0), (4, 0.0)]
+  assert series("nonfinite/streak") == [(1, 0.0), (2, 1.0), (3, 2.0), (4, 0.0)]
+
+
+STEP = 3  # the step of the checkpoints whose EMA weights differ from their raw weights
+
+
+def _shifted(tree):
+  return jax.tree.map(lambda leaf: leaf + 0.5, tree)
+
+
+@pytest.fixture(scope="module")
+def ema_workdir(tmp_path_factory):
+  """A workdir whose stage-1 and stage-2 checkpoints hold EMA weights unlike their raw weights.
+
+  Returns the config, the workdir, the stage-1 trainer and both saved states (on the host).
+  """
+  workdir = tmp_path_factory.mktemp("ema")
+  config = load_config("tiny")
+  devices = jax.devices()[:1]
+  step = jnp.asarray(STEP, jnp.int32)
+  vqgan = vqgan_trainer.VQGANTrainer(config, workdir, devices)
+  vqgan_state = vqgan.initial_state()
+  vqgan_state = vqgan_state.replace(step=step, ema_params=_shifted(vqgan_state.params))
+  vqgan.checkpointer.save(STEP, vqgan_state, force=True)
+  vqgan.checkpointer.close()
+  diffusion = diffusion_trainer.DiffusionTrainer(config, workdir, latent_shape(config)[1:],
+                                                 devices)
+  diffusion_state = diffusion.initial_state(1.0, STEP)
+  diffusion_state = diffusion_state.replace(step=step,
+                                            ema_params=_shifted(diffusion_state.params))
+  diffusion.checkpointer.save(STEP, diffusion_state, force=True)
+  diffusion.checkpointer.close()
+  workdir_lib.check_or_record_config(config, workdir)
+  return config, workdir, vqgan, jax.device_get(vqgan_state), jax.device_get(diffusion_state)
+
+
+def _assert_equal_trees(got, want):
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(_host(got), _host(want), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sampling_and_evaluation_load_the_ema_weights(ema_workdir):
+  config, workdir, _, vqgan_state, diffusion_state = ema_workdir
+  assert config.vqgan.optim.ema_decay > 0
+  model = vqvdm_jax.load(workdir, devices=jax.devices()[:1])  # what sample and evaluate use
+  assert model.step == STEP
+  _assert_equal_trees(model.params, diffusion_state.ema_params)
+  _assert_equal_trees(model.tokenizer.variables["params"], vqgan_state.ema_params)
+  tokenizer = vqvdm_jax.load_tokenizer(workdir, devices=jax.devices()[:1])  # evaluate_vqgan's
+  _assert_equal_trees(tokenizer.variables["params"], vqgan_state.ema_params)
+  _assert_equal_trees(vqgan_trainer.eval_params(vqgan_state, config), vqgan_state.ema_params)
+
+  no_ema = copy.deepcopy(config)  # a run that kept no EMA copy: the raw weights
+  no_ema.vqgan.optim.ema_decay = 0.0
+  tokenizer = vqvdm_jax.load_tokenizer(workdir, config=no_ema, devices=jax.devices()[:1])
+  _assert_equal_trees(tokenizer.variables["params"], vqgan_state.params)
+  _assert_equal_trees(vqgan_trainer.eval_params(vqgan_state, no_ema), vqgan_state.params)
+
+
+def _files(directory):
+  return sorted(str(path.relative_to(directory)) for path in directory.rglob("*")
+                if path.is_file()) if directory.exists() else []
+
+
+def _write_everything(ema_workdir, model, out, monkeypatch):
+  """Summaries, reconstructions and samples into ``out``, as the process that runs this."""
+  config, _, vqgan, vqgan_state, _ = ema_workdir
+  writer = reporting.make_metric_writer(out / "summaries")
+  reporting.write_config(writer, config)
+  writer.write_scalars(1, {"loss/l2": 0.5})
+  writer.write_images(1, {"frames": np.zeros((1, 8, 8, 3), np.uint8)})
+  writer.flush()
+  videos = np.zeros((2, config.data.num_frames, config.data.resolution, config.data.resolution,
+                     3), np.uint8)
+  monkeypatch.setattr(vqgan, "workdir", out / "vqgan")  # where write_reconstructions writes
+  vqgan_trainer.write_reconstructions(vqgan, vqgan_state, videos, STEP)
+  sampling.write_samples(model, out / "samples", sampling.sampling_config(
+      config, num_videos=1, batch_size=1, num_steps=2))
+
+
+def test_only_process_0_writes_summaries_and_videos(ema_workdir, tmp_path, monkeypatch):
+  model = vqvdm_jax.load(ema_workdir[1], devices=jax.devices()[:1])
+  _write_everything(ema_workdir, model, tmp_path / "process_0", monkeypatch)
+  written = _files(tmp_path / "process_0")
+  assert any(name.startswith("summaries/events.out.tfevents") for name in written), written
+  assert {"vqgan/reconstructions/step_0000003.gif", "samples/grid.gif", "samples/samples.json",
+          "samples/videos.npz", "samples/video_000_class_0.mp4"} <= set(written), written
+
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  _write_everything(ema_workdir, model, tmp_path / "process_1", monkeypatch)
+  assert _files(tmp_path / "process_1") == []

@@ -1,0 +1,116 @@
+"""Recovery: stage 2 resumes bit-identically, and an unreadable newest checkpoint falls back to
+the previous one (both stages) or ends in one clear error."""
+
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from helpers import load_config
+from test_preemption import _assert_same_leaves, _diffusion_trainer
+
+from vqvdm_jax import checkpointing
+from vqvdm_jax.data import latents as latents_lib
+from vqvdm_jax.training import diffusion_trainer
+
+
+def _stage1_checkpoint(workdir):
+  """An untrained stage-1 checkpoint of step 4: stage 2 needs latents, not good ones."""
+  from vqvdm_jax.training import vqgan_trainer
+  trainer = vqgan_trainer.VQGANTrainer(load_config("tiny"), workdir, devices=jax.devices()[:1])
+  trainer.checkpointer.save(4, trainer.initial_state().replace(step=jax.numpy.asarray(4)),
+                            force=True)
+  trainer.checkpointer.close()
+  return workdir
+
+
+def _train_stage2(workdir, num_steps):
+  config = load_config("tiny")
+  config.diffusion.train.num_steps = num_steps
+  return jax.device_get(diffusion_trainer.train_diffusion(config, workdir))
+
+
+def test_stage2_resumes_bit_identically_after_a_stop(tmp_path):
+  uninterrupted = _stage1_checkpoint(tmp_path / "uninterrupted")
+  expected = _train_stage2(uninterrupted, 4)  # encodes the latent cache
+  workdir = tmp_path / "resumed"
+  shutil.copytree(uninterrupted / "vqgan", workdir / "vqgan")
+  (workdir / "diffusion").mkdir()
+  (workdir / "diffusion" / "latents").symlink_to(uninterrupted / "diffusion" / "latents")
+  first = _train_stage2(workdir, 2)  # stops (as if killed) after the step-2 checkpoint
+  assert int(first.step) == 2
+  resumed = _train_stage2(workdir, 4)
+  assert int(resumed.step) == 4
+  # U-Net weights, EMA, Adam state, rng, step, scale and shift: every leaf, bit for bit.
+  _assert_same_leaves(resumed, expected)
+
+  # The checkpoint holds that state and the latent iterator 4 batches in: it continues with
+  # the 5th batch of a fresh iterator, as the uninterrupted run would.
+  config = load_config("tiny")
+  cache = latents_lib.LatentCache(latents_lib.cache_directory(workdir, 4))
+  trainer = diffusion_trainer.DiffusionTrainer(config, workdir, cache.latent_shape)
+  batches = latents_lib.train_iterator(cache, config.diffusion.train.batch_size, config.seed)
+  restored = jax.device_get(trainer.restore(batches))
+  trainer.checkpointer.close()
+  _assert_same_leaves(restored, expected)
+  fresh = latents_lib.train_iterator(cache, config.diffusion.train.batch_size, config.seed)
+  fifth = [next(fresh) for _ in range(5)][-1]
+  following = next(batches)
+  assert following.keys() == fifth.keys()
+  for key in fifth:
+    np.testing.assert_array_equal(following[key], fifth[key], err_msg=key)
+
+
+def _corrupt(checkpoint: Path, how: str) -> None:
+  """What an interrupted copy or a full disk leaves: a truncated data file, or no metadata."""
+  state = checkpoint / "state"
+  if how == "truncated":
+    for data_file in (state / "ocdbt.process_0" / "d").iterdir():
+      data_file.write_bytes(data_file.read_bytes()[:7])
+  else:
+    (state / "_METADATA").unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated", "no_metadata"])
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, how, caplog):
+  config = load_config("tiny")
+  from vqvdm_jax.training import vqgan_trainer
+  trainers = {"vqgan": vqgan_trainer.VQGANTrainer(config, tmp_path, devices=jax.devices()[:1]),
+              "diffusion": _diffusion_trainer(tmp_path)[1]}
+  initial = {"vqgan": trainers["vqgan"].initial_state(),
+             "diffusion": trainers["diffusion"].initial_state(1.0, 0)}
+  for stage, trainer in trainers.items():
+    for step in (2, 4):
+      trainer.checkpointer.save(step, initial[stage].replace(step=jax.numpy.asarray(step)),
+                                force=True)
+    trainer.checkpointer.close()
+    _corrupt(tmp_path / stage / "checkpoints" / "4", how)
+
+  reopened = {"vqgan": vqgan_trainer.VQGANTrainer(config, tmp_path, devices=jax.devices()[:1]),
+              "diffusion": _diffusion_trainer(tmp_path)[1]}
+  restored = {"vqgan": reopened["vqgan"].restore_or_init(),
+              "diffusion": reopened["diffusion"].restore()}
+  for stage, trainer in reopened.items():
+    trainer.checkpointer.close()
+    assert int(restored[stage].step) == 2, stage
+    for got, want in zip(jax.tree.leaves(jax.device_get(restored[stage].params)),
+                         jax.tree.leaves(jax.device_get(initial[stage].params)), strict=True):
+      np.testing.assert_array_equal(got, want)
+    checkpoints = tmp_path / stage / "checkpoints"
+    assert (checkpoints / "4.unrestorable").is_dir() and not (checkpoints / "4").exists()
+    warnings = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+    assert any(f"step 4 in {checkpoints}" in message for message in warnings), warnings
+
+
+def test_no_restorable_checkpoint_is_one_clear_error(tmp_path):
+  _, trainer = _diffusion_trainer(tmp_path)
+  trainer.checkpointer.save(2, trainer.initial_state(1.0, 0), force=True)
+  trainer.checkpointer.close()
+  _corrupt(tmp_path / "diffusion" / "checkpoints" / "2", "truncated")
+  _, reopened = _diffusion_trainer(tmp_path)
+  with pytest.raises(checkpointing.UnrestorableCheckpointError,
+                     match=r"No checkpoint in .* can be restored \(step 2: .*\)"):
+    reopened.restore()
+  reopened.checkpointer.close()
+  assert (tmp_path / "diffusion" / "checkpoints" / "2.unrestorable").is_dir()  # kept
