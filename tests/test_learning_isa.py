@@ -4,6 +4,11 @@ XLA:CPU generates code for the host's widest vector instructions (AVX-512, AVX2,
 float rounding, and with it a training trajectory, differs between CPUs. Every test marked
 ``learning`` must pass whatever the rounding; this runs them again with XLA:CPU held to SSE4.2
 code (``--xla_cpu_max_isa``), which differs from the default on any x86 CPU of the last decade.
+
+It recompiles every learning test for the other instruction set (no compilation cache is
+shared across XLA flags): 70-150 s of one worker, which the suite's 15-minute budget on 2 cores
+does not hold today (16 min 25 s with it, matmul 140-150 GFLOP/s). So it runs when asked:
+``VQVDM_CHECK_ISA=1 python -m pytest tests/test_learning_isa.py`` (README, Reproducibility).
 """
 
 import os
@@ -20,6 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                     reason="--xla_cpu_max_isa names x86 instruction sets")
+@pytest.mark.skipif(os.environ.get("VQVDM_CHECK_ISA") != "1",
+                    reason="set VQVDM_CHECK_ISA=1: recompiling for SSE4.2 exceeds the suite budget")
 def test_learning_tests_pass_with_sse4_2_code():
   env = dict(os.environ)
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=SSE4_2"
