@@ -40,6 +40,19 @@ def test_unknown_quantizer_is_rejected_with_choices():
     config_lib.validate(config)
 
 
+def test_fsq_levels_are_validated_against_the_latent_channels():
+  config = load_config("tiny")
+  config.vqgan.quantizer.kind = "fsq"
+  config.vqgan.quantizer.fsq_levels = (8, 5, 5)
+  with pytest.raises(config_lib.ConfigError, match=r"vqgan\.quantizer\.fsq_levels.*per latent"):
+    config_lib.validate(config)
+  config.vqgan.quantizer.fsq_levels = (8, 5, 5, 1)
+  with pytest.raises(config_lib.ConfigError, match=r"vqgan\.quantizer\.fsq_levels.*>= 2"):
+    config_lib.validate(config)
+  config.vqgan.quantizer.fsq_levels = (8, 5, 5, 5)
+  config_lib.validate(config)
+
+
 def test_level_count_must_match_downsampling_factors():
   config = load_config("tiny")
   config.vqgan.model.channel_multipliers = (1, 2)

@@ -1,5 +1,7 @@
 """Properties of the quantizers: VQ-VDM eq. 2, the VQ-VAE-2 EMA update and MAGVIT-v2 LFQ."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -257,3 +259,82 @@ def test_works_under_jit_with_video_latent_shape(kind):
     np.testing.assert_allclose(codes, out.quantized, rtol=1e-6)
   evaluated = jax.jit(lambda v, z: module.apply(v, z))(new_variables, z)
   assert evaluated.stats["perplexity"].dtype == jnp.float32
+
+
+# ---------------------------------------------------------------- FSQ (Mentzer et al. 2023)
+
+FSQ_LEVELS = (8, 5, 3, 2)  # even and odd counts; 240 codes
+
+
+def test_fsq_has_the_product_of_its_levels_as_codes():
+  module = q.FiniteScalarQuantizer(levels=FSQ_LEVELS)
+  assert module.num_codes == 8 * 5 * 3 * 2
+  config = base_config().vqgan.quantizer
+  config.kind, config.fsq_levels = "fsq", FSQ_LEVELS
+  assert q.num_codes(config, latent_channels=4) == 240
+  # Dense random latents land on every one of the 240 codes, and on nothing else.
+  z = 3.0 * jax.random.normal(jax.random.key(0), (20_000, 4), jnp.float32)
+  variables = _init(module, z)
+  out = module.apply(variables, z)
+  assert set(np.unique(out.indices).tolist()) == set(range(240))
+
+
+def test_fsq_index_to_code_round_trip_for_every_code():
+  indices = jnp.arange(math.prod(FSQ_LEVELS))
+  codes = q.fsq_codes_from_indices(indices, FSQ_LEVELS)  # [240, 4]
+  np.testing.assert_array_equal(q.fsq_indices(codes, FSQ_LEVELS), indices)
+  assert len({tuple(c) for c in np.asarray(codes).tolist()}) == 240  # a bijection
+  assert float(jnp.min(codes)) == -1.0 and float(jnp.max(codes)) == 1.0
+  # The module maps a latent inside each code's rounding cell to that code: invert the bound
+  # f(z) = tanh(z + tan(o / h)) h - o at a point 0.3 from the integer level, towards the middle.
+  module = q.FiniteScalarQuantizer(levels=FSQ_LEVELS)
+  variables = _init(module, codes)
+  half = np.array([level // 2 for level in FSQ_LEVELS], np.float64)
+  scaled = np.asarray(codes, np.float64) * half  # integer levels
+  levels = np.array(FSQ_LEVELS, np.float64)
+  h = (levels - 1) * (1 - 1e-3) / 2
+  offset = np.where(np.array(FSQ_LEVELS) % 2 == 0, 0.5, 0.0)
+  target = scaled + 0.3 * np.sign(-offset - scaled)
+  preimage = np.arctanh((target + offset) / h) - np.tan(offset / h)
+  out = module.apply(variables, jnp.asarray(preimage, jnp.float32))
+  np.testing.assert_array_equal(out.indices, indices)
+  np.testing.assert_allclose(out.quantized, codes, atol=1e-6)
+  np.testing.assert_allclose(module.apply(variables, out.indices, method="codes_from_indices"),
+                             codes)
+
+
+def test_fsq_gradient_is_straight_through_the_rounding():
+  levels = (8, 5)
+  z = jax.random.normal(jax.random.key(3), (6, 2), jnp.float32)
+  w = jax.random.normal(jax.random.key(4), z.shape, jnp.float32)
+  grad = jax.grad(lambda z: jnp.sum(w * q.fsq_quantize(z, levels)))(z)
+  # Expected: d/dz of the bound alone (rounding is the identity backwards), over ⌊L/2⌋.
+  bound_grad = jax.grad(lambda z: jnp.sum(w * q.fsq_bound(z, levels)
+                                          / jnp.array([4.0, 2.0])))(z)
+  np.testing.assert_allclose(grad, bound_grad, rtol=1e-6)
+  assert np.all(np.abs(np.asarray(grad)) > 0)
+  # And through the module, as the trainer calls it.
+  module = q.FiniteScalarQuantizer(levels=levels)
+  variables = _init(module, z)
+  module_grad = jax.grad(lambda z: jnp.sum(w * module.apply(variables, z).quantized))(z)
+  np.testing.assert_allclose(module_grad, grad, rtol=1e-6)
+
+
+def test_fsq_tracks_usage_and_perplexity_when_training():
+  module = q.FiniteScalarQuantizer(levels=(3, 3), usage_window=10)
+  z = jnp.array([[-5.0, -5.0], [5.0, 5.0], [0.0, 0.0], [0.0, 0.0]], jnp.float32)
+  variables = _init(module, z)
+  out, updates = module.apply(variables, z, train=True, mutable=["quantizer_state"])
+  np.testing.assert_array_equal(out.indices, [0, 8, 4, 4])
+  assert float(out.stats["usage"]) == pytest.approx(3 / 9)
+  # Histogram 1/4, 1/4, 1/2: perplexity exp(H) = exp(1.5 ln 2) = 2^1.5.
+  assert float(out.stats["perplexity"]) == pytest.approx(2**1.5, rel=1e-5)
+  assert int(updates["quantizer_state"]["step"]) == 1
+  assert float(out.loss) == 0.0
+
+
+def test_fsq_levels_must_match_the_latent_channels():
+  config = base_config().vqgan.quantizer
+  config.kind, config.fsq_levels = "fsq", (8, 5, 5)
+  with pytest.raises(ValueError, match="fsq_levels.*latent_channels=4"):
+    q.make_quantizer(config, latent_channels=4)

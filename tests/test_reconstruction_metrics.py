@@ -89,3 +89,37 @@ def test_metrics_jit_and_return_one_value_per_clip():
   x, y = _video(10), _video(11)
   assert jax.jit(psnr)(x, y).shape == (2,)
   np.testing.assert_allclose(jax.jit(ssim)(x, y), ssim(x, y), rtol=1e-6)
+
+
+def _sprite_clips(num_clips=4):
+  """Moving-sprite clips [B, 8, 16, 16, 3] uint8 from the embedded dataset."""
+  from vqvdm_jax.data.synthetic import MovingSprites
+  source = MovingSprites(num_clips=num_clips, num_frames=8, resolution=16, num_classes=4,
+                         fps_values=(8.0,), seed=0, split="eval", sprite_size=0.4)
+  return np.stack([source[i]["video"] for i in range(num_clips)])
+
+
+def test_colour_check_passes_a_faithful_reconstruction_and_fails_a_whitened_one():
+  from vqvdm_jax.evaluation.reconstruction import COLOUR_TOLERANCE, sprite_colour_error
+  clips = _sprite_clips()
+  # Faithful but imperfect: small noise and a slightly blurred edge still keep the colour.
+  noise = np.random.default_rng(0).normal(0.0, 6.0, clips.shape)
+  faithful = np.clip(clips + noise, 0, 255).round().astype(np.uint8)
+  assert np.all(sprite_colour_error(clips, clips) == 0.0)
+  assert np.all(sprite_colour_error(clips, faithful) <= COLOUR_TOLERANCE)
+  # The issue's failure: every sprite comes back the same light grey.
+  whitened = clips.copy()
+  sprite = np.all(clips / 255.0 > 0.525, axis=-1)
+  whitened[sprite] = 220
+  errors = sprite_colour_error(clips, whitened)
+  assert np.all(errors > COLOUR_TOLERANCE), errors
+
+
+def test_colour_check_is_the_largest_channel_error_of_the_mean_sprite_colour():
+  from vqvdm_jax.evaluation.reconstruction import sprite_colour_error
+  clip = np.full((1, 2, 16, 16, 3), 40, np.uint8)  # dark background
+  clip[:, :, 4:8, 4:8] = (200, 150, 180)  # a sprite (every channel > 0.525)
+  shifted = clip.copy()
+  shifted[:, :, 4:8, 4:8] = (200 + 51, 150 - 20, 180)  # red +0.2, green -0.078
+  shifted[:, :, 0:2, 0:2] = 90  # background changes do not count
+  np.testing.assert_allclose(sprite_colour_error(clip, shifted), [51 / 255.0])

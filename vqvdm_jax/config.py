@@ -59,7 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
   model.remat = False  # rematerialise residual blocks: less activation memory, ~1/3 more compute.
 
   vqgan.quantizer = quantizer = ml_collections.ConfigDict()
-  quantizer.kind = "vq"  # 'vq' (codebook loss), 'ema' (VQ-VAE-2 EMA codebook), 'lfq' (MAGVIT-v2).
+  # 'vq' (codebook loss), 'ema' (VQ-VAE-2 EMA codebook), 'lfq' (MAGVIT-v2), 'fsq' (Mentzer et al.).
+  quantizer.kind = "vq"
   quantizer.codebook_size = 16384  # ignored by 'lfq' (2 ** latent_channels codes).
   quantizer.codebook_init_stddev = 1.0  # N(0, s) init, on the scale of the encoder output.
   quantizer.beta = 0.25  # commitment weight (VQ-VDM eq. 2).
@@ -72,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
   quantizer.entropy_weight_final = 0.1  # lfq: weight after annealing (= entropy_weight: none).
   quantizer.entropy_anneal_steps = 0  # lfq: linear annealing length (0: no annealing).
   quantizer.entropy_temperature = 0.01  # lfq: temperature of the soft code assignment.
+  # fsq: values per latent channel (one entry per channel; prod = number of codes). (8, 5, 5, 5)
+  # is the FSQ paper's 1,000-code choice for 4 channels.
+  quantizer.fsq_levels = (8, 5, 5, 5)
 
   vqgan.loss = loss = ml_collections.ConfigDict()
   loss.l2_weight = 1.0
@@ -188,6 +192,54 @@ def base_config() -> ml_collections.ConfigDict:
   sample.seed = 0
   sample.clip_x0 = 0.0  # clip predicted x0 to [-c, c] in scaled latent units (0: off).
 
+  # ---------------------------------------------------------------- stage 2: the prior
+  # 'diffusion' (VQ-VDM's latent DDPM above), or a transformer over the tokenizer's code indices:
+  # 'autoregressive' (Taming / TATS) or 'masked' (MaskGIT / MAGVIT). Each trains in its own
+  # folder (DIR/diffusion, DIR/autoregressive, DIR/masked) on the same tokenizer. The class and
+  # FPS conditioning (diffusion.use_class, diffusion.use_fps) and what to sample
+  # (diffusion.sample.label, fps, num_videos, batch_size, seed) are shared by all three.
+  config.stage2 = "diffusion"
+
+  # ---------------------------------------------------------------- stage 2: token transformers
+  config.transformer = transformer = ml_collections.ConfigDict()
+  transformer.model = tmodel = ml_collections.ConfigDict()
+  tmodel.width = 1024  # TATS' GPT: 24 layers, 16 heads, 1024 wide (MaskGIT: 24, 16, 768).
+  tmodel.depth = 24
+  tmodel.num_heads = 16
+  tmodel.mlp_ratio = 4.0
+  tmodel.dropout = 0.1
+  tmodel.dtype = "float32"  # compute dtype; parameters stay float32.
+  tmodel.attention_impl = "xla"  # as vqgan.model.attention_impl
+  tmodel.remat = False  # rematerialise blocks: less activation memory, ~1/3 more compute.
+  transformer.class_drop_rate = 0.1  # rho: probability of the null class (guidance on logits).
+
+  transformer.optim = toptim = ml_collections.ConfigDict()
+  toptim.learning_rate = 3e-4
+  toptim.b1 = 0.9
+  toptim.b2 = 0.95
+  toptim.weight_decay = 0.01
+  toptim.warmup_steps = 5000
+  toptim.lr_decay = "cosine"
+  toptim.final_learning_rate_fraction = 0.1
+  toptim.grad_clip_norm = 1.0
+  toptim.ema_decay = 0.9999  # EMA of the weights; sampling uses it (0: off).
+
+  transformer.train = ttrain = ml_collections.ConfigDict()
+  ttrain.batch_size = 32
+  ttrain.num_steps = 400_000
+  ttrain.log_every = 100
+  ttrain.checkpoint_every = 5000
+  ttrain.keep_checkpoints = 3
+
+  transformer.sample = tsample = ml_collections.ConfigDict()
+  tsample.guidance_scale = 1.0  # logits = uncond + w (cond - uncond); 1: conditional alone.
+  tsample.temperature = 1.0  # softmax temperature of each sampled code (0: argmax).
+  tsample.top_k = 0  # autoregressive: keep the k most likely codes (0: all).
+  tsample.top_p = 1.0  # autoregressive: nucleus sampling (1: off).
+  tsample.num_steps = 12  # masked: parallel decoding steps N (MAGVIT's 12).
+  tsample.choice_temperature = 4.5  # masked: Gumbel noise on confidences, annealed to 0.
+  tsample.prompt_frames = 0  # latent frames taken from a given clip (video continuation).
+
   # ---------------------------------------------------------------- run safety
   config.run = run = ml_collections.ConfigDict()
   run.max_nonfinite_skips = 20  # stop after this many consecutive skipped (non-finite) updates.
@@ -221,7 +273,7 @@ def apply_runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   config.data.name = "synthetic"
   config.data.num_classes = 4
   config.data.num_workers = 0
-  for stage in (config.vqgan.train, config.diffusion.train):
+  for stage in (config.vqgan.train, config.diffusion.train, config.transformer.train):
     stage.batch_size = 2
     stage.num_steps = 3
     stage.log_every = 1
@@ -233,7 +285,7 @@ def apply_runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 _DATASETS = ("synthetic", "ucf101", "sky_timelapse", "video_folder")
 _CONV_IMPLS = ("auto", "native", "taps")
-_QUANTIZERS = ("vq", "ema", "lfq")
+_QUANTIZERS = ("vq", "ema", "lfq", "fsq")
 _GAN_LOSSES = ("vanilla", "hinge")
 _DTYPES = ("float32", "bfloat16", "float16")
 # jax.nn.dot_product_attention's kernels; models/attention.py resolves 'auto'.
@@ -364,6 +416,16 @@ def _check(config: ml_collections.ConfigDict) -> None:
   if quantizer.kind == "lfq":
     _require(model.latent_channels <= 16, "vqgan.model.latent_channels",
              f"LFQ has 2 ** latent_channels codes; {model.latent_channels} is too many (max 16).")
+  elif quantizer.kind == "fsq":
+    levels = tuple(quantizer.fsq_levels)
+    _require(len(levels) == model.latent_channels, "vqgan.quantizer.fsq_levels",
+             f"needs one level count per latent channel: {len(levels)} given for "
+             f"vqgan.model.latent_channels={model.latent_channels}.")
+    _require(all(int(level) == level and level >= 2 for level in levels),
+             "vqgan.quantizer.fsq_levels", f"each entry must be an integer >= 2, got {levels}.")
+    _require(math.prod(levels) < 2**31, "vqgan.quantizer.fsq_levels",
+             f"{levels} make {math.prod(levels)} codes; indices are int32, keep the product "
+             f"below 2**31.")
   else:
     _require(quantizer.codebook_size >= 2, "vqgan.quantizer.codebook_size",
              f"must be >= 2, got {quantizer.codebook_size}.")
@@ -378,6 +440,7 @@ def _check(config: ml_collections.ConfigDict) -> None:
   for field in ("num_steps", "log_every", "checkpoint_every", "eval_every"):
     _require(train[field] >= 1, f"vqgan.train.{field}", f"must be >= 1, got {train[field]}.")
   _validate_diffusion(config)
+  _validate_transformer(config)
   _validate_evaluation(config)
   _require(len(config.mesh.shape) == len(config.mesh.axes), "mesh.shape",
            f"{tuple(config.mesh.shape)} and mesh.axes {tuple(config.mesh.axes)} differ in length.")
@@ -460,6 +523,47 @@ def _validate_diffusion(config: ml_collections.ConfigDict) -> None:
   for field in ("num_videos", "batch_size"):
     _require(diffusion.sample[field] >= 1, f"diffusion.sample.{field}",
              f"must be >= 1, got {diffusion.sample[field]}.")
+
+
+STAGE2_PRIORS = ("diffusion", "autoregressive", "masked")
+
+
+def _validate_transformer(config: ml_collections.ConfigDict) -> None:
+  _require(config.stage2 in STAGE2_PRIORS, "stage2",
+           f"got {config.stage2!r}; choose one of {STAGE2_PRIORS}.")
+  transformer = config.transformer
+  model = transformer.model
+  _require(model.dtype in _DTYPES, "transformer.model.dtype",
+           f"got {model.dtype!r}; choose one of {_DTYPES}.")
+  _validate_attention_impl(model, "transformer.model")
+  for field in ("width", "depth", "num_heads"):
+    _require(model[field] >= 1, f"transformer.model.{field}", f"must be >= 1, got {model[field]}.")
+  _require(model.width % model.num_heads == 0, "transformer.model.num_heads",
+           f"{model.num_heads} heads do not divide transformer.model.width={model.width}.")
+  _require(0.0 <= model.dropout < 1.0, "transformer.model.dropout",
+           f"must be in [0, 1), got {model.dropout}.")
+  _require(0.0 <= transformer.class_drop_rate <= 1.0, "transformer.class_drop_rate",
+           f"must be a probability, got {transformer.class_drop_rate}.")
+  _validate_optim(transformer.optim, "transformer.optim")
+  for field in ("batch_size", "num_steps", "log_every", "checkpoint_every"):
+    _require(transformer.train[field] >= 1, f"transformer.train.{field}",
+             f"must be >= 1, got {transformer.train[field]}.")
+  sample = transformer.sample
+  _require(sample.temperature >= 0, "transformer.sample.temperature",
+           f"must be >= 0 (0: the most likely code), got {sample.temperature}.")
+  _require(sample.top_k >= 0, "transformer.sample.top_k",
+           f"must be >= 0 (0: every code), got {sample.top_k}.")
+  _require(0.0 < sample.top_p <= 1.0, "transformer.sample.top_p",
+           f"must be in (0, 1] (1: off), got {sample.top_p}.")
+  _require(sample.num_steps >= 1, "transformer.sample.num_steps",
+           f"must be >= 1, got {sample.num_steps}.")
+  _require(sample.choice_temperature >= 0, "transformer.sample.choice_temperature",
+           f"must be >= 0, got {sample.choice_temperature}.")
+  frames, factor = config.data.num_frames, config.vqgan.model.temporal_downsample
+  latent_frames = 1 + (frames - 1) // factor if config.vqgan.model.causal else frames // factor
+  _require(0 <= sample.prompt_frames < max(latent_frames, 1), "transformer.sample.prompt_frames",
+           f"{sample.prompt_frames} latent frames cannot be given: a clip has "
+           f"{latent_frames}; use 0 (no prompt) up to {latent_frames - 1}.")
 
 
 def _validate_evaluation(config: ml_collections.ConfigDict) -> None:

@@ -43,6 +43,9 @@ SPEED_RANGE = (0.25, 0.5)
 BACKGROUND_RANGE = (0.05, 0.35)
 GRADIENT_MAX = 0.15
 SPRITE_RANGE = (0.55, 1.0)
+# Halfway between the brightest background (BACKGROUND_RANGE[1] + GRADIENT_MAX = 0.5) and the
+# darkest sprite channel (0.55): a pixel whose three channels all exceed it is a sprite pixel.
+SPRITE_THRESHOLD = (BACKGROUND_RANGE[1] + GRADIENT_MAX + SPRITE_RANGE[0]) / 2.0
 CROSS_ARM_FRACTION = 1.0 / 3.0  # half-width of the cross's bars relative to its half-size.
 
 

@@ -1,7 +1,8 @@
 """``--mode=evaluate_vqgan``: reconstruction quality of the latest stage-1 checkpoint.
 
 Writes ``DIR/vqgan/eval.json`` (PSNR, SSIM, LPIPS, rFVD, codebook usage and perplexity over the
-held-out clips) and ``DIR/vqgan/eval_grid.{gif,mp4}`` (originals above reconstructions).
+held-out clips; on the embedded dataset also the sprite colour check: the mean L∞ error of each
+clip's mean sprite colour and the fraction of clips within 0.1) and ``DIR/vqgan/eval_grid.{gif,mp4}`` (originals above reconstructions).
 rFVD is FVD (the I3D protocol of ``evaluation/i3d.py``) of reconstructions against their
 originals; ``evaluation.reconstruction_fvd=False`` leaves it out.
 
@@ -25,6 +26,7 @@ from vqvdm_jax import workdir as workdir_lib
 from vqvdm_jax.data import pipeline
 from vqvdm_jax.evaluation import features, i3d, metrics, reconstruction
 from vqvdm_jax.inference.tokenizer import load_tokenizer
+from vqvdm_jax.models import quantizers
 
 
 def codebook_statistics(indices: np.ndarray, codebook_size: int) -> dict[str, float]:
@@ -37,9 +39,7 @@ def codebook_statistics(indices: np.ndarray, codebook_size: int) -> dict[str, fl
 
 
 def codebook_size(config: ml_collections.ConfigDict) -> int:
-  if config.vqgan.quantizer.kind == "lfq":
-    return 2 ** config.vqgan.model.latent_channels
-  return config.vqgan.quantizer.codebook_size
+  return quantizers.num_codes(config.vqgan.quantizer, config.vqgan.model.latent_channels)
 
 
 def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
@@ -80,6 +80,8 @@ def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
     extractor = features.i3d_extractor(sharding.make_mesh(config.mesh, devices),
                                        eval_config.batch_size)
   i3d_features = {"original": [], "reconstruction": []}
+  with_colour = config.data.name == "synthetic"  # the colour check reads the sprites' colours
+  colour_errors = []
   for batch in pipeline.eval_batches(config.data, eval_config.batch_size, eval_config.num_clips,
                                      config.seed):
     video = sharding.from_replicated_host_data(batch["video"], replicated)
@@ -87,6 +89,9 @@ def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
     for name in per_clip:
       per_clip[name].append(np.asarray(out[name], np.float64))
     all_indices.append(np.asarray(out["indices"]))
+    if with_colour:
+      colour_errors.append(reconstruction.sprite_colour_error(batch["video"],
+                                                              np.asarray(out["x_hat"])))
     if with_rfvd:
       i3d_features["original"].append(extractor(batch["video"]))
       i3d_features["reconstruction"].append(extractor(np.asarray(out["x_hat"])))
@@ -100,6 +105,11 @@ def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
                   "num_clips": int(sum(len(v) for v in per_clip["psnr"])),
                   "weights": "ema" if config.vqgan.optim.ema_decay > 0 else "raw",
                   "psnr_data_range": "[-1, 1] (2.0)"})
+  if with_colour:
+    errors = np.concatenate(colour_errors)
+    results.update({"sprite_colour_error": float(np.nanmean(errors)),
+                    "sprite_colour_pass": float(np.mean(errors <= reconstruction.COLOUR_TOLERANCE)),
+                    "sprite_colour_tolerance": reconstruction.COLOUR_TOLERANCE})
   if with_rfvd:
     results["rfvd"] = metrics.frechet_video_distance(
         *(np.concatenate(i3d_features[key]) for key in ("original", "reconstruction")))

@@ -1,4 +1,5 @@
-"""Reconstruction metrics of the tokenizer: PSNR and SSIM per clip, in jnp so they jit.
+"""Reconstruction metrics of the tokenizer: PSNR and SSIM per clip, in jnp so they jit, and the
+sprite colour check of the embedded dataset (numpy).
 
 Videos are ``[B, T, H, W, C]`` floats, by default in ``[-1, 1]`` (``data_range = 2``).
 """
@@ -8,6 +9,9 @@ from __future__ import annotations
 import einops
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from vqvdm_jax.data import synthetic
 
 # Wang et al. 2004, §III-C: an 11x11 circular-symmetric Gaussian window, sigma 1.5, and the
 # stabilising constants C1 = (K1 L)^2, C2 = (K2 L)^2.
@@ -77,3 +81,31 @@ def ssim(x: jax.Array, y: jax.Array, data_range: float = 2.0,
               / ((mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)))
   per_image = jnp.mean(ssim_map, axis=(1, 2, 3))  # [(B T C)]
   return jnp.mean(per_image.reshape(batch, -1), axis=1)
+
+
+# Issue 18's bar: a sprite's mean colour within 0.1 (on [0, 1], every channel) of the original's.
+COLOUR_TOLERANCE = 0.1
+
+
+def sprite_colour_error(original: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
+  """Per clip, L∞ distance on [0, 1] between the mean sprite colours of two moving-sprite clips.
+
+  ``original`` and ``reconstruction`` are uint8 ``[B, T, H, W, 3]``. The sprite's pixels are
+  taken from the original alone: those whose three channels all exceed
+  ``synthetic.SPRITE_THRESHOLD`` (every sprite channel is >= 0.55, every background pixel <= 0.5).
+  Over those pixels (all frames) the mean colour of each clip is a 3-vector; the error is the
+  largest of its three channel differences, ``max_c |mean_orig[c] - mean_rec[c]|``, ``[B]``
+  float64. A clip with no sprite pixel gets NaN. A clip passes the colour check when its error
+  is at most ``COLOUR_TOLERANCE``.
+  """
+  if original.shape != reconstruction.shape or original.ndim != 5 or original.shape[-1] != 3:
+    raise ValueError(f"sprite_colour_error: expected two uint8 [B, T, H, W, 3] videos of one "
+                     f"shape, got {original.shape} and {reconstruction.shape}.")
+  original = np.asarray(original, np.float64) / 255.0
+  reconstruction = np.asarray(reconstruction, np.float64) / 255.0
+  mask = np.all(original > synthetic.SPRITE_THRESHOLD, axis=-1)[..., None]  # [B, T, H, W, 1]
+  count = mask.sum(axis=(1, 2, 3))  # [B, 1]
+  with np.errstate(invalid="ignore", divide="ignore"):
+    mean_original = (original * mask).sum(axis=(1, 2, 3)) / count  # [B, 3]
+    mean_reconstruction = (reconstruction * mask).sum(axis=(1, 2, 3)) / count
+  return np.abs(mean_original - mean_reconstruction).max(axis=-1)

@@ -1,6 +1,7 @@
-"""Quantizers of the tokenizer: codebook VQ, VQ-VAE-2 EMA VQ and MAGVIT-v2 lookup-free (LFQ).
+"""Quantizers of the tokenizer: codebook VQ, VQ-VAE-2 EMA VQ, MAGVIT-v2 lookup-free (LFQ) and
+finite scalar quantization (FSQ, Mentzer et al. 2023).
 
-All three map ``z [..., c]`` (any leading shape, e.g. ``[B, t, h, w, c]``) to a
+All four map ``z [..., c]`` (any leading shape, e.g. ``[B, t, h, w, c]``) to a
 :class:`QuantizerOutput`; distances, losses and statistics are computed in float32.
 
 Variables (what the caller must carry):
@@ -31,6 +32,7 @@ updates as the auxiliary output; they carry no gradient (z is stop-gradiented be
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax
@@ -405,11 +407,111 @@ class LookupFreeQuantizer(nn.Module):
     return _quantizer_output(z, z_flat, codes, indices, loss, terms, usage, self.num_codes)
 
 
+def fsq_bound(z: jax.Array, levels: tuple[int, ...], epsilon: float = 1e-3) -> jax.Array:
+  """FSQ (Mentzer et al. 2023, §3): tanh-bound channel i so that rounding gives L_i values.
+
+  f(z) = tanh(z + s) · h - o with h = (L - 1)(1 - ε) / 2, o = 0.5 for even L (0 for odd) and
+  s = tan(o / h), as in the paper's reference code: f ranges over (-h - o, h - o), so rounding
+  gives the integers -⌊L/2⌋ .. ⌈L/2⌉ - 1, exactly L of them (L = 2 included, where an atanh
+  shift would not exist). ``z [..., d]`` with d = len(levels), float32 out.
+  """
+  levels_array = jnp.asarray(levels, jnp.float32)
+  half = (levels_array - 1.0) * (1.0 - epsilon) / 2.0
+  offset = jnp.where(jnp.asarray(levels) % 2 == 0, 0.5, 0.0)
+  shift = jnp.tan(offset / half)
+  return jnp.tanh(z.astype(jnp.float32) + shift) * half - offset
+
+
+def fsq_quantize(z: jax.Array, levels: tuple[int, ...]) -> jax.Array:
+  """FSQ: round(f(z)) with a straight-through gradient, scaled by ⌊L/2⌋ into [-1, 1].
+
+  Forward: the code (integer level / ⌊L/2⌋); backward: d f(z) / dz (rounding passes the
+  gradient unchanged).
+  """
+  bounded = fsq_bound(z, levels)
+  rounded = bounded + jax.lax.stop_gradient(jnp.round(bounded) - bounded)
+  return rounded / jnp.asarray([level // 2 for level in levels], jnp.float32)
+
+
+def fsq_indices(codes: jax.Array, levels: tuple[int, ...]) -> jax.Array:
+  """FSQ code -> index, the mixed-radix number Σ_i digit_i · Π_{j<i} L_j (digit_i ∈ 0..L_i - 1).
+
+  ``codes [..., d]`` as returned by :func:`fsq_quantize` -> ``[...]`` int32.
+  """
+  half_width = jnp.asarray([level // 2 for level in levels], jnp.float32)
+  digits = jnp.round(codes * half_width + half_width).astype(jnp.int32)
+  basis = jnp.asarray(fsq_basis(levels), jnp.int32)
+  return jnp.sum(digits * basis, axis=-1).astype(jnp.int32)
+
+
+def fsq_codes_from_indices(indices: jax.Array, levels: tuple[int, ...]) -> jax.Array:
+  """The inverse of :func:`fsq_indices`: ``[...]`` int -> codes ``[..., d]`` float32."""
+  basis = jnp.asarray(fsq_basis(levels), jnp.int32)
+  levels_array = jnp.asarray(levels, jnp.int32)
+  digits = (indices[..., None].astype(jnp.int32) // basis) % levels_array
+  half_width = jnp.asarray([level // 2 for level in levels], jnp.float32)
+  return (digits.astype(jnp.float32) - half_width) / half_width
+
+
+def fsq_basis(levels: tuple[int, ...]) -> tuple[int, ...]:
+  """Place values of the mixed-radix index: (1, L_0, L_0 L_1, ...)."""
+  return tuple(math.prod(levels[:i]) for i in range(len(levels)))
+
+
+class FiniteScalarQuantizer(nn.Module):
+  """'fsq': Finite Scalar Quantization (Mentzer et al. 2023): each channel bounded and rounded.
+
+  Channel i takes ``levels[i]`` values in [-1, 1]; the implicit codebook is their product
+  (Π L_i codes, no table, nothing learned, no auxiliary loss: ``loss`` is 0). Usage and
+  perplexity are tracked like the other kinds.
+  """
+
+  levels: tuple[int, ...]
+  usage_window: int = 100
+
+  @property
+  def num_codes(self) -> int:
+    return math.prod(self.levels)
+
+  def setup(self):
+    self.step_counter, self.last_used_step = _counters(self, self.num_codes)
+
+  def codes_from_indices(self, indices: jax.Array) -> jax.Array:
+    """``indices [...]`` -> code vectors ``[..., d]`` in [-1, 1] (float32)."""
+    return fsq_codes_from_indices(indices, self.levels)
+
+  def __call__(self, z: jax.Array, train: bool = False) -> QuantizerOutput:
+    """Bound, round (straight-through); the code is also the quantized latent."""
+    z_flat = _flatten(z, len(self.levels))
+    codes = fsq_quantize(z_flat, self.levels)  # carries the straight-through gradient
+    indices = fsq_indices(jax.lax.stop_gradient(codes), self.levels)
+    step = self.step_counter.value
+    last_used, usage = code_usage(step, self.last_used_step.value, indices, self.usage_window)
+    if train and not self.is_initializing():
+      self.last_used_step.value = last_used
+      self.step_counter.value = step + 1
+    stats = {"perplexity": perplexity(indices, self.num_codes), "usage": usage}
+    zero = jnp.zeros((), jnp.float32)
+    return QuantizerOutput(quantized=codes.reshape(z.shape).astype(z.dtype),
+                           indices=indices.reshape(z.shape[:-1]), loss=zero, terms={},
+                           stats=stats)
+
+
+def num_codes(quantizer_config: Any, latent_channels: int) -> int:
+  """How many distinct codes the configured quantizer has (its codebook size)."""
+  if quantizer_config.kind == "lfq":
+    return 2**latent_channels
+  if quantizer_config.kind == "fsq":
+    return math.prod(quantizer_config.fsq_levels)
+  return quantizer_config.codebook_size
+
+
 def make_quantizer(quantizer_config: Any, latent_channels: int) -> nn.Module:
   """Builds the quantizer named by ``config.vqgan.quantizer.kind`` for ``latent_channels``-dim z.
 
   ``codebook_init_stddev`` is read from the config when present (default 1.0). 'lfq' ignores
-  ``codebook_size`` (2^latent_channels codes) and ``dead_code_restart`` (it has no table).
+  ``codebook_size`` (2^latent_channels codes) and ``dead_code_restart`` (it has no table);
+  'fsq' reads only ``fsq_levels`` (one per latent channel) and ``usage_window``.
   """
   q = quantizer_config
   init_stddev = float(q.get("codebook_init_stddev", 1.0))
@@ -430,4 +532,11 @@ def make_quantizer(quantizer_config: Any, latent_channels: int) -> nn.Module:
         entropy_weight_final=q.entropy_weight_final,
         entropy_anneal_steps=q.entropy_anneal_steps,
         entropy_temperature=q.entropy_temperature, usage_window=q.usage_window)
-  raise ValueError(f"config.vqgan.quantizer.kind: got {q.kind!r}; choose 'vq', 'ema' or 'lfq'.")
+  if q.kind == "fsq":
+    levels = tuple(int(level) for level in q.fsq_levels)
+    if len(levels) != latent_channels:
+      raise ValueError(f"config.vqgan.quantizer.fsq_levels has {len(levels)} entries; FSQ needs "
+                       f"one per latent channel (vqgan.model.latent_channels={latent_channels}).")
+    return FiniteScalarQuantizer(levels=levels, usage_window=q.usage_window)
+  raise ValueError(f"config.vqgan.quantizer.kind: got {q.kind!r}; choose 'vq', 'ema', 'lfq' or "
+                   f"'fsq'.")
