@@ -338,3 +338,27 @@ def test_fsq_levels_must_match_the_latent_channels():
   config.kind, config.fsq_levels = "fsq", (8, 5, 5)
   with pytest.raises(ValueError, match="fsq_levels.*latent_channels=4"):
     q.make_quantizer(config, latent_channels=4)
+
+
+def test_fsq_snaps_a_code_space_latent_to_its_nearest_code():
+  """Stage-2 samples live in code space: a code comes back unchanged (``__call__`` would bound
+  it again and move it), a perturbed one comes back to its code, and outliers are clipped."""
+  module = q.FiniteScalarQuantizer(levels=FSQ_LEVELS)
+  codes = q.fsq_codes_from_indices(jnp.arange(240), FSQ_LEVELS)
+  variables = _init(module, codes)
+  np.testing.assert_array_equal(module.apply(variables, codes, method="nearest_codes"), codes)
+  half_cell = 0.4 / np.array([level // 2 for level in FSQ_LEVELS], np.float32)
+  noise = jax.random.uniform(jax.random.key(5), codes.shape, minval=-1.0, maxval=1.0) * half_cell
+  np.testing.assert_allclose(module.apply(variables, codes + noise, method="nearest_codes"),
+                             codes, atol=1e-6)
+  far = module.apply(variables, jnp.full((1, 4), 9.0), method="nearest_codes")
+  np.testing.assert_allclose(far, [[0.75, 1.0, 1.0, 0.0]])  # tops: 3/4, 2/2, 1/1, 0/1
+
+
+@pytest.mark.parametrize("kind", ["vq", "ema", "lfq"])
+def test_nearest_codes_equals_quantize_for_table_and_sign_quantizers(kind):
+  module = _config_quantizer(kind)
+  z = jax.random.normal(jax.random.key(6), (2, 5, 3), jnp.float32)
+  variables = module.init({"params": jax.random.key(0)}, z)
+  np.testing.assert_array_equal(module.apply(variables, z, method="nearest_codes"),
+                                module.apply(variables, z).quantized)

@@ -72,7 +72,13 @@ class Tokenizer:
 
     self._encode = jax.jit(lambda v, x: quantize(v, encoder_latent(v, x)))
     self._for_diffusion = jax.jit(for_diffusion)
-    self._decode_latents = jax.jit(lambda v, z: to_video(v, quantize(v, z)))
+    def snap(variables, latent):
+      # Quantized latents (a sample of them) lie in code space: snap to the nearest code. For
+      # 'vq' that is also what quantize does; FSQ's quantize would tanh-bound them again.
+      return model.apply(variables, latent, method=VQGAN3D.nearest_codes)
+
+    self._decode_latents = jax.jit(lambda v, z: to_video(
+        v, snap(v, z) if quantize_latents else quantize(v, z)))
     self._encode_indices = jax.jit(lambda v, x: model.apply(
         v, pipeline.to_model_input(x), method=VQGAN3D.encode_to_indices))
     self._decode_indices = jax.jit(lambda v, i: pipeline.to_uint8(model.apply(

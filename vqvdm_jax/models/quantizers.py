@@ -266,6 +266,12 @@ class VectorQuantizer(nn.Module):
     """``indices [...]`` -> code vectors ``[..., c]`` (float32)."""
     return jnp.take(self.codebook(), indices, axis=0)
 
+  def nearest_codes(self, latent: jax.Array) -> jax.Array:
+    """A latent in code space (e.g. a stage-2 sample) -> its nearest code vectors (float32)."""
+    codebook = self.codebook()
+    indices = nearest_code_indices(_flatten(latent, self.code_dim), codebook)
+    return jnp.take(codebook, indices, axis=0).reshape(latent.shape)
+
   def __call__(self, z: jax.Array, train: bool = False) -> QuantizerOutput:
     """VQ-VDM eq. 2: L_vq = ||sg[z] - e||² + β ||z - sg[e]||² (means over elements)."""
     z_flat = _flatten(z, self.code_dim)
@@ -325,6 +331,11 @@ class EMAVectorQuantizer(nn.Module):
     """``indices [...]`` -> code vectors ``[..., c]`` (float32)."""
     return jnp.take(self.codebook.value, indices, axis=0)
 
+  def nearest_codes(self, latent: jax.Array) -> jax.Array:
+    """A latent in code space (e.g. a stage-2 sample) -> its nearest code vectors (float32)."""
+    indices = nearest_code_indices(_flatten(latent, self.code_dim), self.codebook.value)
+    return jnp.take(self.codebook.value, indices, axis=0).reshape(latent.shape)
+
   def __call__(self, z: jax.Array, train: bool = False) -> QuantizerOutput:
     """Quantizes with the current codebook, then (train) applies the VQ-VAE-2 EMA update."""
     z_flat = _flatten(z, self.code_dim)
@@ -383,6 +394,10 @@ class LookupFreeQuantizer(nn.Module):
   def codes_from_indices(self, indices: jax.Array) -> jax.Array:
     """``indices [...]`` -> ±1 code vectors ``[..., d]`` (float32)."""
     return lfq_codes_from_indices(indices, self.code_dim)
+
+  def nearest_codes(self, latent: jax.Array) -> jax.Array:
+    """A latent in code space -> the nearest ±1 code, sign(latent) (0 -> -1) (float32)."""
+    return jnp.where(latent > 0, 1.0, -1.0).astype(jnp.float32)
 
   def __call__(self, z: jax.Array, train: bool = False) -> QuantizerOutput:
     """MAGVIT-v2 LFQ with the entropy penalty; commitment β ||z - sg[sign(z)]||²."""
@@ -479,6 +494,19 @@ class FiniteScalarQuantizer(nn.Module):
   def codes_from_indices(self, indices: jax.Array) -> jax.Array:
     """``indices [...]`` -> code vectors ``[..., d]`` in [-1, 1] (float32)."""
     return fsq_codes_from_indices(indices, self.levels)
+
+  def nearest_codes(self, latent: jax.Array) -> jax.Array:
+    """A latent in code space (e.g. a stage-2 sample) -> the nearest code (float32).
+
+    Not ``__call__``: that bounds an *encoder* output with tanh first, so it would move a code
+    that is already on the grid. Here each channel is rounded to its nearest level and clipped.
+    """
+    _flatten(latent, len(self.levels))  # checks the channel count
+    half_width = jnp.asarray([level // 2 for level in self.levels], jnp.float32)
+    lowest = -half_width
+    highest = jnp.asarray([level - 1 - level // 2 for level in self.levels], jnp.float32)
+    steps = jnp.clip(jnp.round(latent.astype(jnp.float32) * half_width), lowest, highest)
+    return steps / half_width
 
   def __call__(self, z: jax.Array, train: bool = False) -> QuantizerOutput:
     """Bound, round (straight-through); the code is also the quantized latent."""

@@ -161,6 +161,14 @@ class VQGAN3D(nn.Module):
   def quantize(self, latent: jax.Array, train: bool = False) -> QuantizerOutput:
     return self.quantizer(latent, train=train)
 
+  def nearest_codes(self, latent: jax.Array) -> jax.Array:
+    """A latent in code space (a stage-2 sample of quantized latents) -> nearest code vectors.
+
+    Equal to ``quantize(latent).quantized`` for 'vq', 'ema' and 'lfq'; for 'fsq' the quantizer
+    bounds its input first, which only an encoder output needs.
+    """
+    return self.quantizer.nearest_codes(latent)
+
   def decode(self, quantized: jax.Array) -> jax.Array:
     """quantized latent ``[B, t, h, w, c]`` -> video ``[B, T, H, W, 3]`` (unclipped)."""
     return self.decoder(quantized)
