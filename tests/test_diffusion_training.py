@@ -1,6 +1,7 @@
 """Stage 2: latent cache, guidance training, loss decrease, sampling and the whole pipeline."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -76,11 +77,30 @@ def test_latent_normalization_gives_unit_variance_and_round_trips(center):
                              atol=1e-4)
 
 
-def test_rerunning_train_mode_resumes_and_does_not_retrain(pipeline_run):
+def test_rerunning_train_mode_with_more_steps_resumes_both_stages(pipeline_run, tmp_path,
+                                                                  monkeypatch):
+  """A finished run asked for one more stage-2 step: stage 1 is not retrained, the latents are
+  not re-encoded, stage 2 continues from its checkpoint (never from a fresh state)."""
   config, workdir = pipeline_run
-  before = (workdir / "diffusion" / "checkpoints" / "4").stat().st_mtime
-  main_lib.run("train_diffusion", config, str(workdir))
-  assert (workdir / "diffusion" / "checkpoints" / "4").stat().st_mtime == before
+  import shutil
+  shutil.copytree(workdir, tmp_path / "run", symlinks=True)
+  workdir = tmp_path / "run"
+  vqgan_checkpoint = workdir / "vqgan" / "checkpoints" / "4"
+  cache_meta = latents_lib.cache_directory(workdir, 4) / "meta.json"
+  before = os.stat(vqgan_checkpoint).st_mtime_ns, os.stat(cache_meta).st_mtime_ns
+
+  def must_not_start_fresh(*args, **kwargs):
+    raise AssertionError("a checkpoint exists; training must resume from it")
+
+  monkeypatch.setattr(diffusion_trainer.DiffusionTrainer, "initial_state", must_not_start_fresh)
+  config = load_config("tiny")
+  config.diffusion.train.num_steps = 5
+  main_lib.run("train", config, str(workdir))
+  assert sorted(p.name for p in (workdir / "vqgan" / "checkpoints").iterdir()
+                if p.name.isdigit()) == ["2", "4"]
+  assert (os.stat(vqgan_checkpoint).st_mtime_ns, os.stat(cache_meta).st_mtime_ns) == before
+  assert (workdir / "diffusion" / "checkpoints" / "5").exists()
+  assert json.loads((workdir / "samples" / "001" / "samples.json").read_text())["step"] == 5
 
 
 def test_null_label_is_used_at_rate_rho():

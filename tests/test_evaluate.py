@@ -12,6 +12,7 @@ from vqvdm_jax import config as config_lib
 from vqvdm_jax import main as main_lib
 from vqvdm_jax.data import pipeline
 from vqvdm_jax.evaluation import c3d, evaluate, evaluate_vqgan
+from vqvdm_jax.inference import sampling
 
 # One device: I3D runs at 16x224x224 (~2 s a clip on 2 CPU cores); a batch padded to the eight
 # simulated devices would cost eight clips for every four.
@@ -77,7 +78,15 @@ def test_inception_score_uses_the_named_c3d_file_and_the_reference_cache(trained
   config, workdir, first = trained
   config = load_config("tiny")
   config.evaluation.reference_dir = str(workdir / "reference_features")
-  config.evaluation.c3d_weights = str(_tiny_c3d_file(tmp_path / "c3d.npz"))
+  # A classifier whose output ignores the clip: IS = exp(E KL(p(y|x) || p(y))) is then exactly 1,
+  # whatever its (non-uniform) distribution; a pipeline that mixed up splits, logits and
+  # probabilities or clips would not give 1.
+  path = _tiny_c3d_file(tmp_path / "c3d.npz")
+  weights = dict(np.load(path))
+  weights["fc8/kernel"] = np.zeros_like(weights["fc8/kernel"])
+  weights["fc8/bias"] = np.array([3.0, 1.0, 0.0, -1.0, 0.5], np.float32)
+  np.savez(path, **weights)
+  config.evaluation.c3d_weights = str(path)
   config.evaluation.num_samples_is = 4  # 2 shared with FVD + 2 more
   config.evaluation.is_splits = 2
 
@@ -87,13 +96,38 @@ def test_inception_score_uses_the_named_c3d_file_and_the_reference_cache(trained
   monkeypatch.setattr(pipeline, "ordered_batches", must_not_read)
   results = evaluate.evaluate(config, workdir, devices=DEVICES)
   assert results["num_samples_is"] == 4
-  assert 1.0 <= results["inception_score"] <= 5.0  # between uniform and 5 confident classes
+  assert results["inception_score"] == pytest.approx(1.0, abs=1e-5)
+  assert results["inception_score_std"] == pytest.approx(0.0, abs=1e-5)
   assert "inception_score_skipped" not in results
   # The same seed and checkpoint give the same FVD set, hence the same FVD.
   assert results["fvd"] == pytest.approx(first["fvd"], rel=1e-6)
   # Each evaluation writes its own folder: the first results file is still the first's.
   assert json.loads((workdir / "eval" / "000" / "results.json").read_text()) == first
   assert json.loads((workdir / "eval" / "001" / "results.json").read_text()) == results
+
+
+def _reference_clips_as_samples(config, count):
+  """Stands in for the sampler: yields the reference clips themselves (uint8, in order)."""
+  clips = np.concatenate([batch["video"] for batch in pipeline.ordered_batches(
+      config.data, config.evaluation.reference_split, count, count, config.seed)])
+
+  def generate_batches(model, labels, fps, seed, config=None):
+    del model, fps, seed, config
+    assert len(labels) == count
+    yield clips
+  return clips, generate_batches
+
+
+def test_fvd_is_zero_for_the_reference_clips_and_large_for_other_clips(trained, monkeypatch):
+  """End to end through `evaluate`: generated clips equal to the reference give FVD ~ 0 (the two
+  paths preprocess alike and pair the same features); the untrained model's samples do not."""
+  config, workdir, first = trained
+  _, as_samples = _reference_clips_as_samples(config, config.evaluation.num_samples_fvd)
+  monkeypatch.setattr(sampling, "generate_batches", as_samples)
+  same = evaluate.evaluate(config, workdir, devices=DEVICES)
+  assert first["fvd"] > 1.0
+  assert abs(same["fvd"]) < 1e-4 * first["fvd"], (same["fvd"], first["fvd"])
+  assert same["kvd"] < first["kvd"]
 
 
 def test_evaluate_vqgan_adds_rfvd_of_reconstructions(trained):
