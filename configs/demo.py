@@ -3,14 +3,24 @@ r"""The embedded default: moving sprites, 8x32x32 clips, small enough to train o
 Run (stage 1, stage 2, then samples in /tmp/demo/samples):
   python -m vqvdm_jax.main --config=configs/demo.py --workdir=/tmp/demo
   python -m vqvdm_jax.main --config=configs/demo.py --workdir=/tmp/demo --mode=evaluate_vqgan
+
+The variants ``:autoregressive`` and ``:masked`` select the token priors as stage 2 (same model
+fields otherwise, so all three priors can train on one tokenizer in one workdir):
+  python -m vqvdm_jax.main --config=configs/demo.py:masked --workdir=/tmp/demo --mode=train_prior
 """
 
 from vqvdm_jax.config import base_config
 
 
+VARIANTS = ("diffusion", "autoregressive", "masked")
+
+
 def get_config(arg: str | None = None):
-  del arg
+  stage2 = arg or "diffusion"
+  if stage2 not in VARIANTS:
+    raise ValueError(f"configs/demo.py:{arg}: unknown variant; choose one of {VARIANTS}.")
   config = base_config()
+  config.stage2 = stage2
   config.data.name = "synthetic"
   config.data.num_frames = 8
   config.data.resolution = 32
@@ -91,4 +101,22 @@ def get_config(arg: str | None = None):
   sample.fps = 8.0
   sample.num_videos = 8
   sample.batch_size = 8
+
+  # The token priors over the same 2 x 8 x 8 codes (128 tokens, 256 codes).
+  tmodel = config.transformer.model
+  tmodel.width = 128
+  tmodel.depth = 4
+  tmodel.num_heads = 4
+  tmodel.dropout = 0.0
+  toptim = config.transformer.optim
+  toptim.learning_rate = 1e-3
+  toptim.warmup_steps = 100
+  toptim.weight_decay = 0.0
+  toptim.ema_decay = 0.995
+  ttrain = config.transformer.train
+  ttrain.batch_size = 16
+  ttrain.num_steps = 2000
+  ttrain.log_every = 100
+  ttrain.checkpoint_every = 1000
+  config.transformer.sample.guidance_scale = 3.0
   return config

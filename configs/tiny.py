@@ -70,6 +70,23 @@ def get_config(arg: str | None = None):
   sample.guidance_scale = 2.0
   sample.num_videos = 4
   sample.batch_size = 4
+  tmodel = config.transformer.model  # stage2='autoregressive' / 'masked'
+  tmodel.width = 32
+  tmodel.depth = 2
+  tmodel.num_heads = 2
+  tmodel.mlp_ratio = 2.0
+  tmodel.dropout = 0.0
+  config.transformer.optim.learning_rate = 3e-3
+  config.transformer.optim.warmup_steps = 1
+  config.transformer.optim.lr_decay = "constant"
+  config.transformer.optim.ema_decay = 0.9
+  ttrain = config.transformer.train
+  ttrain.batch_size = 8
+  ttrain.num_steps = 3
+  ttrain.log_every = 1
+  ttrain.checkpoint_every = 2
+  config.transformer.sample.guidance_scale = 2.0
+  config.transformer.sample.num_steps = 4
   # I3D runs at 16x224x224 whatever the clip size (~2 s a clip on 2 CPU cores): the tests that
   # need it turn it on for a handful of clips.
   config.evaluation.reconstruction_fvd = False

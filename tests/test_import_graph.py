@@ -1,4 +1,5 @@
-"""Imports flow one way: entry -> training / evaluation -> inference -> models, diffusion, data.
+"""Imports flow one way: entry -> training / evaluation -> inference -> models, diffusion, priors,
+data.
 
 Module-level and function-level imports alike (an import inside a function is still a
 dependency). A cycle, or an import against the flow, fails with the edge that breaks it.
@@ -13,11 +14,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vqvdm_jax"
 FORBIDDEN = [
     ("vqvdm_jax.evaluation", "vqvdm_jax.training"),
     *[(low, high) for low in ("vqvdm_jax.inference", "vqvdm_jax.models", "vqvdm_jax.diffusion",
-                              "vqvdm_jax.data", "vqvdm_jax.config", "vqvdm_jax.sharding",
+                              "vqvdm_jax.priors", "vqvdm_jax.data", "vqvdm_jax.config",
+                              "vqvdm_jax.sharding",
                               "vqvdm_jax.checkpointing", "vqvdm_jax.workdir")
       for high in ("vqvdm_jax.training", "vqvdm_jax.evaluation", "vqvdm_jax.main")],
     *[(low, "vqvdm_jax.inference") for low in ("vqvdm_jax.models", "vqvdm_jax.diffusion",
-                                               "vqvdm_jax.data", "vqvdm_jax.config")],
+                                               "vqvdm_jax.priors", "vqvdm_jax.data",
+                                               "vqvdm_jax.config")],
 ]
 
 

@@ -17,14 +17,17 @@ from ml_collections import config_flags
 from vqvdm_jax import config as config_lib
 from vqvdm_jax import runtime
 
-MODES = ("train", "train_vqgan", "evaluate_vqgan", "train_diffusion", "sample", "evaluate")
+MODES = ("train", "train_vqgan", "evaluate_vqgan", "train_diffusion", "train_prior", "sample",
+         "evaluate")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and outputs.")
 flags.DEFINE_enum("mode", "train", MODES,
-                  "train: both stages then samples, resuming what the workdir already holds.")
+                  "train: both stages then samples, resuming what the workdir already holds; "
+                  "train_prior: stage 2 alone, the prior config.stage2 selects (diffusion, "
+                  "autoregressive or masked).")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0, for multi-process runs not on a TPU pod or SLURM.")
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
@@ -71,6 +74,10 @@ def run(mode: str, config, workdir: str, output_dir: str | None = None) -> None:
   if mode not in MODES:
     raise ValueError(f"--mode={mode!r} is not one of {MODES}.")
   config_lib.validate(config)
+  if mode == "train_diffusion" and config.stage2 != "diffusion":
+    raise config_lib.ConfigError(
+        f"--mode=train_diffusion trains the diffusion prior, but config.stage2="
+        f"{config.stage2!r}; use --mode=train_prior to train the {config.stage2} prior.")
   from vqvdm_jax import workdir as workdir_lib
   # Before anything is restored or written: a model field that differs from the workdir's
   # record would otherwise end in a shape error deep inside Orbax.
@@ -81,10 +88,10 @@ def run(mode: str, config, workdir: str, output_dir: str | None = None) -> None:
       real.check_prepared(config.data)
     except real.DatasetNotPreparedError as error:
       raise config_lib.ConfigError(str(error)) from error
-  if mode in ("sample", "evaluate", "evaluate_vqgan", "train_diffusion"):
+  if mode in ("sample", "evaluate", "evaluate_vqgan", "train_diffusion", "train_prior"):
     workdir_lib.require_checkpoints(workdir, "vqgan")
   if mode in ("sample", "evaluate"):
-    workdir_lib.require_checkpoints(workdir, "diffusion")
+    workdir_lib.require_checkpoints(workdir, config.stage2)
   # Where this invocation writes, checked before anything compiles or samples.
   samples_dir = output_dir if mode == "sample" and output_dir else None
   if mode in ("train", "sample") and samples_dir is None:
@@ -105,10 +112,14 @@ def run(mode: str, config, workdir: str, output_dir: str | None = None) -> None:
   if mode == "evaluate_vqgan":
     from vqvdm_jax.evaluation.evaluate_vqgan import evaluate_vqgan
     evaluate_vqgan(config, workdir)
-  if mode in ("train", "train_diffusion"):
+  if mode in ("train", "train_diffusion", "train_prior") and config.stage2 == "diffusion":
     from vqvdm_jax.training.diffusion_trainer import train_diffusion
     logging.info("Stage 2 of 2: latent diffusion with the 3D U-Net.")
     train_diffusion(config, workdir)
+  elif mode in ("train", "train_prior"):
+    from vqvdm_jax.training.token_trainer import train_prior
+    logging.info("Stage 2 of 2: the %s transformer over the tokenizer's codes.", config.stage2)
+    train_prior(config, workdir)
   if mode in ("train", "sample"):
     from vqvdm_jax.inference.model import load
     load(workdir, config=config).write_samples(samples_dir)

@@ -27,6 +27,7 @@ MODEL_FIELDS = (
     "vqgan.model.", "vqgan.quantizer.", "vqgan.discriminator.",
     "diffusion.unet.", "diffusion.schedule.", "diffusion.use_class", "diffusion.use_fps",
     "diffusion.prediction", "diffusion.latents.source", "diffusion.latents.center",
+    "transformer.model.",
 )
 # Inside those groups, how the model computes, not what it is: free to change on a trained model
 # (e.g. bfloat16 and cuDNN attention on a GPU for a model trained in float32 on a CPU).
@@ -41,6 +42,16 @@ def vqgan_dir(workdir: fileio.PathLike) -> epath.Path:
 def diffusion_dir(workdir: fileio.PathLike) -> epath.Path:
   """``DIR/diffusion``."""
   return epath.Path(workdir) / "diffusion"
+
+
+def stage2_dir(workdir: fileio.PathLike, stage2: str) -> epath.Path:
+  """``DIR/<stage2>``: ``DIR/diffusion``, ``DIR/autoregressive`` or ``DIR/masked`` (config.stage2)."""
+  return epath.Path(workdir) / stage2
+
+
+def tokens_dir(workdir: fileio.PathLike) -> epath.Path:
+  """``DIR/tokens``: the code indices of the train split, one cache for both token priors."""
+  return epath.Path(workdir) / "tokens"
 
 
 def samples_dir(workdir: fileio.PathLike) -> epath.Path:
@@ -62,12 +73,14 @@ def new_output_dir(parent: fileio.PathLike) -> epath.Path:
 
 
 def require_checkpoints(workdir: fileio.PathLike, stage: str) -> None:
-  """Fails with what to run when ``stage`` ('vqgan' or 'diffusion') has no checkpoint yet."""
+  """Fails with what to run when ``stage`` ('vqgan' or a config.stage2 prior) has no checkpoint
+  yet."""
   from vqvdm_jax import checkpointing  # Orbax: only for the modes that read checkpoints
   directory = epath.Path(workdir) / stage / "checkpoints"
   if not checkpointing.checkpoint_steps(directory):
-    step_mode = "train_vqgan" if stage == "vqgan" else "train_diffusion"
-    what = "stage-1 (tokenizer)" if stage == "vqgan" else "stage-2 (diffusion)"
+    step_mode = {"vqgan": "train_vqgan", "diffusion": "train_diffusion"}.get(
+        stage, f"train_prior --config.stage2={stage}")
+    what = "stage-1 (tokenizer)" if stage == "vqgan" else f"stage-2 ({stage})"
     raise config_lib.MissingCheckpointError(
         f"{epath.Path(workdir)} has no {what} checkpoint (in {directory}); train it first: "
         f"python -m vqvdm_jax.main --workdir={workdir} --mode={step_mode} (with --config for a "

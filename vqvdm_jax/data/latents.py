@@ -52,7 +52,7 @@ class LatentCache:
     return len(self.labels)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    return {"latent": np.asarray(self.latents[index], np.float32),
+    return {"latent": np.asarray(self.latents[index]),
             "label": self.labels[index], "fps": self.fps[index]}
 
 
@@ -90,28 +90,33 @@ def from_model_space(z: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Ar
 
 
 def build_or_load(config: ml_collections.ConfigDict, workdir: fileio.PathLike, tokenizer_step: int,
-                  encode_fn: Callable[[np.ndarray], np.ndarray]) -> LatentCache:
+                  encode_fn: Callable[[np.ndarray], np.ndarray],
+                  directory: fileio.PathLike | None = None, source: str | None = None,
+                  dtype: Any = np.float32) -> LatentCache:
   """The cache for ``tokenizer_step``, encoding the train split with ``encode_fn`` if needed.
 
-  ``encode_fn(video_uint8 [B, T, H, W, 3]) -> latents [B, t, h, w, c]`` (float32 numpy).
+  ``encode_fn(video_uint8 [B, T, H, W, 3]) -> latents [B, t, h, w, c]`` (float32 numpy). The
+  token priors pass their own ``directory``, ``source='indices'`` and ``dtype=np.int32`` for
+  code indices ``[B, t, h, w]`` (``data/tokens.py``).
   """
-  directory = cache_directory(workdir, tokenizer_step)
+  directory = epath.Path(directory or cache_directory(workdir, tokenizer_step))
   if (directory / "meta.json").exists():
-    logging.info("Stage 2: reusing the latent cache %s.", directory)
+    logging.info("Stage 2: reusing the cache %s.", directory)
     return LatentCache(directory)
   latents_config = config.diffusion.latents
+  source = source or latents_config.source
   logging.info("Stage 2: encoding the train split with tokenizer step %d into %s.",
                tokenizer_step, directory)
   latents, labels, fps = [], [], []
   for batch in pipeline.ordered_batches(config.data, "train", latents_config.encode_batch_size,
                                         None, config.seed):
-    latents.append(np.asarray(encode_fn(batch["video"]), np.float32))
+    latents.append(np.asarray(encode_fn(batch["video"]), dtype))
     labels.append(np.asarray(batch["label"], np.int32))
     fps.append(np.asarray(batch["fps"], np.float32))
   latents = np.concatenate(latents)
   # The scale factor is not stored here: stage 2 computes it (and the shift) when it starts and
   # keeps it in its checkpoint, the one place sampling reads it from.
-  meta = {"tokenizer_step": tokenizer_step, "source": latents_config.source,
+  meta = {"tokenizer_step": tokenizer_step, "source": source,
           "num_clips": int(len(latents)), "latent_shape": list(latents.shape[1:])}
   if jax.process_index() == 0:
     partial = directory.with_name(directory.name + ".partial")

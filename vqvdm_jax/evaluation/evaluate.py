@@ -38,7 +38,6 @@ from vqvdm_jax import fileio
 from vqvdm_jax import workdir as workdir_lib
 from vqvdm_jax.data import pipeline
 from vqvdm_jax.evaluation import c3d, features, i3d, metrics
-from vqvdm_jax.inference import sampling
 from vqvdm_jax.inference.model import load
 
 KVD_PROTOCOL = {"kernel": "k(x, y) = (x.y / 400 + 1)^3 (KID's)",
@@ -220,7 +219,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
   """Samples from the latest checkpoints of ``workdir``, scores them, writes ``results.json``
   into ``out_dir`` (default: a new ``DIR/eval/NNN``)."""
   started = time.perf_counter()
-  evaluation, sample = config.evaluation, config.diffusion.sample
+  evaluation = config.evaluation
   model = load(workdir, config=config, devices=devices)
   mesh = model.mesh
   i3d_extractor = features.i3d_extractor(mesh, evaluation.batch_size)
@@ -240,7 +239,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
   logging.info("Evaluating %d generated clips (FVD/KVD on %d, IS on %d).", len(labels), num_fvd,
                num_is)
   fake_features, probabilities = score_generated(
-      sampling.generate_batches(model, labels, fps, evaluation.seed),
+      model.generate_batches(labels, fps, evaluation.seed),
       len(labels), i3d_extractor, num_fvd, c3d_extractor, num_is)
 
   results: dict[str, Any] = {
@@ -259,9 +258,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
       "num_samples_fvd": int(num_fvd), "num_reference_clips": int(len(reference["features"])),
       "num_samples_is": int(num_is),
       "checkpoint_step": model.step, "tokenizer_step": model.tokenizer.step,
-      "guidance_scale": float(sample.guidance_scale), "sampler": sample.sampler,
-      "num_steps": int(sample.num_steps), "eta": float(sample.eta),
-      "seed": int(evaluation.seed), "weights": "ema",
+      **model.sampling_settings(), "seed": int(evaluation.seed), "weights": "ema",
       "class_counts_fvd": {str(c): int(n) for c, n in zip(classes, counts)},
       "reference": {"dataset": config.data.name, "split": evaluation.reference_split,
                     "clips": f"{num_fvd} clips of the split: synthetic in order, real videos in a "

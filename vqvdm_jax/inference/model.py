@@ -15,7 +15,7 @@ discriminator and no trainer is built.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -31,6 +31,7 @@ from vqvdm_jax import workdir as workdir_lib
 from vqvdm_jax.diffusion.model import make_schedule, make_unet
 from vqvdm_jax.diffusion.schedule import DiffusionSchedule
 from vqvdm_jax.inference import sampling
+from vqvdm_jax.inference.token_model import TokenModel, load_token_model
 from vqvdm_jax.inference.tokenizer import Tokenizer, load_tokenizer, resolve_config
 from vqvdm_jax.models.unet3d import UNet3D
 from vqvdm_jax.models.vqgan import latent_shape as vqgan_latent_shape
@@ -79,15 +80,21 @@ class VideoModel:
         guidance_scale=guidance_scale, sampler=sampler, num_steps=num_steps, seed=seed,
         **settings)
     sample = config.diffusion.sample
-    if labels is None or one_class:
-      labels = sampling.sample_labels(config, sample.num_videos)
-    labels = np.asarray(labels, np.int32).reshape(-1)
-    num_classes = config.data.num_classes if config.diffusion.use_class else 1
-    if labels.size == 0 or labels.min() < 0 or labels.max() >= num_classes:
-      raise ValueError(f"labels must be classes in 0..{num_classes - 1}, got {labels.tolist()}.")
+    labels = sampling.resolve_labels(config, None if one_class else labels)
     fps_values = np.full(len(labels), sample.fps, np.float32)
-    return np.concatenate(list(sampling.generate_batches(self, labels, fps_values, sample.seed,
-                                                         config)))
+    return np.concatenate(list(self.generate_batches(labels, fps_values, sample.seed, config)))
+
+  def generate_batches(self, labels: np.ndarray, fps: np.ndarray, seed: int,
+                       config: ml_collections.ConfigDict | None = None) -> Iterator[np.ndarray]:
+    """uint8 videos, one sampling batch at a time (:func:`sampling.generate_batches`)."""
+    return sampling.generate_batches(self, labels, fps, seed, config)
+
+  def sampling_settings(self) -> dict[str, Any]:
+    """How this model samples, for results files."""
+    sample = self.config.diffusion.sample
+    return {"prior": "diffusion", "guidance_scale": float(sample.guidance_scale),
+            "sampler": sample.sampler, "num_steps": int(sample.num_steps),
+            "eta": float(sample.eta)}
 
   def write_samples(self, out_dir: fileio.PathLike, **settings) -> epath.Path:
     """``--mode=sample``'s output (MP4s, grid.gif, samples.json) with the given settings."""
@@ -97,8 +104,9 @@ class VideoModel:
 
 def load(workdir: fileio.PathLike, step: int | None = None,
          config: ml_collections.ConfigDict | None = None, devices: list | None = None,
-         tokenizer_step: int | None = None) -> VideoModel:
-  """The trained model of ``workdir`` (a local path or ``gs://...``).
+         tokenizer_step: int | None = None) -> VideoModel | TokenModel:
+  """The trained model of ``workdir`` (a local path or ``gs://...``): the stage-2 prior that
+  ``config.stage2`` names (diffusion, or a :class:`TokenModel` for the token priors).
 
   ``step`` picks a stage-2 checkpoint (default: the latest) and ``tokenizer_step`` a stage-1
   one (default: the one the diffusion model was trained on, if kept, else the latest).
@@ -107,6 +115,8 @@ def load(workdir: fileio.PathLike, step: int | None = None,
   """
   runtime.configure_jax()  # the random-number settings every run uses, so seeds agree
   config = resolve_config(workdir, config)
+  if config.stage2 != "diffusion":  # a token prior: same interface, its own weights
+    return load_token_model(workdir, step, config, devices, tokenizer_step)
   mesh = sharding.make_mesh(config.mesh, devices)
   unet = make_unet(config)
   latent_shape = vqgan_latent_shape(config)[1:]
@@ -126,10 +136,7 @@ def load(workdir: fileio.PathLike, step: int | None = None,
         f"{workdir} has no stage-2 checkpoint (in {directory}); train it first: "
         f"python -m vqvdm_jax.main --workdir={workdir} --mode=train_diffusion")
   fields, step = restored
-  if tokenizer_step is None:
-    trained_on = int(fields["tokenizer_step"])
-    kept = checkpointing.checkpoint_steps(workdir_lib.vqgan_dir(workdir) / "checkpoints")
-    tokenizer_step = trained_on if trained_on in kept else None
-  tokenizer = load_tokenizer(workdir, tokenizer_step, config, devices)
+  tokenizer = load_tokenizer(workdir, tokenizer_step, config, devices,
+                             trained_on=int(fields["tokenizer_step"]))
   return VideoModel(config, tokenizer, fields["ema_params"], fields["scale_factor"],
                     fields["latent_shift"], step, mesh, unet)

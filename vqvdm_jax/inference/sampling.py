@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
+from jax.sharding import Mesh
 
 from vqvdm_jax import config as config_lib
 from vqvdm_jax import fileio, sharding, video_io
@@ -56,6 +57,18 @@ def sample_labels(config: ml_collections.ConfigDict, num_videos: int) -> np.ndar
   return (np.arange(num_videos) % config.data.num_classes).astype(np.int32)
 
 
+def resolve_labels(config: ml_collections.ConfigDict, labels: Any = None) -> np.ndarray:
+  """One class per video, checked: ``labels`` as given, or by default
+  :func:`sample_labels` for ``sample.num_videos`` videos."""
+  if labels is None:
+    labels = sample_labels(config, config.diffusion.sample.num_videos)
+  labels = np.asarray(labels, np.int32).reshape(-1)
+  num_classes = config.data.num_classes if config.diffusion.use_class else 1
+  if labels.size == 0 or labels.min() < 0 or labels.max() >= num_classes:
+    raise ValueError(f"labels must be classes in 0..{num_classes - 1}, got {labels.tolist()}.")
+  return labels
+
+
 def make_sample_fn(config: ml_collections.ConfigDict, unet: UNet3D, schedule: DiffusionSchedule,
                    latent_shape: tuple[int, ...]):
   """``sample_fn(params, labels [B], fps [B], rng) -> scaled latents [B, t, h, w, c]`` with the
@@ -80,6 +93,27 @@ def make_sample_fn(config: ml_collections.ConfigDict, unet: UNet3D, schedule: Di
   return sample_fn
 
 
+def padded_batch_size(batch_size: int, mesh: Mesh) -> int:
+  """``batch_size`` rounded up to a multiple of the mesh's data-parallel devices."""
+  devices = sharding.data_parallel_size(mesh)
+  return -(-batch_size // devices) * devices
+
+
+def conditioning_batches(mesh: Mesh, labels: np.ndarray, fps: np.ndarray, seed: int,
+                         batch_size: int) -> Iterator[tuple[int, jax.Array, jax.Array, jax.Array]]:
+  """``(start, labels [b], fps [b], rng)`` of each sampling batch, placed on ``mesh``: labels and
+  FPS split over the batch axes, the key ``fold_in(seed, start)`` replicated, ``b`` rounded up
+  to the data-parallel devices (the last batch padded; callers drop what is past the end)."""
+  batch_size = padded_batch_size(batch_size, mesh)
+  split, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  for start in range(0, len(labels), batch_size):
+    batch_labels = np.resize(labels[start:start + batch_size], batch_size)  # pad the last batch
+    batch_fps = np.resize(fps[start:start + batch_size], batch_size)
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), start)
+    batch_labels, batch_fps = sharding.from_replicated_host_data((batch_labels, batch_fps), split)
+    yield start, batch_labels, batch_fps, sharding.from_replicated_host_data(rng, replicated)
+
+
 def generate_batches(model, labels: np.ndarray, fps: np.ndarray, seed: int,
                      config: ml_collections.ConfigDict | None = None) -> Iterator[np.ndarray]:
   """uint8 videos ``[b, T, H, W, 3]`` of a :class:`~vqvdm_jax.inference.VideoModel`, one
@@ -91,11 +125,7 @@ def generate_batches(model, labels: np.ndarray, fps: np.ndarray, seed: int,
   FPS and receives every video. ``config`` (default: the model's) sets the sampler.
   """
   config = model.config if config is None else config
-  settings = config.diffusion.sample
   mesh = model.mesh
-  # Round the batch up to a multiple of the data-parallel devices; the extra videos are dropped.
-  devices = sharding.data_parallel_size(mesh)
-  batch_size = -(-settings.batch_size // devices) * devices
   split, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   params_sharding = jax.tree.map(lambda leaf: leaf.sharding, model.params)
   sample_fn = jax.jit(
@@ -103,13 +133,9 @@ def generate_batches(model, labels: np.ndarray, fps: np.ndarray, seed: int,
       in_shardings=(params_sharding, split, split, replicated), out_shardings=split)
   # Replicated output: on several processes a batch-split array cannot be read whole on one.
   unscale = jax.jit(latents_lib.from_model_space, out_shardings=replicated)
-  for start in range(0, len(labels), batch_size):
-    batch_labels = np.resize(labels[start:start + batch_size], batch_size)  # pad the last batch
-    batch_fps = np.resize(fps[start:start + batch_size], batch_size)
-    rng = jax.random.fold_in(jax.random.PRNGKey(seed), start)
-    batch_labels, batch_fps = sharding.from_replicated_host_data((batch_labels, batch_fps), split)
-    latents = sample_fn(model.params, batch_labels, batch_fps,
-                        sharding.from_replicated_host_data(rng, replicated))
+  for start, batch_labels, batch_fps, rng in conditioning_batches(
+      mesh, labels, fps, seed, config.diffusion.sample.batch_size):
+    latents = sample_fn(model.params, batch_labels, batch_fps, rng)
     # Through the host: the tokenizer may live on another mesh than the sampler (it is small).
     unscaled = np.asarray(jax.device_get(unscale(latents, model.latent_shift,
                                                  model.scale_factor)))
@@ -129,6 +155,17 @@ def write_samples(model, out_dir: fileio.PathLike,
                sample.seed)
   videos = np.concatenate(list(generate_batches(
       model, labels, np.full(sample.num_videos, sample.fps, np.float32), sample.seed, config)))
+  return write_videos(model, out_dir, videos, labels, config, {
+      "guidance_scale": float(sample.guidance_scale), "sampler": sample.sampler,
+      "num_steps": int(sample.num_steps), "eta": float(sample.eta),
+      "guidance_interval": list(sample.guidance_interval), "clip_x0": float(sample.clip_x0)})
+
+
+def write_videos(model, out_dir: fileio.PathLike, videos: np.ndarray, labels: np.ndarray,
+                 config: ml_collections.ConfigDict, settings: dict[str, Any]) -> epath.Path:
+  """What every stage-2 prior's ``--mode=sample`` writes: ``video_XXX_class_C.mp4``,
+  ``grid.gif``, ``videos.npz`` and ``samples.json`` (with the sampler's ``settings``)."""
+  sample = config.diffusion.sample
   out_dir = epath.Path(out_dir)
   if jax.process_index() == 0:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -140,11 +177,8 @@ def write_samples(model, out_dir: fileio.PathLike,
     with (out_dir / "videos.npz").open("wb") as file:  # exact pixels: MP4 and GIF are lossy
       np.savez_compressed(file, videos=videos, labels=labels)
     info = {"step": model.step, "num_videos": int(len(videos)), "labels": labels.tolist(),
-            "fps": float(sample.fps), "guidance_scale": float(sample.guidance_scale),
-            "sampler": sample.sampler, "num_steps": int(sample.num_steps),
-            "eta": float(sample.eta), "seed": sample.seed,
-            "guidance_interval": list(sample.guidance_interval),
-            "clip_x0": float(sample.clip_x0), "tokenizer_step": model.tokenizer.step}
+            "fps": float(sample.fps), **settings, "seed": sample.seed,
+            "tokenizer_step": model.tokenizer.step}
     (out_dir / "samples.json").write_text(json.dumps(info, indent=2) + "\n")
   logging.info("Wrote %d sampled videos to %s.", len(videos), out_dir)
   return out_dir

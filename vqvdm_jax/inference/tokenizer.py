@@ -137,11 +137,15 @@ def resolve_config(workdir: fileio.PathLike,
 
 def load_tokenizer(workdir: fileio.PathLike, step: int | None = None,
                    config: ml_collections.ConfigDict | None = None,
-                   devices: list | None = None) -> Tokenizer:
+                   devices: list | None = None, trained_on: int | None = None) -> Tokenizer:
   """The stage-1 tokenizer of ``workdir`` (latest checkpoint, or ``step``), replicated over
-  ``devices`` (default: all). ``config`` defaults to the workdir's record."""
+  ``devices`` (default: all). ``config`` defaults to the workdir's record. Without ``step``, a
+  stage-2 model's ``trained_on`` (the tokenizer step it learned) is taken if still kept."""
   runtime.configure_jax()  # the random-number settings every run uses, so seeds agree
   config = resolve_config(workdir, config)
+  if step is None and trained_on is not None:
+    kept = checkpointing.checkpoint_steps(workdir_lib.vqgan_dir(workdir) / "checkpoints")
+    step = trained_on if trained_on in kept else None
   model = make_vqgan(config)
   abstract = jax.eval_shape(lambda: init_variables(config, model, jax.random.PRNGKey(0)))
   field = weights_field(config)

@@ -81,17 +81,10 @@ def make_train_step(config: ml_collections.ConfigDict, unet: UNet3D,
       return jnp.mean(weights * squared_error)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema_params = (optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
-                  if ema_decay > 0 else params)
     metrics = {"loss/diffusion": loss, "grad_norm/unet": optax.tree.norm(grads),
                "conditioning/null_label_rate": jnp.mean(labels == null_label(config))}
-    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
-                              opt_state=opt_state)
-    finite = loop.all_finite(loss, metrics["grad_norm/unet"])
-    metrics["nonfinite/skipped"] = 1.0 - finite.astype(jnp.float32)
-    return loop.skip_nonfinite_update(finite, new_state, state), metrics
+    new_state = loop.apply_gradients(state, grads, tx, ema_decay)
+    return loop.finish_step(new_state, state, metrics, loss, metrics["grad_norm/unet"])
 
   return train_step
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -85,6 +86,27 @@ def skip_nonfinite_update(finite: jax.Array, new_state: Any, old_state: Any) -> 
 
 def all_finite(*values: jax.Array) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(value)) for value in values]))
+
+
+def apply_gradients(state: Any, grads: Any, tx: optax.GradientTransformation,
+                    ema_decay: float) -> Any:
+  """Inside a step: one optimizer update of ``state.params`` and the EMA of the weights,
+  ``ema <- d * ema + (1 - d) * params`` (``ema_decay`` 0: the EMA is the weights)."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema_params = (optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
+                if ema_decay > 0 else params)
+  return state.replace(step=state.step + 1, params=params, ema_params=ema_params,
+                       opt_state=opt_state)
+
+
+def finish_step(new_state: Any, old_state: Any, metrics: dict, loss: jax.Array,
+                grad_norm: jax.Array) -> tuple[Any, dict]:
+  """Inside a step: ``new_state``, or ``old_state``'s values when the loss or the gradient is
+  not finite (recorded in ``metrics['nonfinite/skipped']``)."""
+  finite = all_finite(loss, grad_norm)
+  metrics["nonfinite/skipped"] = 1.0 - finite.astype(jnp.float32)
+  return skip_nonfinite_update(finite, new_state, old_state), metrics
 
 
 def train_loop(*, stage: str, state: Any, step_fn: Callable[[Any, dict], tuple[Any, dict]],

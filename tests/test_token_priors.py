@@ -1,0 +1,221 @@
+"""The token priors: causality and the KV cache of the autoregressive transformer, top-k / seed
+behaviour of its sampler, MaskGIT's schedule and fixed tokens, guidance on logits, learning."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import load_config
+
+from vqvdm_jax.models.transformer import TokenTransformer
+from vqvdm_jax.priors import autoregressive, masked
+from vqvdm_jax.priors import model as prior_model
+from vqvdm_jax.training import token_trainer
+
+VOCAB, CLASSES, GRID = 16, 3, (2, 2, 3)  # 12 codes
+LENGTH = math.prod(GRID)
+NULL = CLASSES
+
+
+def _model(causal: bool, decode: bool = False) -> TokenTransformer:
+  return TokenTransformer(vocab_size=VOCAB, num_classes=CLASSES, grid=GRID, width=32, depth=2,
+                          num_heads=2, mlp_ratio=2.0, causal=causal, decode=decode)
+
+
+class Jitted:
+  """A model whose forward pass is compiled once (eager linen is slow on a shared CPU)."""
+
+  def __init__(self, model):
+    self.module, self.mask_token = model, model.mask_token
+    self._apply = jax.jit(lambda params, codes, labels, fps: model.apply(
+        {"params": params}, codes, labels, fps))
+
+  def apply(self, variables, codes, labels, fps):
+    return self._apply(variables["params"], codes, labels, fps)
+
+
+def _init(model, seed):
+  codes = jnp.zeros((2, LENGTH), jnp.int32)
+  init = jax.jit(lambda rng: model.init(rng, codes, jnp.zeros(2, jnp.int32), jnp.ones(2)))
+  return init(jax.random.PRNGKey(seed))["params"]
+
+
+@pytest.fixture(scope="module")
+def ar():
+  codes = jax.random.randint(jax.random.PRNGKey(0), (2, LENGTH), 0, VOCAB)
+  labels, fps = jnp.array([0, 2]), jnp.array([8.0, 16.0])
+  return Jitted(_model(True)), _init(_model(True), 1), codes, labels, fps
+
+
+@pytest.fixture(scope="module")
+def mlm():
+  labels, fps = jnp.array([0, 2]), jnp.array([8.0, 16.0])
+  return _model(False), _init(_model(False), 2), labels, fps
+
+
+def test_changing_code_i_never_changes_the_logits_of_positions_up_to_i(ar):
+  model, params, codes, labels, fps = ar
+  logits = model.apply({"params": params}, codes, labels, fps)
+  for i in (0, 5, LENGTH - 1):
+    changed = codes.at[:, i].set((codes[:, i] + 1) % VOCAB)
+    other = model.apply({"params": params}, changed, labels, fps)
+    np.testing.assert_array_equal(other[:, :i + 1], logits[:, :i + 1])  # p(x_j | x_<j), j <= i
+    if i + 1 < LENGTH:
+      assert not np.allclose(other[:, i + 1:], logits[:, i + 1:])  # the later ones see it
+
+
+def test_cached_decoding_gives_the_full_forward_logits_at_every_position(ar):
+  model, params, codes, labels, fps = ar
+  full = model.apply({"params": params}, codes, labels, fps)
+  decoder = _model(True, decode=True)
+
+  @jax.jit
+  def teacher_forced(params, codes, labels, fps):
+    logits, variables = decoder.apply({"params": params}, labels, fps, codes[:, :0],
+                                      method=TokenTransformer.prefill, mutable=["cache"])
+
+    def step(cache, i):
+      logits, variables = decoder.apply({"params": params, "cache": cache}, codes[:, i], i,
+                                        method=TokenTransformer.step, mutable=["cache"])
+      return variables["cache"], logits
+
+    _, later = jax.lax.scan(step, variables["cache"], jnp.arange(LENGTH - 1))
+    # A prompt of 5 codes cached in one pass gives x_5's logits.
+    prompted, _ = decoder.apply({"params": params}, labels, fps, codes[:, :5],
+                                method=TokenTransformer.prefill, mutable=["cache"])
+    return jnp.concatenate([logits[:, None], later.transpose(1, 0, 2)], axis=1), prompted
+
+  cached, prompted = teacher_forced(params, codes, labels, fps)
+  np.testing.assert_allclose(cached, full, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(prompted, full[:, 5], atol=1e-5, rtol=1e-5)
+
+
+@functools.cache
+def _ar_sampler(**settings):
+  return jax.jit(lambda params, labels, fps, rng, prompt: autoregressive.sample(
+      _model(True, decode=True), params, labels, fps, rng, null=NULL, prompt=prompt, **settings))
+
+
+def _ar_sample(params, labels, fps, seed, prompt=None, **settings):
+  return np.asarray(_ar_sampler(**settings)(params, labels, fps, jax.random.PRNGKey(seed),
+                                            prompt))
+
+
+def test_top_k_one_is_greedy_decoding(ar):
+  model, params, _, labels, fps = ar
+  codes = _ar_sample(params, labels, fps, 0, top_k=1)
+  np.testing.assert_array_equal(codes, _ar_sample(params, labels, fps, 1, top_k=1))
+  logits = model.apply({"params": params}, jnp.asarray(codes), labels, fps)
+  np.testing.assert_array_equal(codes, np.argmax(logits, axis=-1))  # each the most likely
+
+
+def test_the_same_seed_gives_the_same_codes_and_given_codes_never_change(ar):
+  _, params, _, labels, fps = ar
+  prompt = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, LENGTH)), jnp.int32)
+  fixed = 6  # the first latent frame (2 x 3 codes): video continuation
+  draw = functools.partial(_ar_sample, params, labels, fps, top_p=0.9, prompt=prompt,
+                           num_prompt_codes=fixed)
+  first = draw(3)
+  np.testing.assert_array_equal(first, draw(3))
+  assert not np.array_equal(first, draw(4))
+  np.testing.assert_array_equal(first[:, :fixed], prompt[:, :fixed])
+  assert not np.array_equal(first[:, fixed:], np.asarray(prompt)[:, fixed:])
+
+
+def test_filtering_keeps_the_top_k_and_the_nucleus():
+  logits = jnp.log(jnp.array([[0.5, 0.05, 0.3, 0.15]]))
+  assert np.isfinite(prior_model.filter_logits(logits, top_k=2)).tolist() == [
+      [True, False, True, False]]
+  # 0.5 + 0.3 < 0.85: the nucleus needs the third most likely code too.
+  assert np.isfinite(prior_model.filter_logits(logits, top_p=0.85)).tolist() == [
+      [True, False, True, True]]
+  assert np.isfinite(prior_model.filter_logits(logits, top_p=0.4)).tolist() == [
+      [True, False, False, False]]
+
+
+@pytest.mark.parametrize("prior", ["ar", "mlm"])
+def test_guidance_scale_one_is_the_conditional_and_zero_the_unconditional_logits(prior, ar, mlm):
+  if prior == "ar":
+    model, params, codes, labels, fps = ar
+  else:
+    model, params, labels, fps = mlm
+    model = Jitted(model)
+    codes = jnp.where(jnp.arange(LENGTH) % 3 == 0, model.mask_token, ar[2])
+  # One call on the batch and the batch with the null class, as the samplers make it.
+  both_labels, both_fps = prior_model.with_null_class(labels, fps, NULL, 0.0)
+  assert both_labels.tolist() == [*labels.tolist(), NULL, NULL]
+  both = model.apply({"params": params}, jnp.tile(codes, (2, 1)), both_labels, both_fps)
+
+  conditional = model.apply({"params": params}, codes, labels, fps)
+  unconditional = model.apply({"params": params}, codes, jnp.full_like(labels, NULL), fps)
+  assert not np.allclose(conditional, unconditional)  # the class token matters
+  np.testing.assert_allclose(prior_model.guided_logits(*jnp.split(both, 2), 1.0), conditional,
+                             atol=1e-5)
+  np.testing.assert_allclose(prior_model.combine_guided(both, 0.0), unconditional, atol=1e-5)
+  np.testing.assert_allclose(prior_model.combine_guided(both, 3.0),
+                             unconditional + 3.0 * (conditional - unconditional), atol=1e-4)
+
+
+def test_masked_decoding_follows_the_schedule_and_never_changes_given_codes(mlm):
+  """N = 4 steps over 12 codes of which the first 6 are given: after step s, exactly
+  ⌊6 cos(π/2 · (s+1)/4)⌋ codes are still masked, none after the last; the given codes and each
+  chosen code stay as they are; the same seed gives the same codes."""
+  model, params, labels, fps = mlm
+  prompt = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, LENGTH)), jnp.int32)
+  fixed = 6
+  draw = jax.jit(lambda rng: masked.sample(
+      model, params, labels, fps, rng, null=NULL, guidance_scale=2.0, num_steps=4,
+      prompt=prompt, num_prompt_codes=fixed, return_history=True))
+  codes, history = draw(jax.random.PRNGKey(0))
+  history = np.asarray(history)  # [N, B, L]
+  counts = masked.masked_counts(LENGTH - fixed, 4)
+  assert counts.tolist() == [5, 4, 2, 0]
+  assert (history == model.mask_token).sum(-1).tolist() == [[c, c] for c in counts]
+  for step in history:
+    np.testing.assert_array_equal(step[:, :fixed], prompt[:, :fixed])
+  for before, after in zip(history[:-1], history[1:]):  # a chosen code stays chosen
+    chosen = before != model.mask_token
+    np.testing.assert_array_equal(after[chosen], before[chosen])
+  assert (history[-1] < VOCAB).all()
+  np.testing.assert_array_equal(codes, history[-1])
+  np.testing.assert_array_equal(codes, draw(jax.random.PRNGKey(0))[0])
+  assert not np.array_equal(codes, draw(jax.random.PRNGKey(1))[0])
+
+
+def test_mask_counts_fall_by_the_cosine_and_at_least_one_a_step():
+  # ⌊12 cos(π/2 · s/4)⌋ for s = 1..4, and 0 after the last step.
+  assert masked.masked_counts(12, 4).tolist() == [11, 8, 4, 0]
+  assert masked.masked_counts(3, 12).tolist() == [2, 1] + [0] * 10  # fewer codes than steps
+  assert masked.masked_counts(1024, 12)[0] == math.floor(1024 * math.cos(math.pi / 24))
+
+
+def test_training_masks_follow_the_cosine_ratio():
+  mask = np.asarray(masked.random_token_mask(jax.random.PRNGKey(0), 4000, 64))
+  counts = mask.sum(-1)
+  assert counts.min() >= 1 and counts.max() <= 64
+  # E[cos(π r / 2)] over r ~ U[0, 1) = 2 / π.
+  assert counts.mean() / 64 == pytest.approx(2 / np.pi, abs=0.02)
+
+
+@pytest.mark.learning
+@pytest.mark.parametrize("stage2", ["autoregressive", "masked"])
+def test_a_tiny_prior_overfits_a_few_code_sequences(stage2, tmp_path):
+  """The tiny config's own step (on all devices: the step the end-to-end tests compile too)."""
+  config = load_config("tiny")
+  config.stage2 = stage2
+  trainer = token_trainer.TokenTrainer(config, tmp_path)
+  vocab = trainer.model.vocab_size
+  sequences = np.random.default_rng(0).integers(0, vocab, (4, 2, 4, 4)).astype(np.int32)
+  batch = {"codes": sequences[np.arange(8) % 4], "label": np.arange(8, dtype=np.int32) % 4,
+           "fps": np.full(8, 8.0, np.float32)}
+  state = trainer.initial_state(0)
+  losses = []
+  for _ in range(120):
+    state, metrics = trainer.step(state, batch)
+    losses.append(float(metrics["loss/tokens"]))
+  trainer.checkpointer.close()
+  assert losses[0] > 0.8 * math.log(vocab)
+  assert np.mean(losses[-10:]) < 0.25 * math.log(vocab), losses[::10]

@@ -1,0 +1,132 @@
+"""The token priors end to end: `--mode=train` and `--mode=sample` through main on a tokenizer
+checkpoint, loading by `vqvdm_jax.load`, resumption after a kill, and the sharded step."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import load_config
+
+from vqvdm_jax import config as config_lib
+from vqvdm_jax import main as main_lib
+from vqvdm_jax.data import pipeline
+from vqvdm_jax.data import tokens as tokens_lib
+from vqvdm_jax.inference import model as model_lib
+from vqvdm_jax.inference.token_model import TokenModel
+from vqvdm_jax.training import token_trainer, vqgan_trainer
+
+
+def _config(stage2: str):
+  config = load_config("tiny")
+  config.stage2 = stage2
+  return config
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+  """A stage-1 checkpoint at the tiny config's last step: `--mode=train` finds stage 1 done.
+
+  Its weights are untrained (the token priors need codes, not good ones); training stage 1
+  would compile the GAN step for a minute of CPU.
+  """
+  workdir = tmp_path_factory.mktemp("tokenizer")
+  config = load_config("tiny")
+  trainer = vqgan_trainer.VQGANTrainer(config, workdir)
+  step = config.vqgan.train.num_steps
+  data_iterator = pipeline.train_iterator(config.data, config.vqgan.train.batch_size, config.seed)
+  trainer.checkpointer.save(step, trainer.initial_state().replace(step=jnp.asarray(step)),
+                            data_iterator, force=True)
+  trainer.checkpointer.close()
+  return workdir
+
+
+@pytest.fixture(scope="module", params=["autoregressive", "masked"])
+def trained(request, tokenizer_dir, tmp_path_factory):
+  """`--mode=train` with config.stage2 = the prior, on a copy of the tokenizer's workdir."""
+  stage2 = request.param
+  workdir = tmp_path_factory.mktemp(stage2)
+  shutil.copytree(tokenizer_dir / "vqgan", workdir / "vqgan")
+  config = _config(stage2)
+  main_lib.run("train", config, str(workdir))
+  return stage2, config, workdir
+
+
+def _restored_state(config, workdir):
+  trainer = token_trainer.TokenTrainer(config, workdir)
+  state = trainer.restore()
+  trainer.checkpointer.close()
+  return jax.device_get(state)
+
+
+def test_train_mode_trains_the_selected_prior_and_writes_samples(trained):
+  stage2, config, workdir = trained
+  steps = config.transformer.train.num_steps
+  assert (workdir / stage2 / "checkpoints" / str(steps)).exists()
+  assert not (workdir / "diffusion" / "checkpoints").exists()  # the other prior is untouched
+  cache = tokens_lib.TokenCache(tokens_lib.cache_directory(workdir, 4))
+  assert len(cache) == config.data.num_train_clips and cache[0]["codes"].shape == (2, 4, 4)
+  assert cache.latents.dtype == np.int32 and cache.meta["source"] == "indices"
+  info = json.loads((workdir / "samples" / "000" / "samples.json").read_text())
+  assert info["prior"] == stage2 and info["labels"] == [0, 1, 2, 3]
+  assert info["guidance_scale"] == config.transformer.sample.guidance_scale
+  assert len(list((workdir / "samples" / "000").glob("video_*_class_*.mp4"))) == 4
+
+
+def test_sample_mode_and_load_use_the_prior_the_workdir_holds(trained):
+  stage2, config, workdir = trained
+  main_lib.run("sample", config, str(workdir))  # the recorded config names the prior
+  with (workdir / "samples" / "001" / "videos.npz").open("rb") as file:
+    written = np.load(file)["videos"]
+  with (workdir / "samples" / "000" / "videos.npz").open("rb") as file:
+    np.testing.assert_array_equal(written, np.load(file)["videos"])  # same seed, same videos
+  model = model_lib.load(workdir)
+  assert isinstance(model, TokenModel) and model.step == config.transformer.train.num_steps
+  videos = model.sample(labels=[1, 2], seed=3)
+  assert videos.shape == (2, 8, 16, 16, 3) and videos.dtype == np.uint8
+
+
+def test_resume_after_a_kill_restores_the_same_state(trained, tmp_path):
+  """A kill after step 2's checkpoint, then a restart: step 3 equals the uninterrupted run's."""
+  stage2, config, workdir = trained
+  uninterrupted = _restored_state(config, workdir)
+  shutil.copytree(workdir, tmp_path / "run", ignore=shutil.ignore_patterns("samples"))
+  shutil.rmtree(tmp_path / "run" / stage2 / "checkpoints" / "3")  # as if killed after step 2
+  resumed = token_trainer.train_prior(config, tmp_path / "run")
+  assert int(resumed.step) == 3
+  for got, want in zip(jax.tree.leaves(jax.device_get(resumed)),
+                       jax.tree.leaves(uninterrupted), strict=True):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_sharded_step_equals_single_device_step(tmp_path):
+  config = _config("masked")
+  vocab = 32
+  batch = {"codes": np.random.default_rng(0).integers(0, vocab, (8, 2, 4, 4)).astype(np.int32),
+           "label": np.arange(8, dtype=np.int32) % 4, "fps": np.full(8, 8.0, np.float32)}
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    trainer = token_trainer.TokenTrainer(config, tmp_path / str(len(devices)), devices)
+    state, metrics = trainer.step(trainer.initial_state(0), batch)
+    trainer.checkpointer.close()
+    results.append(jax.device_get((state.params, metrics)))
+  (single, single_metrics), (sharded, sharded_metrics) = results
+  for name in ("loss/tokens", "grad_norm/transformer", "mask/ratio"):
+    assert float(sharded_metrics[name]) == pytest.approx(float(single_metrics[name]), rel=1e-5)
+  # Adam's first update is ~lr * sign(g) (lr = 3e-3): where a gradient is ~0, float noise in it
+  # moves the update by a fraction of lr, a wrong or missing gradient by ~lr.
+  for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded), strict=True):
+    np.testing.assert_allclose(a, b, rtol=0, atol=3e-4)
+
+
+def test_train_diffusion_mode_with_a_token_prior_says_which_mode_to_use(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match="--mode=train_prior"):
+    main_lib.run("train_diffusion", _config("masked"), str(tmp_path))
+
+
+def test_unknown_stage2_is_rejected_with_the_choices():
+  config = _config("transformer")
+  with pytest.raises(config_lib.ConfigError, match=r"config\.stage2.*'autoregressive'"):
+    config_lib.validate(config)

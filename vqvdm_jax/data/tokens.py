@@ -1,0 +1,46 @@
+"""The token priors' training data: the stage-1 code indices of the train split, cached once.
+
+The same machinery as the diffusion latents (:mod:`vqvdm_jax.data.latents`): the first start
+encodes the train split with the tokenizer checkpoint it finds into
+``DIR/tokens/tokenizer_<step>/`` (``latents.npy`` holds int32 codes ``[N, t, h, w]``), written
+under a temporary name and renamed when complete. Both token priors read the same cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+from etils import epath
+
+from vqvdm_jax import fileio
+from vqvdm_jax import workdir as workdir_lib
+from vqvdm_jax.data import latents as latents_lib
+
+
+class TokenCache(latents_lib.LatentCache):
+  """Random-access view of a finished cache: ``cache[i] -> {codes [t, h, w], label, fps}``."""
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return {"codes": np.asarray(self.latents[index], np.int32), "label": self.labels[index],
+            "fps": self.fps[index]}
+
+
+def cache_directory(workdir: fileio.PathLike, tokenizer_step: int) -> epath.Path:
+  return workdir_lib.tokens_dir(workdir) / f"tokenizer_{tokenizer_step:07d}"
+
+
+def build_or_load(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
+                  tokenizer_step: int, encode_fn: Callable[[np.ndarray], np.ndarray]
+                  ) -> TokenCache:
+  """The code cache of ``tokenizer_step``; ``encode_fn(video_uint8) -> indices [B, t, h, w]``."""
+  directory = cache_directory(workdir, tokenizer_step)
+  latents_lib.build_or_load(config, workdir, tokenizer_step, encode_fn, directory=directory,
+                            source="indices", dtype=np.int32)
+  return TokenCache(directory)
+
+
+def train_iterator(cache: TokenCache, batch_size: int, seed: int) -> Any:
+  """Endless shuffled, checkpointable batches of codes (as for the diffusion latents)."""
+  return latents_lib.train_iterator(cache, batch_size, seed)

@@ -1,0 +1,69 @@
+"""The autoregressive prior (Taming Transformers §3.2; TATS §3.2 for video): a decoder-only
+transformer over the raster-ordered (t, h, w) codes, trained by next-code cross-entropy
+
+  L = -E Σ_i log p(x_i | x_<i, c, f),
+
+and sampled one code at a time in one compiled loop with a key/value cache. Frame-conditioned
+generation (video prediction) caches the codes of the given latent frames first and continues.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vqvdm_jax.models.transformer import TokenTransformer
+from vqvdm_jax.priors import model as prior_model
+
+PyTree = Any
+
+
+def next_token_loss(logits: jax.Array, codes: jax.Array) -> jax.Array:
+  """Taming eq. (8): mean negative log-likelihood of each code given the previous ones.
+
+  ``logits [B, L, V]`` from the teacher-forced forward pass, ``codes [B, L]``.
+  """
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, codes))
+
+
+def sample(model: TokenTransformer, params: PyTree, labels: jax.Array, fps: jax.Array,
+           rng: jax.Array, *, null: int, guidance_scale: float = 1.0, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0, prompt: jax.Array | None = None,
+           num_prompt_codes: int = 0) -> jax.Array:
+  """Codes ``[B, L]`` drawn one at a time: ancestral sampling with a key/value cache.
+
+  ``model`` is the ``decode=True`` transformer. The first ``num_prompt_codes`` codes come from
+  ``prompt [B, L]`` (the given latent frames, raster order) and are never changed; the class and
+  FPS prefix and those codes are cached in one pass, then ``lax.fori_loop`` draws each next code
+  from the guided, temperature-scaled, top-k / top-p filtered logits. Code ``i``'s randomness is
+  ``fold_in(rng, i)``, so the same key gives the same codes.
+  """
+  batch, length = labels.shape[0], model.num_codes
+  codes = (jnp.zeros((batch, length), jnp.int32) if prompt is None
+           else jnp.asarray(prompt, jnp.int32).reshape(batch, length))
+  labels_in, fps_in = prior_model.with_null_class(labels, fps, null, guidance_scale)
+  repeats = labels_in.shape[0] // batch
+
+  def guided(logits):
+    return prior_model.combine_guided(logits, guidance_scale)
+
+  prefix_codes = jnp.tile(codes[:, :num_prompt_codes], (repeats, 1))
+  logits, variables = model.apply({"params": params}, labels_in, fps_in, prefix_codes,
+                                  method=TokenTransformer.prefill, mutable=["cache"])
+
+  def draw(index, carry):
+    codes, cache, logits = carry
+    code = prior_model.sample_codes(jax.random.fold_in(rng, index), logits, temperature, top_k,
+                                    top_p)
+    codes = jax.lax.dynamic_update_slice(codes, code[:, None], (0, index))
+    logits, variables = model.apply({"params": params, "cache": cache},
+                                    jnp.tile(code, repeats), index,
+                                    method=TokenTransformer.step, mutable=["cache"])
+    return codes, variables["cache"], guided(logits)
+
+  codes, _, _ = jax.lax.fori_loop(num_prompt_codes, length, draw,
+                                  (codes, variables["cache"], guided(logits)))
+  return codes

@@ -1,0 +1,110 @@
+"""The token priors as the config describes them, and what both share: vocabulary, conditioning,
+guidance on logits and the sampling of a code from logits."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vqvdm_jax.diffusion.model import null_label
+from vqvdm_jax.models.transformer import TokenTransformer
+from vqvdm_jax.models.vqgan import latent_shape
+
+PyTree = Any
+TOKEN_PRIORS = ("autoregressive", "masked")
+
+
+def vocabulary_size(config: ml_collections.ConfigDict) -> int:
+  """How many codes the tokenizer has: the codebook, 2^K for LFQ (MAGVIT-v2's codes read as a
+  plain vocabulary), the product of the levels for FSQ."""
+  quantizer = config.vqgan.quantizer
+  if quantizer.kind == "lfq":
+    return 2 ** config.vqgan.model.latent_channels
+  if quantizer.kind == "fsq":
+    return math.prod(int(level) for level in quantizer.fsq_levels)
+  return int(quantizer.codebook_size)
+
+
+def token_grid(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(t, h, w) of a clip's code grid."""
+  return tuple(latent_shape(config)[1:4])
+
+
+def make_transformer(config: ml_collections.ConfigDict, decode: bool = False
+                     ) -> TokenTransformer:
+  """The transformer of ``config.stage2`` (causal for 'autoregressive', bidirectional for
+  'masked'); ``decode`` builds the key/value-cached variant for autoregressive sampling."""
+  if config.stage2 not in TOKEN_PRIORS:
+    raise ValueError(f"config.stage2={config.stage2!r} is not a token prior {TOKEN_PRIORS}.")
+  model = config.transformer.model
+  return TokenTransformer(
+      vocab_size=vocabulary_size(config), num_classes=config.data.num_classes,
+      grid=token_grid(config), width=model.width, depth=model.depth, num_heads=model.num_heads,
+      mlp_ratio=model.mlp_ratio, dropout=model.dropout,
+      causal=config.stage2 == "autoregressive", use_fps=config.diffusion.use_fps, decode=decode,
+      dtype=jnp.dtype(model.dtype), attention_impl=model.attention_impl, remat=model.remat)
+
+
+def init_transformer_params(model: TokenTransformer, rng: jax.Array) -> PyTree:
+  codes = jnp.zeros((1, model.num_codes), jnp.int32)
+  return model.init(rng, codes, jnp.zeros((1,), jnp.int32), jnp.ones((1,), jnp.float32))["params"]
+
+
+def conditioning_labels(config: ml_collections.ConfigDict, labels: jax.Array) -> jax.Array:
+  """The class tokens' labels: as given, or all the null class for an unconditional prior."""
+  if config.diffusion.use_class:
+    return labels
+  return jnp.full_like(labels, null_label(config))
+
+
+def guided_logits(conditional: jax.Array, unconditional: jax.Array, scale: float) -> jax.Array:
+  """Classifier-free guidance on logits (MUSE, MAGVIT; the logit form of VQ-VDM eq. 9):
+  ``l_u + w (l_c - l_u)``: w = 1 is the conditional model, w = 0 the unconditional one."""
+  return unconditional + scale * (conditional - unconditional)
+
+
+def with_null_class(labels: jax.Array, fps: jax.Array, null: int,
+                    scale: float) -> tuple[jax.Array, jax.Array]:
+  """Labels and FPS of one model call for guidance: the batch, then the batch with the null
+  class (``[2B]``), or the batch alone when ``scale`` is 1 (nothing to guide)."""
+  if scale == 1.0:
+    return labels, fps
+  return jnp.concatenate([labels, jnp.full_like(labels, null)]), jnp.concatenate([fps, fps])
+
+
+def combine_guided(logits: jax.Array, scale: float) -> jax.Array:
+  """The guided logits of a :func:`with_null_class` call's output ``[2B, ...]``."""
+  if scale == 1.0:
+    return logits
+  conditional, unconditional = jnp.split(logits, 2)
+  return guided_logits(conditional, unconditional, scale)
+
+
+def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Top-k (Fan et al. 2018) then nucleus / top-p (Holtzman et al. 2020) filtering of
+  ``[..., V]`` logits: removed codes get -inf. ``top_k=0`` and ``top_p=1`` turn them off."""
+  if top_k and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probabilities = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probabilities, axis=-1) - probabilities  # mass of the likelier codes
+    kept = jnp.where(before < top_p, sorted_logits, jnp.inf)  # the first one always stays
+    threshold = jnp.min(kept, axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return logits
+
+
+def sample_codes(rng: jax.Array, logits: jax.Array, temperature: float, top_k: int = 0,
+                 top_p: float = 1.0) -> jax.Array:
+  """One code per row of ``[..., V]`` logits: softmax(logits / temperature) after filtering;
+  temperature 0 takes the most likely code."""
+  logits = filter_logits(logits, top_k, top_p)
+  if temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, logits / temperature, axis=-1).astype(jnp.int32)
