@@ -328,3 +328,26 @@ def test_a_subset_of_real_clips_is_a_seeded_sample_of_the_split_not_its_first_vi
   assert labels(3) == labels(3)  # fixed for a seed: evaluations stay comparable
   assert sorted(labels(3)) == [0, 1, 2, 3]  # all clips: every video once
   assert len({tuple(labels(seed, num_clips=2)) for seed in range(6)}) > 1  # not the first two
+
+
+def test_a_source_whose_every_video_is_unreadable_is_one_clear_error_listing_them(tmp_path):
+  source = tmp_path / "videos" / "class_a"
+  source.mkdir(parents=True)
+  for index in range(3):
+    (source / f"broken_{index}.mp4").write_bytes(b"not a video")
+  result = subprocess.run(
+      [sys.executable, "-m", "vqvdm_jax.data.prepare", "--dataset=video_folder",
+       f"--source_dir={tmp_path / 'videos'}", f"--data_dir={tmp_path / 'out'}",
+       "--num_threads=1", "--test_fraction=0.5"],
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr and "AssertionError" not in result.stderr
+  message = result.stderr[result.stderr.index("Error: "):]
+  # The first split found empty ends the run, and the message lists its videos and why.
+  split = next(s for s in ("train", "test") if f"the {s} split kept none of its videos" in message)
+  builder = builders.VideoFolder(source_dir=tmp_path / "videos", data_dir=str(tmp_path / "x"),
+                                 config=builders.VideoBuilderConfig(name="v", test_fraction=0.5))
+  names = [path.name for _, path, _ in builder.list_videos(split)]
+  assert names and f"Skipped {len(names)} video(s)" in message
+  assert all(f"{name}: could not be decoded as a video" in message for name in names)
+  assert not list((tmp_path / "out").rglob("*.array_record*"))

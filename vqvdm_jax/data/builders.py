@@ -141,6 +141,7 @@ class _VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.source_dir = pathlib.Path(source_dir)
     self.num_threads = max(1, num_threads)
     self.skipped: list[tuple[str, str]] = []
+    self.generating_split: str | None = None
     super().__init__(**kwargs)
 
   @classmethod
@@ -177,6 +178,7 @@ class _VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
     videos = list(self.list_videos(split))
+    self.generating_split = split  # named by prepare's error when a split keeps no video
     with concurrent.futures.ThreadPoolExecutor(self.num_threads) as pool:
       loaded = _map_ahead(pool, self._load, [path for _, path, _ in videos], 2 * self.num_threads)
       for (key, path, label), (frames, fps, reason) in zip(videos, loaded):

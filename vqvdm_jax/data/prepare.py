@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import sys
 
 from absl import app, flags, logging
 
@@ -40,6 +41,24 @@ class Summary:
     return "\n".join(lines)
 
 
+class NoVideosKeptError(ValueError):
+  """A split of the source kept no video: every one was unreadable, too short or unlisted."""
+
+  MAX_LISTED = 10
+
+  def __init__(self, source_dir: pathlib.Path, split: str | None,
+               skipped: list[tuple[str, str]]):
+    lines = [f"{source_dir}: the {split or ''} split kept none of its videos; nothing was "
+             f"prepared. Skipped {len(skipped)} video(s):"]
+    lines += [f"  {path}: {reason}" for path, reason in skipped[:self.MAX_LISTED]]
+    if len(skipped) > self.MAX_LISTED:
+      lines.append(f"  ... and {len(skipped) - self.MAX_LISTED} more")
+    lines.append("Check the source layout (see vqvdm_jax/data/builders.py) and that the videos "
+                 "decode (ffmpeg -i FILE).")
+    super().__init__("\n".join(lines))
+    self.skipped = skipped
+
+
 def prepare(dataset: str, source_dir: str | pathlib.Path, data_dir: str | pathlib.Path, *,
             short_side: int = 128, split_number: int = 1, min_frames: int = 16,
             frame_format: str = "jpeg", jpeg_quality: int = 90, test_fraction: float = 0.1,
@@ -49,6 +68,7 @@ def prepare(dataset: str, source_dir: str | pathlib.Path, data_dir: str | pathli
   Raises:
     FileNotFoundError: the source folder or a split list is missing (nothing is written).
     ValueError: an unknown dataset or option.
+    NoVideosKeptError: a split kept no video (the skipped ones and why are in the message).
   """
   if dataset not in builders.BUILDERS:
     raise ValueError(f"--dataset={dataset!r} is not one of {DATASETS}.")
@@ -76,7 +96,12 @@ def prepare(dataset: str, source_dir: str | pathlib.Path, data_dir: str | pathli
     skipped = [tuple(line.split("\t", 1)) for line in skipped_file.read_text().splitlines()
                if line] if skipped_file.exists() else []
   else:
-    builder.download_and_prepare()
+    try:
+      builder.download_and_prepare()
+    except AssertionError as error:  # TFDS's "No examples were yielded" for an empty split
+      if "No examples were yielded" not in str(error):
+        raise
+      raise NoVideosKeptError(source_dir, builder.generating_split, builder.skipped) from None
     skipped = builder.skipped
     skipped_file.write_text("".join(f"{path}\t{reason}\n" for path, reason in skipped))
   num_examples = {split: info.num_examples for split, info in builder.info.splits.items()}
@@ -112,8 +137,9 @@ def main(argv: list[str]) -> None:
         frame_format=FLAGS.frame_format, jpeg_quality=FLAGS.jpeg_quality,
         test_fraction=FLAGS.test_fraction, split_seed=FLAGS.split_seed,
         num_threads=FLAGS.num_threads)
-  except (FileNotFoundError, ValueError) as error:
-    raise app.UsageError(str(error)) from error
+  except (FileNotFoundError, ValueError) as error:  # what the user can fix: no traceback
+    sys.stderr.write(f"Error: {error}\n")
+    sys.exit(2)
   print(summary)
   if summary.skipped:
     print(f"(also listed in {summary.data_path / SKIPPED_FILE})")
