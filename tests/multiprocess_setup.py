@@ -6,7 +6,9 @@ and the workers import it before anything that imports JAX.
 
 import os
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+# Level 0: compile fast, as in conftest.py (the tests are compile-bound).
+os.environ["XLA_FLAGS"] = (
+    "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

@@ -75,7 +75,8 @@ def test_user_errors_are_one_clear_message(trained, tmp_path, name, arguments, w
   places = {"trained": trained, "new": tmp_path / "new", "file": tmp_path / "afile",
             "stage1": stage1, "missing": tmp_path / "no_data"}
   before = snapshot(trained)
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2", "XLA_FLAGS": ""}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2",
+         "XLA_FLAGS": "--xla_backend_optimization_level=0"}
   result = subprocess.run(
       [sys.executable, "-m", "vqvdm_jax.main", *(a.format(**places) for a in arguments)],
       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)

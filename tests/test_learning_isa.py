@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
                     reason="set VQVDM_CHECK_ISA=1: recompiling for SSE4.2 exceeds the suite budget")
 def test_learning_tests_pass_with_sse4_2_code():
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=SSE4_2"
+  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_cpu_max_isa=SSE4_2"  # + conftest's
   result = subprocess.run(
       [sys.executable, "-m", "pytest", "-q", "-m", "learning", "-p", "no:cacheprovider",
        "-p", "no:xdist", str(REPO / "tests")],

@@ -36,7 +36,7 @@ def _command(workdir, num_steps, checkpoint_every=2):
 def _environment():
   environment = dict(os.environ)
   environment.update(
-      XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+      JAX_PLATFORMS="cpu",  # XLA_FLAGS: conftest.py's (8 devices, fast compilation)
       JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1",
       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
