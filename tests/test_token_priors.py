@@ -203,10 +203,11 @@ def test_training_masks_follow_the_cosine_ratio():
 @pytest.mark.learning
 @pytest.mark.parametrize("stage2", ["autoregressive", "masked"])
 def test_a_tiny_prior_overfits_a_few_code_sequences(stage2, tmp_path):
-  """The tiny config's own step (on all devices: the step the end-to-end tests compile too)."""
+  """The tiny config's own step, on one device (as the sharded-step test compiles it).
+  Measured over 120 steps: mean of the last 10 losses ~0.01 (autoregressive), ~0.5 (masked)."""
   config = load_config("tiny")
   config.stage2 = stage2
-  trainer = token_trainer.TokenTrainer(config, tmp_path)
+  trainer = token_trainer.TokenTrainer(config, tmp_path, devices=jax.devices()[:1])
   vocab = trainer.model.vocab_size
   sequences = np.random.default_rng(0).integers(0, vocab, (4, 2, 4, 4)).astype(np.int32)
   batch = {"codes": sequences[np.arange(8) % 4], "label": np.arange(8, dtype=np.int32) % 4,

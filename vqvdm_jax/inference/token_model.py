@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -89,6 +90,7 @@ class TokenModel:
     self.config, self.tokenizer, self.params, self.step, self.mesh = (
         config, tokenizer, params, step, mesh)
     self.grid = prior_model.token_grid(config)  # (t, h, w)
+    self._sample_fns: dict[tuple, Any] = {}
 
   def sample(self, labels: Sequence[int] | int | None = None, fps: float | None = None,
              seed: int | None = None, num_videos: int | None = None, **settings) -> np.ndarray:
@@ -131,11 +133,8 @@ class TokenModel:
     length = int(np.prod(self.grid))
     prompt = (np.zeros((len(labels), length), np.int32) if prompt is None
               else np.asarray(prompt, np.int32).reshape(len(labels), length))
-    split, replicated = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
-    params_sharding = jax.tree.map(lambda leaf: leaf.sharding, self.params)
-    sample_fn = jax.jit(make_sample_fn(config, num_prompt_codes),
-                        in_shardings=(params_sharding, split, split, replicated, split),
-                        out_shardings=replicated)
+    split = sharding.batch_sharding(self.mesh)
+    sample_fn = self._sample_fn(config, num_prompt_codes)
     batch_size = sampling.padded_batch_size(config.diffusion.sample.batch_size, self.mesh)
     for start, batch_labels, batch_fps, rng in sampling.conditioning_batches(
         self.mesh, labels, fps, seed, config.diffusion.sample.batch_size):
@@ -144,6 +143,19 @@ class TokenModel:
       codes = sample_fn(self.params, batch_labels, batch_fps, rng, batch_prompt)
       codes = np.asarray(jax.device_get(codes))[:len(labels) - start]
       yield codes.reshape(len(codes), *self.grid)
+
+  def _sample_fn(self, config: ml_collections.ConfigDict, num_prompt_codes: int):
+    """The jitted sampler of these settings, compiled once per model and settings."""
+    key = (config.stage2, json.dumps(config.transformer.sample.to_dict(), sort_keys=True),
+           num_prompt_codes)
+    if key not in self._sample_fns:
+      split, replicated = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
+      params_sharding = jax.tree.map(lambda leaf: leaf.sharding, self.params)
+      self._sample_fns[key] = jax.jit(
+          make_sample_fn(config, num_prompt_codes),
+          in_shardings=(params_sharding, split, split, replicated, split),
+          out_shardings=replicated)
+    return self._sample_fns[key]
 
   def generate_batches(self, labels: np.ndarray, fps: np.ndarray, seed: int,
                        config: ml_collections.ConfigDict | None = None,
