@@ -70,7 +70,7 @@ def test_two_processes_evaluate_like_one_process_with_four_devices(tmp_path):
   _run_two_workers("multiprocess_evaluate_worker.py", tmp_path)
   returned = [json.loads((tmp_path / f"process_{index}.json").read_text()) for index in range(2)]
   written = {"evaluate": json.loads((tmp_path / "eval" / "000" / "results.json").read_text()),
-             "evaluate_vqgan": json.loads((tmp_path / "vqgan" / "eval.json").read_text())}
+             "evaluate_vqgan": json.loads((tmp_path / "vqgan" / "eval" / "000" / "eval.json").read_text())}
   # Process 0 alone wrote the reference cache, once.
   assert len(list((tmp_path / "reference_two_processes").iterdir())) == 1
 

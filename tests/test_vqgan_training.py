@@ -123,13 +123,17 @@ def test_training_writes_checkpoints_reconstructions_and_summaries(uninterrupted
 def test_evaluate_vqgan_writes_reconstruction_metrics(uninterrupted_run):
   config, workdir, _ = uninterrupted_run
   results = evaluate_vqgan(config, workdir)
-  written = json.loads((workdir / "vqgan" / "eval.json").read_text())
+  written = json.loads((workdir / "vqgan" / "eval" / "000" / "eval.json").read_text())
   assert written == results
   assert written["step"] == 4 and written["num_clips"] == config.vqgan.eval.num_clips
   for name in ("psnr", "ssim", "lpips", "codebook_usage", "codebook_perplexity"):
     assert np.isfinite(written[name]), name
   assert 0 < written["codebook_usage"] <= 1
-  assert (workdir / "vqgan" / "eval_grid.gif").exists()
+  assert (workdir / "vqgan" / "eval" / "000" / "eval_grid.gif").exists()
+  # A second evaluation writes its own folder and leaves the first as it was.
+  again = evaluate_vqgan(config, workdir)
+  assert json.loads((workdir / "vqgan" / "eval" / "000" / "eval.json").read_text()) == results
+  assert json.loads((workdir / "vqgan" / "eval" / "001" / "eval.json").read_text()) == again
 
 
 def test_evaluate_without_checkpoint_says_how_to_train(tmp_path):

@@ -33,8 +33,9 @@ flags.DEFINE_string("coordinator_address", None,
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 flags.DEFINE_string("output_dir", None,
-                    "sample / evaluate: where to write (default: a new DIR/samples/NNN or "
-                    "DIR/eval/NNN, so that no invocation overwrites another's outputs).")
+                    "sample / evaluate / evaluate_vqgan: where to write (default: a new "
+                    "DIR/samples/NNN, DIR/eval/NNN or DIR/vqgan/eval/NNN, so that no invocation "
+                    "overwrites another's outputs).")
 flags.mark_flags_as_required(["workdir"])
 
 RECORDED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recorded_config.py")
@@ -97,10 +98,10 @@ def run(mode: str, config, workdir: str, output_dir: str | None = None) -> None:
   if mode in ("train", "sample") and samples_dir is None:
     samples_dir = workdir_lib.new_output_dir(workdir_lib.samples_dir(workdir))
   eval_dir = None
-  if mode == "evaluate":
-    eval_dir = output_dir or workdir_lib.new_output_dir(workdir_lib.eval_dir(workdir))
-  for directory in (workdir if mode.startswith("train") else None, samples_dir, eval_dir,
-                    workdir_lib.vqgan_dir(workdir) if mode == "evaluate_vqgan" else None):
+  if mode in ("evaluate", "evaluate_vqgan"):
+    parent = workdir_lib.eval_dir if mode == "evaluate" else workdir_lib.vqgan_eval_dir
+    eval_dir = output_dir or workdir_lib.new_output_dir(parent(workdir))
+  for directory in (workdir if mode.startswith("train") else None, samples_dir, eval_dir):
     if directory is not None:
       workdir_lib.check_writable(directory)
   runtime.configure_jax()
@@ -111,7 +112,7 @@ def run(mode: str, config, workdir: str, output_dir: str | None = None) -> None:
     train_vqgan(config, workdir)
   if mode == "evaluate_vqgan":
     from vqvdm_jax.evaluation.evaluate_vqgan import evaluate_vqgan
-    evaluate_vqgan(config, workdir)
+    evaluate_vqgan(config, workdir, out_dir=eval_dir)
   if mode in ("train", "train_diffusion", "train_prior") and config.stage2 == "diffusion":
     from vqvdm_jax.training.diffusion_trainer import train_diffusion
     logging.info("Stage 2 of 2: latent diffusion with the 3D U-Net.")

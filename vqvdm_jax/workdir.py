@@ -64,6 +64,11 @@ def eval_dir(workdir: fileio.PathLike) -> epath.Path:
   return epath.Path(workdir) / "eval"
 
 
+def vqgan_eval_dir(workdir: fileio.PathLike) -> epath.Path:
+  """``DIR/vqgan/eval``: one numbered folder per ``--mode=evaluate_vqgan`` invocation."""
+  return vqgan_dir(workdir) / "eval"
+
+
 def new_output_dir(parent: fileio.PathLike) -> epath.Path:
   """``parent/NNN``, the next number after every existing one: an invocation's outputs never
   land beside (or over) an earlier invocation's."""

@@ -1,8 +1,10 @@
 """``--mode=evaluate_vqgan``: reconstruction quality of the latest stage-1 checkpoint.
 
-Writes ``DIR/vqgan/eval.json`` (PSNR, SSIM, LPIPS, rFVD, codebook usage and perplexity over the
-held-out clips; on the embedded dataset also the sprite colour check: the mean L∞ error of each
-clip's mean sprite colour and the fraction of clips within 0.1) and ``DIR/vqgan/eval_grid.{gif,mp4}`` (originals above reconstructions).
+Writes ``DIR/vqgan/eval/NNN/eval.json`` (PSNR, SSIM, LPIPS, rFVD, codebook usage and perplexity
+over the held-out clips; on the embedded dataset also the sprite colour check: the mean L∞ error
+of each clip's mean sprite colour and the fraction of clips within 0.1) and
+``eval_grid.{gif,mp4}`` (originals above reconstructions) beside it, one numbered folder per
+invocation.
 rFVD is FVD (the I3D protocol of ``evaluation/i3d.py``) of reconstructions against their
 originals; ``evaluation.reconstruction_fvd=False`` leaves it out.
 
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from vqvdm_jax import fileio, losses, sharding, video_io
 from vqvdm_jax import workdir as workdir_lib
@@ -43,10 +46,11 @@ def codebook_size(config: ml_collections.ConfigDict) -> int:
 
 
 def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
-                   devices: list | None = None) -> dict:
+                   devices: list | None = None, out_dir: fileio.PathLike | None = None) -> dict:
   """Evaluates the latest checkpoint in ``workdir``; fails clearly when there is none.
 
-  ``devices`` (default: all) carry the I3D network of rFVD.
+  ``devices`` (default: all) carry the I3D network of rFVD. Writes ``eval.json`` and the grid
+  into ``out_dir`` (default: a new ``DIR/vqgan/eval/NNN``: no evaluation overwrites another).
   """
   tokenizer = load_tokenizer(workdir, config=config)
   variables, model = tokenizer.variables, tokenizer.model
@@ -115,8 +119,10 @@ def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
         *(np.concatenate(i3d_features[key]) for key in ("original", "reconstruction")))
     results["rfvd_protocol"] = {**i3d.PROTOCOL,
                                 "deviations": i3d.protocol_deviations(config.data.num_frames)}
-  out_dir = workdir_lib.vqgan_dir(workdir)
+  out_dir = epath.Path(out_dir) if out_dir else workdir_lib.new_output_dir(
+      workdir_lib.vqgan_eval_dir(workdir))
   if jax.process_index() == 0:
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     video_io.write_comparison_grid(out_dir / "eval_grid", originals[0], reconstructions[0], fps=8)
   logging.info("Stage-1 evaluation at step %d: %s", results["step"], results)
