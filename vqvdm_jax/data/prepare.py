@@ -48,8 +48,8 @@ class NoVideosKeptError(ValueError):
 
   def __init__(self, source_dir: pathlib.Path, split: str | None,
                skipped: list[tuple[str, str]]):
-    lines = [f"{source_dir}: the {split or ''} split kept none of its videos; nothing was "
-             f"prepared. Skipped {len(skipped)} video(s):"]
+    lines = [(f"{source_dir}: the {split or ''} split kept none of its videos; nothing was "
+              f"prepared. Skipped {len(skipped)} video(s):")]
     lines += [f"  {path}: {reason}" for path, reason in skipped[:self.MAX_LISTED]]
     if len(skipped) > self.MAX_LISTED:
       lines.append(f"  ... and {len(skipped) - self.MAX_LISTED} more")
