@@ -59,10 +59,27 @@ CASES = [  # (name, arguments; {trained}, {new}, {file} are filled in, words the
     ("indivisible batch", ["--config=" + TINY, "--workdir={new}", "--mode=train_vqgan",
                            "--config.vqgan.train.batch_size=3"],
      ["config.vqgan.train.batch_size=3", "multiple of 2"]),
+    ("output folder not writable", ["--workdir={trained}", "--mode=sample",
+                                    "--output_dir={unwritable}"],
+     ["Cannot write to {unwritable}", "--output_dir"]),
     ("dataset not prepared", ["--config=" + str(REPO / "configs" / "ucf101.py"),
                               "--workdir={new}", "--config.data.data_dir={missing}"],
      ["ucf101", "vqvdm_jax.data.prepare"]),
 ]
+
+
+# Read-only even for root, which file permissions are not (the tests may run as root).
+UNWRITABLE = Path("/sys")
+
+
+def _writable(directory: Path) -> bool:
+  probe = directory / "vqvdm_jax_test_probe"
+  try:
+    probe.mkdir()
+  except OSError:
+    return False
+  probe.rmdir()
+  return True
 
 
 @pytest.mark.parametrize("name,arguments,words", CASES, ids=[case[0] for case in CASES])
@@ -73,7 +90,10 @@ def test_user_errors_are_one_clear_message(trained, tmp_path, name, arguments, w
   (stage1 / "config.json").write_text((trained / "config.json").read_text())
   (tmp_path / "afile").write_text("not a directory")
   places = {"trained": trained, "new": tmp_path / "new", "file": tmp_path / "afile",
-            "stage1": stage1, "missing": tmp_path / "no_data"}
+            "stage1": stage1, "missing": tmp_path / "no_data",
+            "unwritable": UNWRITABLE / "vqvdm_jax_test_output"}
+  if "{unwritable}" in " ".join(arguments) and _writable(UNWRITABLE):
+    pytest.skip(f"{UNWRITABLE} is writable here (sysfs is read-only even for root on Linux)")
   before = snapshot(trained)
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2",
          "XLA_FLAGS": "--xla_backend_optimization_level=0"}
@@ -86,6 +106,7 @@ def test_user_errors_are_one_clear_message(trained, tmp_path, name, arguments, w
   message = "\n".join(errors)
   assert message.startswith("Error: ") and len(errors) <= 4, message
   for word in words:
+    word = word.format(**places)
     assert word in message, (word, message)
   assert snapshot(trained) == before
   assert not (tmp_path / "new" / "samples").exists()
