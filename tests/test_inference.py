@@ -161,6 +161,7 @@ def test_sample_mode_with_the_workdir_alone(workdir, tmp_path):
        "--config.diffusion.sample.label=2", "--config.diffusion.sample.num_videos=2"],
       capture_output=True, text=True, cwd=tmp_path, env=subprocess_environment(), timeout=400)
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "Sampling (the first batch includes compiling): 2/2 (" in result.stderr  # progress
   # A second invocation: its own folder; the first one's outputs stay as they were.
   assert snapshot(copy / "samples" / "000") == first
   info = json.loads((copy / "samples" / "001" / "samples.json").read_text())

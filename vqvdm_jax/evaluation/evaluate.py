@@ -39,6 +39,7 @@ from vqvdm_jax import workdir as workdir_lib
 from vqvdm_jax.data import pipeline
 from vqvdm_jax.evaluation import c3d, features, i3d, metrics
 from vqvdm_jax.inference.model import load
+from vqvdm_jax.progress import Progress
 
 KVD_PROTOCOL = {"kernel": "k(x, y) = (x.y / 400 + 1)^3 (KID's)",
                 "estimator": "unbiased MMD^2 on all N x N clips (no subsets)",
@@ -94,7 +95,7 @@ def reference_features(config: ml_collections.ConfigDict, extractor: features.Fe
     return multihost_utils.broadcast_one_to_all(cached), path
   logging.info("Computing I3D features of %d %s clips (once; cached at %s).", num_clips, split,
                path)
-  progress = _Progress(f"reference {split} clips", num_clips)
+  progress = Progress(f"Evaluate, reference {split} clips", num_clips)
   collected = {"features": [], "labels": [], "fps": []}
   for batch in pipeline.ordered_batches(config.data, split, extractor.batch_size, num_clips,
                                         config.seed):
@@ -141,24 +142,6 @@ def conditioning_like(labels: np.ndarray, fps: np.ndarray, num_samples: int,
   return out_labels[order], out_fps[order].astype(np.float32)
 
 
-class _Progress:
-  """Logs done/total, clips/s and the time left, at most every 10 s and at the end."""
-
-  def __init__(self, what: str, total: int):
-    self.what, self.total, self.done = what, total, 0
-    self.start = self.last = time.perf_counter()
-
-  def update(self, count: int) -> None:
-    self.done += count
-    now = time.perf_counter()
-    if now - self.last < 10.0 and self.done < self.total:
-      return
-    self.last = now
-    rate = self.done / max(now - self.start, 1e-9)
-    logging.info("Evaluate, %s: %d/%d (%.2f clips/s, %.0f s left).", self.what, self.done,
-                 self.total, rate, (self.total - self.done) / max(rate, 1e-9))
-
-
 def score_generated(video_batches: Iterator[np.ndarray], total: int,
                     i3d_extractor: features.FeatureExtractor, num_fvd: int,
                     c3d_extractor: features.FeatureExtractor | None, num_is: int
@@ -168,7 +151,7 @@ def score_generated(video_batches: Iterator[np.ndarray], total: int,
   Sampling and feature batches differ in size: clips are buffered so that the networks see full
   batches (only the last one is padded).
   """
-  progress = _Progress("generated clips", total)
+  progress = Progress("Evaluate, generated clips", total)
   fake_features, probabilities, done = [], [], 0
 
   def score(videos: np.ndarray) -> None:

@@ -27,6 +27,7 @@ from vqvdm_jax.diffusion import samplers
 from vqvdm_jax.diffusion.model import apply_unet, null_label
 from vqvdm_jax.diffusion.schedule import DiffusionSchedule
 from vqvdm_jax.models.unet3d import UNet3D
+from vqvdm_jax.progress import Progress
 
 PyTree = Any
 
@@ -153,8 +154,14 @@ def write_samples(model, out_dir: fileio.PathLike,
   logging.info("Sampling %d videos: %s, %d steps, guidance scale %g, seed %d ...",
                sample.num_videos, sample.sampler, sample.num_steps, sample.guidance_scale,
                sample.seed)
-  videos = np.concatenate(list(generate_batches(
-      model, labels, np.full(sample.num_videos, sample.fps, np.float32), sample.seed, config)))
+  progress = Progress("Sampling (the first batch includes compiling)", sample.num_videos,
+                      unit="videos")
+  batches = []
+  for batch in generate_batches(model, labels, np.full(sample.num_videos, sample.fps, np.float32),
+                                sample.seed, config):
+    batches.append(batch)
+    progress.update(len(batch))
+  videos = np.concatenate(batches)
   return write_videos(model, out_dir, videos, labels, config, {
       "guidance_scale": float(sample.guidance_scale), "sampler": sample.sampler,
       "num_steps": int(sample.num_steps), "eta": float(sample.eta),
