@@ -15,6 +15,7 @@ from vqvdm_jax import main as main_lib
 from vqvdm_jax.data import pipeline
 from vqvdm_jax.data import tokens as tokens_lib
 from vqvdm_jax.inference import model as model_lib
+from vqvdm_jax.inference import token_model
 from vqvdm_jax.inference.token_model import TokenModel
 from vqvdm_jax.training import token_trainer, vqgan_trainer
 
@@ -87,6 +88,21 @@ def test_sample_mode_and_load_use_the_prior_the_workdir_holds(trained):
   assert model.step == config.transformer.train.num_steps and model.tokenizer.step == 4
 
 
+@pytest.mark.parametrize("trained", ["masked"], indirect=True)
+def test_continuation_keeps_the_codes_of_the_given_latent_frames(trained):
+  _, config, workdir = trained
+  model = model_lib.load(workdir)
+  cache = tokens_lib.TokenCache(tokens_lib.cache_directory(workdir, 4))
+  prompt = np.stack([cache[i]["codes"] for i in range(4)])  # [4, t, h, w]: encoded clips
+  settings = token_model.token_sampling_config(model.config, prompt_frames=1)
+  codes = next(model.sample_codes(np.arange(4), np.full(4, 8.0, np.float32), 0, settings,
+                                  prompt))
+  np.testing.assert_array_equal(codes[:, 0], prompt[:, 0])  # latent frame 0: given
+  assert codes.shape == prompt.shape and not np.array_equal(codes[:, 1:], prompt[:, 1:])
+  with pytest.raises(ValueError, match="needs prompt codes"):
+    next(model.sample_codes(np.arange(4), np.full(4, 8.0, np.float32), 0, settings))
+
+
 @pytest.mark.parametrize("trained", ["autoregressive"], indirect=True)
 def test_resume_after_a_kill_restores_the_same_state(trained, tmp_path):
   """A kill after step 2's checkpoint, then a restart: step 3 equals the uninterrupted run's.
@@ -133,3 +149,21 @@ def test_unknown_stage2_is_rejected_with_the_choices():
   config = _config("transformer")
   with pytest.raises(config_lib.ConfigError, match=r"config\.stage2.*'autoregressive'"):
     config_lib.validate(config)
+
+
+@pytest.mark.parametrize("stage2", ["autoregressive", "masked"])
+def test_demo_variants_select_the_prior_and_change_no_model_field(stage2):
+  from vqvdm_jax import workdir as workdir_lib
+  base, variant = load_config("demo"), load_config("demo", stage2)
+  config_lib.validate(variant)
+  assert (base.stage2, variant.stage2) == ("diffusion", stage2)
+  assert workdir_lib.model_differences(base, variant) == []  # one workdir holds all three
+
+
+@pytest.mark.parametrize("kind, vocabulary", [("vq", 32), ("ema", 32), ("lfq", 16),
+                                              ("fsq", 8 * 5 * 5 * 5)])
+def test_every_quantizer_gives_the_transformer_a_plain_vocabulary(kind, vocabulary):
+  from vqvdm_jax.priors import model as prior_model
+  config = _config("masked")
+  config.vqgan.quantizer.kind = kind  # tiny: 4 latent channels, 32 codes
+  assert prior_model.vocabulary_size(config) == vocabulary
