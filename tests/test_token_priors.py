@@ -125,6 +125,24 @@ def test_the_same_seed_gives_the_same_codes_and_given_codes_never_change(ar):
   assert not np.array_equal(first[:, fixed:], np.asarray(prompt)[:, fixed:])
 
 
+def test_a_sliding_window_extends_greedy_decoding_past_the_trained_frames(ar):
+  """Five latent frames from a prior trained on two: frame k is the greedy continuation of
+  frame k - 1 in a trained-length window (Taming's sliding window, TATS' extension in time)."""
+  model, params, _, labels, fps = ar
+  greedy = _ar_sampler(top_k=1)
+  continue_greedy = _ar_sampler(top_k=1, num_prompt_codes=6)
+  rng = jax.random.PRNGKey(0)
+  first = greedy(params, labels, fps, rng, None).reshape(2, *GRID)
+  video = np.asarray(jax.jit(lambda first: prior_model.extend_by_sliding_window(
+      lambda window, index: continue_greedy(params, labels, fps, rng, window), first, 5))(first))
+  assert video.shape == (2, 5, 2, 3)
+  np.testing.assert_array_equal(video[:, :2], first)
+  for k in range(2, 5):
+    window = jnp.asarray(video[:, k - 1:k + 1].reshape(2, LENGTH))
+    logits = model.apply({"params": params}, window, labels, fps)
+    np.testing.assert_array_equal(video[:, k].reshape(2, -1), np.argmax(logits[:, 6:], -1))
+
+
 def test_filtering_keeps_the_top_k_and_the_nucleus():
   logits = jnp.log(jnp.array([[0.5, 0.05, 0.3, 0.15]]))
   assert np.isfinite(prior_model.filter_logits(logits, top_k=2)).tolist() == [

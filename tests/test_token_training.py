@@ -94,11 +94,14 @@ def test_continuation_keeps_the_codes_of_the_given_latent_frames(trained):
   model = model_lib.load(workdir)
   cache = tokens_lib.TokenCache(tokens_lib.cache_directory(workdir, 4))
   prompt = np.stack([cache[i]["codes"] for i in range(4)])  # [4, t, h, w]: encoded clips
-  settings = token_model.token_sampling_config(model.config, prompt_frames=1)
+  # Frame 0 given, frame 1 drawn, frame 2 past the trained two by the sliding window.
+  settings = token_model.token_sampling_config(model.config, prompt_frames=1,
+                                               num_latent_frames=3)
   codes = next(model.sample_codes(np.arange(4), np.full(4, 8.0, np.float32), 0, settings,
                                   prompt))
+  assert codes.shape == (4, 3, 4, 4) and codes.dtype == np.int32
   np.testing.assert_array_equal(codes[:, 0], prompt[:, 0])  # latent frame 0: given
-  assert codes.shape == prompt.shape and not np.array_equal(codes[:, 1:], prompt[:, 1:])
+  assert not np.array_equal(codes[:, 1], prompt[:, 1])
   with pytest.raises(ValueError, match="needs prompt codes"):
     next(model.sample_codes(np.arange(4), np.full(4, 8.0, np.float32), 0, settings))
 

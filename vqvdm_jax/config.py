@@ -239,6 +239,9 @@ def base_config() -> ml_collections.ConfigDict:
   tsample.num_steps = 12  # masked: parallel decoding steps N (MAGVIT's 12).
   tsample.choice_temperature = 4.5  # masked: Gumbel noise on confidences, annealed to 0.
   tsample.prompt_frames = 0  # latent frames taken from a given clip (video continuation).
+  # Latent frames to generate (0: the trained clip's); more are drawn by a sliding window over
+  # the last t - 1 frames (Taming, TATS), so videos longer than the training clips.
+  tsample.num_latent_frames = 0
 
   # ---------------------------------------------------------------- run safety
   config.run = run = ml_collections.ConfigDict()
@@ -564,6 +567,11 @@ def _validate_transformer(config: ml_collections.ConfigDict) -> None:
   _require(0 <= sample.prompt_frames < max(latent_frames, 1), "transformer.sample.prompt_frames",
            f"{sample.prompt_frames} latent frames cannot be given: a clip has "
            f"{latent_frames}; use 0 (no prompt) up to {latent_frames - 1}.")
+  _require(sample.num_latent_frames == 0 or (latent_frames >= 2
+                                             and sample.num_latent_frames >= latent_frames),
+           "transformer.sample.num_latent_frames",
+           f"{sample.num_latent_frames}: use 0 (the trained {latent_frames}) or more, and a "
+           f"sliding window needs clips of at least 2 latent frames.")
 
 
 def _validate_evaluation(config: ml_collections.ConfigDict) -> None:

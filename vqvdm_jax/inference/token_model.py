@@ -62,8 +62,9 @@ def token_sampling_config(config: ml_collections.ConfigDict, **overrides
 
 
 def make_sample_fn(config: ml_collections.ConfigDict, num_prompt_codes: int = 0):
-  """``sample_fn(params, labels [B], fps [B], rng, prompt [B, L]) -> codes [B, L]`` with the
-  prior and settings of ``config`` (``transformer.sample``)."""
+  """``sample_fn(params, labels [B], fps [B], rng, prompt [B, L]) -> codes [B, t', h, w]`` with
+  the prior and settings of ``config`` (``transformer.sample``); ``t'`` is
+  ``num_latent_frames`` (0: the trained ``t``), reached by a sliding window beyond ``t``."""
   settings = config.transformer.sample
   common = dict(null=null_label(config), guidance_scale=float(settings.guidance_scale),
                 temperature=float(settings.temperature), num_prompt_codes=num_prompt_codes)
@@ -76,8 +77,22 @@ def make_sample_fn(config: ml_collections.ConfigDict, num_prompt_codes: int = 0)
     draw = functools.partial(masked.sample, model, num_steps=int(settings.num_steps),
                              choice_temperature=float(settings.choice_temperature), **common)
 
+  grid = prior_model.token_grid(config)
+  num_frames = int(settings.num_latent_frames) or grid[0]
+  window_prompt = (grid[0] - 1) * grid[1] * grid[2]
+  if num_frames > grid[0]:  # windows after the first are drawn with their first t - 1 frames given
+    draw_next = functools.partial(draw.func, *draw.args,
+                                  **{**draw.keywords, "num_prompt_codes": window_prompt})
+
   def sample_fn(params, labels, fps, rng, prompt):
-    return draw(params, prior_model.conditioning_labels(config, labels), fps, rng, prompt=prompt)
+    labels = prior_model.conditioning_labels(config, labels)
+    codes = draw(params, labels, fps, rng, prompt=prompt)  # [B, t·h·w]
+    codes = codes.reshape(codes.shape[0], *grid)
+    if num_frames > grid[0]:
+      codes = prior_model.extend_by_sliding_window(
+          lambda window, index: draw_next(params, labels, fps, jax.random.fold_in(rng, index),
+                                          prompt=window), codes, num_frames)
+    return codes  # [B, frames, h, w]
 
   return sample_fn
 
@@ -141,8 +156,7 @@ class TokenModel:
       batch_prompt = sharding.from_replicated_host_data(
           np.resize(prompt[start:start + batch_size], (batch_size, length)), split)
       codes = sample_fn(self.params, batch_labels, batch_fps, rng, batch_prompt)
-      codes = np.asarray(jax.device_get(codes))[:len(labels) - start]
-      yield codes.reshape(len(codes), *self.grid)
+      yield np.asarray(jax.device_get(codes))[:len(labels) - start]
 
   def _sample_fn(self, config: ml_collections.ConfigDict, num_prompt_codes: int):
     """The jitted sampler of these settings, compiled once per model and settings."""

@@ -108,3 +108,26 @@ def sample_codes(rng: jax.Array, logits: jax.Array, temperature: float, top_k: i
   if temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return jax.random.categorical(rng, logits / temperature, axis=-1).astype(jnp.int32)
+
+
+def extend_by_sliding_window(draw_window, codes: jax.Array, num_frames: int) -> jax.Array:
+  """Codes of ``num_frames`` latent frames from a prior trained on ``t`` (Taming's sliding
+  attention window, TATS §3.3's extension in time): each further frame is drawn with the last
+  ``t - 1`` frames as the given codes of a trained-length window.
+
+  ``codes [B, t, h, w]``: the first window; ``draw_window(prompt [B, t·h·w], index)`` returns a
+  window's codes whose first ``(t - 1)·h·w`` are the prompt's. Returns ``[B, num_frames, h, w]``.
+  """
+  batch, frames, height, width = codes.shape
+  if num_frames <= frames:
+    return codes[:, :num_frames]
+  video = jnp.zeros((batch, num_frames, height, width), codes.dtype)
+  video = jax.lax.dynamic_update_slice(video, codes, (0, 0, 0, 0))
+
+  def next_frame(index, video):
+    context = jax.lax.dynamic_slice(video, (0, index - frames + 1, 0, 0),
+                                    (batch, frames, height, width))
+    window = draw_window(context.reshape(batch, -1), index).reshape(context.shape)
+    return jax.lax.dynamic_update_slice(video, window[:, -1:], (0, index, 0, 0))
+
+  return jax.lax.fori_loop(frames, num_frames, next_frame, video)
