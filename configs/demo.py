@@ -35,14 +35,17 @@ def get_config(arg: str | None = None):
   model.channel_multipliers = (1, 2, 2)
   model.num_res_blocks = 1
   model.temporal_downsample = 4
-  model.spatial_downsample = 4  # latent 2 x 8 x 8 x 4
+  model.spatial_downsample = 4  # latent 2 x 8 x 8 x 8
+  # 8 latent channels, FSQ with 5 levels each (5^8 = 390,625 codes): a 256-code VQ of 4-d codes
+  # keeps 8 bits per latent position, too few for a patch's sprite colour, background colour
+  # and edge together, so every sprite came back the same whitish average (benchmarks/RESULTS.md).
+  model.latent_channels = 8
   # 8 channels per GroupNorm group: with 2 (num_groups = 8) the tokenizer could not learn the
   # clips' background colours (config.MIN_CHANNELS_PER_GROUP, benchmarks/RESULTS.md).
   model.num_groups = 2
 
-  config.vqgan.quantizer.codebook_size = 256
-  config.vqgan.quantizer.dead_code_restart = True
-  config.vqgan.quantizer.dead_code_steps = 50
+  config.vqgan.quantizer.kind = "fsq"
+  config.vqgan.quantizer.fsq_levels = (5,) * 8
   config.vqgan.loss.lpips_frames = 1
   # A short run: L2 with a light LPIPS term learns the sprites fastest; LPIPS at weight 1 held
   # the L2 loss above 0.1 for 350 steps. No adversarial phase (it starts after the run ends);
