@@ -20,9 +20,10 @@ LENGTH = math.prod(GRID)
 NULL = CLASSES
 
 
-def _model(causal: bool, decode: bool = False) -> TokenTransformer:
+def _model(causal: bool, decode: bool = False, factors: tuple[int, ...] = ()) -> TokenTransformer:
   return TokenTransformer(vocab_size=VOCAB, num_classes=CLASSES, grid=GRID, width=32, depth=2,
-                          num_heads=2, mlp_ratio=2.0, causal=causal, decode=decode)
+                          num_heads=2, mlp_ratio=2.0, causal=causal, decode=decode,
+                          factors=factors)
 
 
 class Jitted:
@@ -143,6 +144,48 @@ def test_a_sliding_window_extends_greedy_decoding_past_the_trained_frames(ar):
     np.testing.assert_array_equal(video[:, k].reshape(2, -1), np.argmax(logits[:, 6:], -1))
 
 
+def test_factorised_codes_are_the_quantizers_channel_digits():
+  """MAGVIT-v2's token factorisation: digit i of an FSQ / LFQ index is latent channel i's level,
+  so each digit's softmax is a channel's; log p(code) is the sum of the digits'."""
+  from vqvdm_jax.models import quantizers
+  from vqvdm_jax.models.transformer import code_digits, digits_to_codes
+  levels = (8, 5, 5, 3)
+  indices = jnp.arange(math.prod(levels))
+  digits = code_digits(indices, levels)
+  half = jnp.asarray([level // 2 for level in levels])
+  np.testing.assert_array_equal(
+      jnp.round(quantizers.fsq_codes_from_indices(indices, levels) * half + half), digits)
+  np.testing.assert_array_equal(digits_to_codes(digits, levels), indices)
+  bits = code_digits(indices[:16], (2,) * 4)
+  np.testing.assert_array_equal(2 * bits - 1, quantizers.lfq_codes_from_indices(indices[:16], 4))
+  logits = jax.random.normal(jax.random.PRNGKey(0), (3, sum(levels)))
+  codes = jnp.array([0, 17, 599])
+  blocks = prior_model.split_digits(logits, levels)
+  expected = sum(jax.nn.log_softmax(block)[jnp.arange(3), code_digits(codes, levels)[:, i]]
+                 for i, block in enumerate(blocks))
+  np.testing.assert_allclose(prior_model.code_log_probability(logits, codes, levels), expected,
+                             rtol=1e-6)
+  greedy = prior_model.sample_codes(jax.random.PRNGKey(0), logits, 0.0, factors=levels)
+  np.testing.assert_array_equal(
+      code_digits(greedy, levels), jnp.stack([b.argmax(-1) for b in blocks], axis=-1))
+
+
+def test_factorised_transformer_is_causal_and_its_cache_matches(ar):
+  _, _, codes, labels, fps = ar
+  model, decoder = _model(True, factors=(4, 4)), _model(True, decode=True, factors=(4, 4))
+  params = _init(model, 3)
+  forward = jax.jit(lambda codes: model.apply({"params": params}, codes, labels, fps))
+  logits = forward(codes)
+  assert logits.shape == (2, LENGTH, 8)  # two digits of 4
+  changed = forward(codes.at[:, 5].set((codes[:, 5] + 5) % VOCAB))
+  np.testing.assert_array_equal(changed[:, :6], logits[:, :6])
+  assert not np.allclose(changed[:, 6:], logits[:, 6:])
+  prompted, _ = jax.jit(lambda: decoder.apply({"params": params}, labels, fps, codes[:, :5],
+                                              method=TokenTransformer.prefill,
+                                              mutable=["cache"]))()
+  np.testing.assert_allclose(prompted, logits[:, 5], atol=1e-5, rtol=1e-5)
+
+
 def test_filtering_keeps_the_top_k_and_the_nucleus():
   logits = jnp.log(jnp.array([[0.5, 0.05, 0.3, 0.15]]))
   assert np.isfinite(prior_model.filter_logits(logits, top_k=2)).tolist() == [
@@ -219,13 +262,18 @@ def test_training_masks_follow_the_cosine_ratio():
 
 
 @pytest.mark.learning
-@pytest.mark.parametrize("stage2", ["autoregressive", "masked"])
-def test_a_tiny_prior_overfits_a_few_code_sequences(stage2, tmp_path):
+@pytest.mark.parametrize("stage2, quantizer", [("autoregressive", "vq"), ("masked", "vq"),
+                                               ("autoregressive", "fsq")])
+def test_a_tiny_prior_overfits_a_few_code_sequences(stage2, quantizer, tmp_path):
   """The tiny config's own step, on one device (as the sharded-step test compiles it).
   Measured over 120 steps: mean of the last 10 losses ~0.01 (autoregressive), ~0.5 (masked)."""
   config = load_config("tiny")
   config.stage2 = stage2
+  if quantizer == "fsq":  # 1,000 codes as 4 digits (MAGVIT-v2's factorised tokens)
+    config.vqgan.quantizer.kind = "fsq"
+    config.transformer.model.code_factorization = "channels"
   trainer = token_trainer.TokenTrainer(config, tmp_path, devices=jax.devices()[:1])
+  assert len(trainer.model.code_factors) == (4 if quantizer == "fsq" else 1)
   vocab = trainer.model.vocab_size
   sequences = np.random.default_rng(0).integers(0, vocab, (4, 2, 4, 4)).astype(np.int32)
   batch = {"codes": sequences[np.arange(8) % 4], "label": np.arange(8, dtype=np.int32) % 4,

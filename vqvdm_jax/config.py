@@ -211,6 +211,10 @@ def base_config() -> ml_collections.ConfigDict:
   tmodel.dtype = "float32"  # compute dtype; parameters stay float32.
   tmodel.attention_impl = "xla"  # as vqgan.model.attention_impl
   tmodel.remat = False  # rematerialise blocks: less activation memory, ~1/3 more compute.
+  # 'plain': one softmax over every code; 'channels': LFQ / FSQ codes as one digit per latent
+  # channel, each with its own softmax (MAGVIT-v2's token factorisation); 'auto': channels when
+  # LFQ / FSQ have more than 2^16 codes, else plain.
+  tmodel.code_factorization = "auto"
   transformer.class_drop_rate = 0.1  # rho: probability of the null class (guidance on logits).
 
   transformer.optim = toptim = ml_collections.ConfigDict()
@@ -543,6 +547,14 @@ def _validate_transformer(config: ml_collections.ConfigDict) -> None:
     _require(model[field] >= 1, f"transformer.model.{field}", f"must be >= 1, got {model[field]}.")
   _require(model.width % model.num_heads == 0, "transformer.model.num_heads",
            f"{model.num_heads} heads do not divide transformer.model.width={model.width}.")
+  _require(model.code_factorization in ("auto", "plain", "channels"),
+           "transformer.model.code_factorization",
+           f"got {model.code_factorization!r}; choose one of ('auto', 'plain', 'channels').")
+  _require(model.code_factorization != "channels"
+           or config.vqgan.quantizer.kind in ("lfq", "fsq"),
+           "transformer.model.code_factorization",
+           f"'channels' splits LFQ or FSQ codes by latent channel; vqgan.quantizer.kind="
+           f"{config.vqgan.quantizer.kind!r} has a codebook: use 'plain' or 'auto'.")
   _require(0.0 <= model.dropout < 1.0, "transformer.model.dropout",
            f"must be in [0, 1), got {model.dropout}.")
   _require(0.0 <= transformer.class_drop_rate <= 1.0, "transformer.class_drop_rate",

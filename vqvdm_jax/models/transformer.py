@@ -34,6 +34,18 @@ PREFIX_LENGTH = 2  # the class token and the FPS token
 EMBEDDING_INIT = nn.initializers.normal(stddev=0.02)  # GPT-2's, as minGPT / Taming use
 
 
+def code_digits(codes: jax.Array, factors: tuple[int, ...]) -> jax.Array:
+  """Indices ``[...]`` -> digits ``[..., len(factors)]``: index = Σ_i d_i Π_{j<i} factors_j."""
+  basis = jnp.asarray([math.prod(factors[:i]) for i in range(len(factors))], jnp.int32)
+  return (codes[..., None].astype(jnp.int32) // basis) % jnp.asarray(factors, jnp.int32)
+
+
+def digits_to_codes(digits: jax.Array, factors: tuple[int, ...]) -> jax.Array:
+  """The inverse of :func:`code_digits`."""
+  basis = jnp.asarray([math.prod(factors[:i]) for i in range(len(factors))], jnp.int32)
+  return jnp.sum(digits.astype(jnp.int32) * basis, axis=-1)
+
+
 class CachedSelfAttention(nn.Module):
   """Multi-head self-attention through ``jax.nn.dot_product_attention``; causal or not.
 
@@ -104,9 +116,10 @@ class TransformerBlock(nn.Module):
 
 
 class TokenTransformer(nn.Module):
-  """Logits ``[B, L, vocab_size]`` over the ``L = t·h·w`` codes of a grid, given class and FPS."""
+  """Logits ``[B, L, Σ factors]`` (``[B, L, vocab_size]`` for a plain vocabulary) over the
+  ``L = t·h·w`` codes of a grid, given class and FPS."""
 
-  vocab_size: int
+  vocab_size: int  # codes; with `factors`, their product
   num_classes: int  # the class table has num_classes + 1 rows: the last is the null class
   grid: tuple[int, int, int]  # (t, h, w) of the code grid
   width: int
@@ -120,6 +133,14 @@ class TokenTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: str = "xla"
   remat: bool = False
+  # MAGVIT-v2's token factorisation: a code is the digits (d_0, d_1, ...) of its index in these
+  # radices (least significant first: LFQ bits, FSQ channel levels); each digit has its own input
+  # embedding (summed) and its own softmax. () or one factor: a plain vocabulary.
+  factors: tuple[int, ...] = ()
+
+  @property
+  def code_factors(self) -> tuple[int, ...]:
+    return tuple(self.factors) or (self.vocab_size,)
 
   @property
   def num_codes(self) -> int:
@@ -133,8 +154,15 @@ class TokenTransformer(nn.Module):
   def setup(self):
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} does not split into {self.num_heads} heads.")
-    num_inputs = self.vocab_size + (0 if self.causal else 1)
-    self.code_embedding = nn.Embed(num_inputs, self.width, embedding_init=EMBEDDING_INIT)
+    if len(self.code_factors) == 1:
+      num_inputs = self.vocab_size + (0 if self.causal else 1)
+      self.code_embedding = nn.Embed(num_inputs, self.width, embedding_init=EMBEDDING_INIT)
+    else:
+      self.digit_embeddings = [nn.Embed(factor, self.width, embedding_init=EMBEDDING_INIT,
+                                        name=f"digit_embedding_{i}")
+                               for i, factor in enumerate(self.code_factors)]
+      if not self.causal:
+        self.mask_embedding = self.param("mask_embedding", EMBEDDING_INIT, (self.width,))
     self.class_embedding = nn.Embed(self.num_classes + 1, self.width,
                                     embedding_init=EMBEDDING_INIT)
     if self.use_fps:
@@ -153,7 +181,17 @@ class TokenTransformer(nn.Module):
                          self.attention_impl, name=f"block_{i}") for i in range(self.depth)]
     self.embedding_dropout = nn.Dropout(self.dropout)
     self.norm = nn.LayerNorm(dtype=self.dtype)
-    self.head = nn.Dense(self.vocab_size, dtype=self.dtype)
+    self.head = nn.Dense(sum(self.code_factors), dtype=self.dtype)  # one softmax per digit
+
+  def embed_codes(self, codes: jax.Array) -> jax.Array:
+    """codes ``[B, n]`` (indices, or the mask token) -> ``[B, n, D]``."""
+    if len(self.code_factors) == 1:
+      return self.code_embedding(codes)
+    digits = code_digits(codes, self.code_factors)
+    embedded = sum(embed(digits[..., i]) for i, embed in enumerate(self.digit_embeddings))
+    if not self.causal:
+      embedded = jnp.where((codes == self.mask_token)[..., None], self.mask_embedding, embedded)
+    return embedded
 
   def code_positions(self) -> jax.Array:
     """``[L, D]``: position_t[i] + position_h[j] + position_w[k] in raster (t, h, w) order."""
@@ -185,7 +223,7 @@ class TokenTransformer(nn.Module):
     """
     positions = self.code_positions()
     inputs = codes[:, :-1] if self.causal else codes
-    h = self.code_embedding(inputs) + positions[:inputs.shape[1]]
+    h = self.embed_codes(inputs) + positions[:inputs.shape[1]]
     h = jnp.concatenate([self.prefix(labels, fps), h], axis=1)
     logits = self._transform(h, 0, train)
     return logits[:, PREFIX_LENGTH - 1:] if self.causal else logits[:, PREFIX_LENGTH:]
@@ -195,12 +233,12 @@ class TokenTransformer(nn.Module):
     the logits ``[B, V]`` of ``x_k``."""
     h = self.prefix(labels, fps)
     if prompt.shape[1]:
-      embedded = self.code_embedding(prompt) + self.code_positions()[:prompt.shape[1]]
+      embedded = self.embed_codes(prompt) + self.code_positions()[:prompt.shape[1]]
       h = jnp.concatenate([h, embedded], axis=1)
     return self._transform(h, 0, False)[:, -1]
 
   def step(self, code: jax.Array, index: jax.Array) -> jax.Array:
     """Decoding: caches code ``x_index`` ([B]) and returns the logits ``[B, V]`` of the next."""
     position = jax.lax.dynamic_index_in_dim(self.code_positions(), index, keepdims=False)
-    h = (self.code_embedding(code) + position)[:, None]
+    h = (self.embed_codes(code) + position)[:, None]
     return self._transform(h, PREFIX_LENGTH + index, False)[:, 0]

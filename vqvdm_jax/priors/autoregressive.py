@@ -13,7 +13,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from vqvdm_jax.models.transformer import TokenTransformer
 from vqvdm_jax.priors import model as prior_model
@@ -21,12 +20,14 @@ from vqvdm_jax.priors import model as prior_model
 PyTree = Any
 
 
-def next_token_loss(logits: jax.Array, codes: jax.Array) -> jax.Array:
+def next_token_loss(logits: jax.Array, codes: jax.Array,
+                    factors: tuple[int, ...] | None = None) -> jax.Array:
   """Taming eq. (8): mean negative log-likelihood of each code given the previous ones.
 
-  ``logits [B, L, V]`` from the teacher-forced forward pass, ``codes [B, L]``.
+  ``logits [B, L, V]`` from the teacher-forced forward pass (``[B, L, Σ factors]`` for
+  factorised codes), ``codes [B, L]``.
   """
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, codes))
+  return -jnp.mean(prior_model.code_log_probability(logits, codes, factors))
 
 
 def sample(model: TokenTransformer, params: PyTree, labels: jax.Array, fps: jax.Array,
@@ -57,7 +58,7 @@ def sample(model: TokenTransformer, params: PyTree, labels: jax.Array, fps: jax.
   def draw(index, carry):
     codes, cache, logits = carry
     code = prior_model.sample_codes(jax.random.fold_in(rng, index), logits, temperature, top_k,
-                                    top_p)
+                                    top_p, model.code_factors)
     codes = jax.lax.dynamic_update_slice(codes, code[:, None], (0, index))
     logits, variables = model.apply({"params": params, "cache": cache},
                                     jnp.tile(code, repeats), index,

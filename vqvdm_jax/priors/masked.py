@@ -18,7 +18,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from vqvdm_jax.models.transformer import TokenTransformer
 from vqvdm_jax.priors import model as prior_model
@@ -41,9 +40,11 @@ def random_token_mask(rng: jax.Array, batch: int, length: int) -> jax.Array:
   return ranks < count
 
 
-def masked_token_loss(logits: jax.Array, codes: jax.Array, mask: jax.Array) -> jax.Array:
-  """MaskGIT eq. (2): the negative log-likelihood of the masked codes, averaged over them."""
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, codes)
+def masked_token_loss(logits: jax.Array, codes: jax.Array, mask: jax.Array,
+                      factors: tuple[int, ...] | None = None) -> jax.Array:
+  """MaskGIT eq. (2): the negative log-likelihood of the masked codes, averaged over them
+  (``factors``: MAGVIT-v2's factorised codes, the sum over their digits)."""
+  nll = -prior_model.code_log_probability(logits, codes, factors)
   return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
@@ -84,10 +85,10 @@ def sample(model: TokenTransformer, params: PyTree, labels: jax.Array, fps: jax.
     logits = model.apply({"params": params}, jnp.tile(codes, (repeats, 1)), labels_in, fps_in)
     logits = prior_model.combine_guided(logits, guidance_scale)
     sample_rng, choice_rng = jax.random.split(jax.random.fold_in(rng, step))
-    sampled = prior_model.sample_codes(sample_rng, logits, temperature)
+    sampled = prior_model.sample_codes(sample_rng, logits, temperature,
+                                       factors=model.code_factors)
     scaled = logits / temperature if temperature > 0 else logits
-    log_probability = jnp.take_along_axis(jax.nn.log_softmax(scaled), sampled[..., None],
-                                          axis=-1)[..., 0]
+    log_probability = prior_model.code_log_probability(scaled, sampled, model.code_factors)
     annealed = choice_temperature * (1.0 - (step + 1) / num_steps)
     confidence = log_probability + annealed * jax.random.gumbel(choice_rng, (batch, length))
     confidence = jnp.where(masked, confidence, jnp.inf)  # known codes are never masked again

@@ -9,9 +9,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 
 from vqvdm_jax.diffusion.model import null_label
-from vqvdm_jax.models.transformer import TokenTransformer
+from vqvdm_jax.models.transformer import TokenTransformer, code_digits, digits_to_codes
 from vqvdm_jax.models.vqgan import latent_shape
 
 PyTree = Any
@@ -27,6 +28,30 @@ def vocabulary_size(config: ml_collections.ConfigDict) -> int:
   if quantizer.kind == "fsq":
     return math.prod(int(level) for level in quantizer.fsq_levels)
   return int(quantizer.codebook_size)
+
+
+FACTORIZATIONS = ("auto", "plain", "channels")
+MAX_PLAIN_VOCABULARY = 2 ** 16  # 'auto' factorises LFQ / FSQ codes beyond this many
+
+
+def code_factors(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The radices of a code's digits (``transformer.model.code_factorization``): one factor, the
+  whole vocabulary ('plain'), or one per latent channel for LFQ (2 each) and FSQ (its levels;
+  MAGVIT-v2's token factorisation, 'channels'). 'auto': per channel when LFQ / FSQ have more
+  than 2^16 codes, else plain."""
+  quantizer = config.vqgan.quantizer
+  choice = config.transformer.model.code_factorization
+  if choice not in FACTORIZATIONS:
+    raise ValueError(f"transformer.model.code_factorization={choice!r}: one of {FACTORIZATIONS}.")
+  per_channel = {"lfq": (2,) * config.vqgan.model.latent_channels,
+                 "fsq": tuple(int(level) for level in quantizer.get("fsq_levels", ()))}
+  if choice == "channels" and quantizer.kind not in per_channel:
+    raise ValueError(f"transformer.model.code_factorization='channels' needs LFQ or FSQ codes, "
+                     f"not vqgan.quantizer.kind={quantizer.kind!r}.")
+  if choice == "channels" or (choice == "auto" and quantizer.kind in per_channel
+                              and vocabulary_size(config) > MAX_PLAIN_VOCABULARY):
+    return per_channel[quantizer.kind]
+  return (vocabulary_size(config),)
 
 
 def token_grid(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
@@ -46,7 +71,8 @@ def make_transformer(config: ml_collections.ConfigDict, decode: bool = False
       grid=token_grid(config), width=model.width, depth=model.depth, num_heads=model.num_heads,
       mlp_ratio=model.mlp_ratio, dropout=model.dropout,
       causal=config.stage2 == "autoregressive", use_fps=config.diffusion.use_fps, decode=decode,
-      dtype=jnp.dtype(model.dtype), attention_impl=model.attention_impl, remat=model.remat)
+      dtype=jnp.dtype(model.dtype), attention_impl=model.attention_impl, remat=model.remat,
+      factors=code_factors(config))
 
 
 def init_transformer_params(model: TokenTransformer, rng: jax.Array) -> PyTree:
@@ -100,14 +126,38 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
   return logits
 
 
+def split_digits(logits: jax.Array, factors: tuple[int, ...]) -> list[jax.Array]:
+  """``[..., Σ factors]`` logits -> one ``[..., factor]`` block per digit."""
+  bounds = [sum(factors[:i]) for i in range(1, len(factors))]
+  return jnp.split(logits, bounds, axis=-1)
+
+
+def code_log_probability(logits: jax.Array, codes: jax.Array,
+                         factors: tuple[int, ...] | None = None) -> jax.Array:
+  """log p(code) ``[...]`` under ``[..., Σ factors]`` logits: the sum of its digits' log-softmax
+  (MAGVIT-v2's factorised tokens are conditionally independent given the context)."""
+  factors = factors or (logits.shape[-1],)
+  digits = code_digits(codes, factors) if len(factors) > 1 else codes[..., None]
+  return -sum(optax.softmax_cross_entropy_with_integer_labels(block, digits[..., i])
+              for i, block in enumerate(split_digits(logits, factors)))
+
+
 def sample_codes(rng: jax.Array, logits: jax.Array, temperature: float, top_k: int = 0,
-                 top_p: float = 1.0) -> jax.Array:
-  """One code per row of ``[..., V]`` logits: softmax(logits / temperature) after filtering;
-  temperature 0 takes the most likely code."""
-  logits = filter_logits(logits, top_k, top_p)
-  if temperature == 0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(rng, logits / temperature, axis=-1).astype(jnp.int32)
+                 top_p: float = 1.0, factors: tuple[int, ...] | None = None) -> jax.Array:
+  """One code per row of ``[..., Σ factors]`` logits: each digit from softmax(logits /
+  temperature) after filtering; temperature 0 takes the most likely one."""
+  factors = factors or (logits.shape[-1],)
+  digits = []
+  for i, block in enumerate(split_digits(logits, factors)):
+    block = filter_logits(block, top_k, top_p)
+    if temperature == 0:
+      digits.append(jnp.argmax(block, axis=-1))
+    else:
+      digits.append(jax.random.categorical(jax.random.fold_in(rng, i), block / temperature,
+                                           axis=-1))
+  if len(factors) == 1:
+    return digits[0].astype(jnp.int32)
+  return digits_to_codes(jnp.stack(digits, axis=-1), factors)
 
 
 def extend_by_sliding_window(draw_window, codes: jax.Array, num_frames: int) -> jax.Array:

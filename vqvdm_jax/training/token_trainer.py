@@ -72,8 +72,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: TokenTransformer,
       logits = model.apply({"params": params}, inputs, labels, batch["fps"], train=True,
                            rngs={"dropout": dropout_rng})
       if is_masked:
-        return masked.masked_token_loss(logits, codes, mask)
-      return autoregressive.next_token_loss(logits, codes)
+        return masked.masked_token_loss(logits, codes, mask, model.code_factors)
+      return autoregressive.next_token_loss(logits, codes, model.code_factors)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     metrics = {"loss/tokens": loss, "grad_norm/transformer": optax.tree.norm(grads),
