@@ -2,6 +2,7 @@
 behaviour of its sampler, MaskGIT's schedule and fixed tokens, guidance on logits, learning."""
 
 import functools
+import itertools
 import math
 
 import jax
@@ -237,7 +238,7 @@ def test_masked_decoding_follows_the_schedule_and_never_changes_given_codes(mlm)
   assert (history == model.mask_token).sum(-1).tolist() == [[c, c] for c in counts]
   for step in history:
     np.testing.assert_array_equal(step[:, :fixed], prompt[:, :fixed])
-  for before, after in zip(history[:-1], history[1:]):  # a chosen code stays chosen
+  for before, after in itertools.pairwise(history):  # a chosen code stays chosen
     chosen = before != model.mask_token
     np.testing.assert_array_equal(after[chosen], before[chosen])
   assert (history[-1] < VOCAB).all()

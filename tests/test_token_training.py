@@ -90,7 +90,7 @@ def test_sample_mode_and_load_use_the_prior_the_workdir_holds(trained):
 
 @pytest.mark.parametrize("trained", ["masked"], indirect=True)
 def test_continuation_keeps_the_codes_of_the_given_latent_frames(trained):
-  _, config, workdir = trained
+  _, _, workdir = trained
   model = model_lib.load(workdir)
   cache = tokens_lib.TokenCache(tokens_lib.cache_directory(workdir, 4))
   prompt = np.stack([cache[i]["codes"] for i in range(4)])  # [4, t, h, w]: encoded clips

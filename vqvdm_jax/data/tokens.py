@@ -8,7 +8,8 @@ under a temporary name and renamed when complete. Both token priors read the sam
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 import numpy as np

@@ -66,8 +66,8 @@ def make_sample_fn(config: ml_collections.ConfigDict, num_prompt_codes: int = 0)
   the prior and settings of ``config`` (``transformer.sample``); ``t'`` is
   ``num_latent_frames`` (0: the trained ``t``), reached by a sliding window beyond ``t``."""
   settings = config.transformer.sample
-  common = dict(null=null_label(config), guidance_scale=float(settings.guidance_scale),
-                temperature=float(settings.temperature), num_prompt_codes=num_prompt_codes)
+  common = {"null": null_label(config), "guidance_scale": float(settings.guidance_scale),
+            "temperature": float(settings.temperature), "num_prompt_codes": num_prompt_codes}
   if config.stage2 == "autoregressive":
     model = prior_model.make_transformer(config, decode=True)
     draw = functools.partial(autoregressive.sample, model, top_k=int(settings.top_k),
