@@ -1,0 +1,354 @@
+r"""Our tokenizer and U-Net against the same models written plainly in PyTorch, same cores, one run.
+
+Passes: tokenizer encode, decode, forward+backward (reconstruction + quantizer loss), U-Net
+forward and train step (MSE + Adam). Shapes: ``demo`` (configs/demo.py's models, 8x32x32 clips,
+batch 4; its U-Net at the demo's own train batch of 16 latents) and ``paper`` (16x64x64, batch 1,
+a tokenizer of channels 64, multipliers (1, 2, 4, 4), one residual block a level, no attention;
+configs/ucf101.py's U-Net on the 4x8x8x4 latent). Each pass's FLOPs are XLA's count for our
+program (``cost_analysis``), used for both frameworks. Our conv forms and PyTorch's repetitions
+are interleaved (the machine's speed drifts) and the medians reported, beside this run's float32
+2048² matmul rate. PyTorch is the ``bench`` extra: ``pip install -e '.[bench]'``.
+
+  python benchmarks/vs_pytorch.py                               # both shapes, ~4 min on 2 cores
+  python benchmarks/vs_pytorch.py --shapes=paper --models=tokenizer --sweep   # XLA:CPU options
+
+``--sweep`` times only our tokenizer at the paper shape, once per XLA:CPU option / conv form,
+each in a fresh subprocess (XLA_FLAGS is read at start-up), and checks the outputs agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import common
+
+from vqvdm_jax import runtime
+from vqvdm_jax.diffusion import model as diffusion_model
+from vqvdm_jax.models.vqgan import VQGAN3D, latent_shape, make_vqgan
+
+flags.DEFINE_list("shapes", ["demo", "paper"], "Shapes to measure: demo, paper.")
+flags.DEFINE_list("models", ["tokenizer", "unet"], "Models to measure.")
+flags.DEFINE_list("conv_impls", ["native", "taps"], "Our 3D conv forms to time.")
+flags.DEFINE_integer("repeats", 5, "Interleaved timed calls per pass (median reported).")
+flags.DEFINE_bool("torch", True, "Time the PyTorch peer (needs the bench extra).")
+flags.DEFINE_bool("sweep", False, "Time XLA:CPU options on our tokenizer, one subprocess each.")
+flags.DEFINE_list("variants", [], "Sweep variants to run (default: all of SWEEP).")
+flags.DEFINE_string("json", "", "Write rows (and encode output) here: the sweep's child mode.")
+FLAGS = flags.FLAGS
+
+XNN_MODE = "--xla_cpu_experimental_xnn_graph_fusion_mode="
+# name -> (XLA_FLAGS, conv_impl). Baselines first; every other row is compared with its form's.
+SWEEP = {
+    "native": ("", "native"),
+    "taps": ("", "taps"),
+    "native onednn": ("--xla_cpu_use_onednn=true", "native"),
+    "taps onednn": ("--xla_cpu_use_onednn=true", "taps"),
+    "native xnn GREEDY": (XNN_MODE + "XNN_GRAPH_FUSION_MODE_GREEDY", "native"),
+    "native xnn GREEDY_SLINKY": (XNN_MODE + "XNN_GRAPH_FUSION_MODE_GREEDY_SLINKY", "native"),
+    "native xnn BYPASS_COST_MODEL": (XNN_MODE + "XNN_GRAPH_FUSION_MODE_BYPASS_COST_MODEL",
+                                     "native"),
+    "taps xnn GREEDY": (XNN_MODE + "XNN_GRAPH_FUSION_MODE_GREEDY", "taps"),
+    "native no xnnpack": ("--xla_cpu_use_xnnpack=false", "native"),
+}
+
+
+def shape_config(shape: str):
+  """(config, tokenizer batch, U-Net batch) of a named shape."""
+  root = Path(__file__).resolve().parents[1]
+  if shape == "demo":
+    config = common.load_config(str(root / "configs/demo.py"))
+    return config, 4, config.diffusion.train.batch_size
+  config = common.load_config(str(root / "configs/ucf101.py"))
+  config.data.num_frames, config.data.resolution = 16, 64
+  model = config.vqgan.model
+  model.channels, model.channel_multipliers, model.num_res_blocks = 64, (1, 2, 4, 4), 1
+  model.attention_at_lowest = False
+  return config, 1, 1
+
+
+def count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+# ---------------------------------------------------------------- our passes
+
+
+def our_tokenizer(config, batch: int, conv_impls: list[str]):
+  """{pass: (flops, {impl: (fn, args)})}, the parameter count and the encode output."""
+  data = config.data
+  video = jax.random.uniform(jax.random.PRNGKey(1),
+                             (batch, data.num_frames, data.resolution, data.resolution, 3),
+                             jnp.float32, -1.0, 1.0)
+  passes: dict = {"encode": [None, {}], "decode": [None, {}], "forward+backward": [None, {}]}
+  variables, params_count, encoded = None, 0, None
+  for impl in conv_impls:
+    config.vqgan.model.conv_impl = impl
+    model = make_vqgan(config)
+    if variables is None:  # one parameter tree serves every conv form
+      variables = jax.jit(model.init)(jax.random.PRNGKey(0), video)
+      params_count = count(variables["params"])
+    encode = jax.jit(lambda v, x, m=model: m.apply(v, x, method=VQGAN3D.encode))
+    latent = encode(variables, video)
+    if encoded is None:
+      encoded = np.asarray(latent)
+    decode = jax.jit(lambda v, z, m=model: m.apply(v, z, method=VQGAN3D.decode))
+
+    def loss(params, rest, x, m=model):
+      x_hat, quantized = m.apply({"params": params, **rest}, x)
+      return jnp.mean((x_hat - x) ** 2) + quantized.loss
+
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    fwd_bwd = jax.jit(jax.value_and_grad(loss))
+    for name, fn, args in (("encode", encode, (variables, video)),
+                           ("decode", decode, (variables, latent)),
+                           ("forward+backward", fwd_bwd, (variables["params"], rest, video))):
+      if passes[name][0] is None:
+        passes[name][0] = common.compiled_flops(fn, *args)
+      passes[name][1][impl] = (fn, args)
+  return passes, params_count, encoded
+
+
+def our_unet(config, batch: int, conv_impls: list[str]):
+  shape = (batch, *latent_shape(config)[1:])
+  z = jax.random.normal(jax.random.PRNGKey(1), shape)
+  t = jnp.arange(batch, dtype=jnp.int32) * 7 % 1000
+  fps = jnp.full((batch,), 8.0)
+  labels = jnp.zeros((batch,), jnp.int32)
+  passes: dict = {"U-Net forward": [None, {}], "U-Net train step": [None, {}]}
+  params, params_count = None, 0
+  optimizer = optax.adam(1e-4)
+  for impl in conv_impls:
+    config.diffusion.unet.conv_impl = impl
+    unet = diffusion_model.make_unet(config)
+    apply_fn = diffusion_model.apply_unet(unet, config)
+    if params is None:
+      params = jax.jit(unet.init)(jax.random.PRNGKey(0), z, t, fps, labels)["params"]
+      params_count = count(params)
+      opt_state = optimizer.init(params)
+    forward = jax.jit(lambda p, *a, f=apply_fn: f(p, *a))
+
+    def train_step(params, opt_state, z, t, fps, labels, f=apply_fn):
+      loss, grads = jax.value_and_grad(
+          lambda p: jnp.mean((f(p, z, t, fps, labels) - z) ** 2))(params)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    step = jax.jit(train_step)
+    for name, fn, args in (("U-Net forward", forward, (params, z, t, fps, labels)),
+                           ("U-Net train step", step, (params, opt_state, z, t, fps, labels))):
+      if passes[name][0] is None:
+        passes[name][0] = common.compiled_flops(fn, *args)
+      passes[name][1][impl] = (fn, args)
+  return passes, params_count
+
+
+# ---------------------------------------------------------------- the PyTorch peer
+
+
+def torch_tokenizer(config, batch: int):
+  import torch
+  import torch_models
+  data = config.data
+  model = torch_models.VQGAN(config.vqgan.model, config.vqgan.quantizer)
+  video = torch.rand(batch, 3, data.num_frames, data.resolution, data.resolution) * 2 - 1
+  with torch.no_grad():
+    latent = model.encoder(video)
+
+  def encode():
+    with torch.no_grad():
+      return model.encoder(video)
+
+  def decode():
+    with torch.no_grad():
+      return model.decoder(latent)
+
+  def forward_backward():
+    model.zero_grad(set_to_none=True)
+    x_hat, quantizer_loss = model(video)
+    loss = torch.mean((x_hat - video) ** 2) + quantizer_loss
+    loss.backward()
+    return loss
+
+  params = sum(p.numel() for p in model.parameters())
+  return {"encode": encode, "decode": decode, "forward+backward": forward_backward}, params
+
+
+def torch_unet(config, batch: int):
+  import torch
+  import torch_models
+  shape = latent_shape(config)
+  model = torch_models.UNet(config, shape[-1])
+  z = torch.randn(batch, shape[-1], *shape[1:4])
+  t = torch.arange(batch) * 7 % 1000
+  fps = torch.full((batch,), 8.0)
+  labels = torch.zeros(batch, dtype=torch.long)
+  optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+  def forward():
+    with torch.no_grad():
+      return model(z, t, fps, labels)
+
+  def train_step():
+    optimizer.zero_grad(set_to_none=True)
+    loss = torch.mean((model(z, t, fps, labels) - z) ** 2)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+  params = sum(p.numel() for p in model.parameters())
+  return {"U-Net forward": forward, "U-Net train step": train_step}, params
+
+
+# ---------------------------------------------------------------- timing
+
+
+def interleaved(candidates: dict, repeats: int) -> dict:
+  """{name: median seconds}: one warm-up each, then rounds calling every candidate in turn."""
+  for fn in candidates.values():
+    jax.block_until_ready(fn())
+  times = {name: [] for name in candidates}
+  for _ in range(repeats):
+    for name, fn in candidates.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(values) for name, values in times.items()}
+
+
+def measure_shape(shape: str, matmul: float) -> list[dict]:
+  config, tokenizer_batch, unet_batch = shape_config(shape)
+  clip = f"{config.data.num_frames}x{config.data.resolution}x{config.data.resolution}"
+  rows = []
+  for model_name in FLAGS.models:
+    if model_name == "tokenizer":
+      ours, our_params, encoded = our_tokenizer(config, tokenizer_batch, FLAGS.conv_impls)
+      batch, size = tokenizer_batch, clip
+      if FLAGS.json:
+        np.save(FLAGS.json + ".encode.npy", encoded)
+      peer, peer_params = (torch_tokenizer(config, batch) if FLAGS.torch else ({}, None))
+    else:
+      ours, our_params = our_unet(config, unet_batch, FLAGS.conv_impls)
+      batch, size = unet_batch, "x".join(map(str, latent_shape(config)[1:])) + " latent"
+      peer, peer_params = (torch_unet(config, batch) if FLAGS.torch else ({}, None))
+    if peer_params is not None and peer_params != our_params:
+      print(f"WARNING: {model_name} parameters: ours {our_params:,}, PyTorch {peer_params:,}")
+    for pass_name, (flops, impls) in ours.items():
+      candidates = {impl: (lambda fn=fn, args=args: fn(*args)) for impl, (fn, args) in
+                    impls.items()}
+      if pass_name in peer:
+        candidates["pytorch"] = peer[pass_name]
+      seconds = interleaved(candidates, FLAGS.repeats)
+      rows.append({"pass": pass_name, "shape": size, "batch": batch, "gflop": flops / 1e9,
+                   "params": our_params, "peer_params": peer_params, "seconds": seconds,
+                   "matmul": matmul})
+      print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+  impls = FLAGS.conv_impls
+  header = ["pass", "shape", "batch", "GFLOP"]
+  header += [f"ours {impl}: ms (GFLOP/s)" for impl in impls]
+  if FLAGS.torch:
+    header += ["PyTorch: ms (GFLOP/s)"] + [f"ours {impl} / PyTorch" for impl in impls]
+  table = []
+  for row in rows:
+    cells = [row["pass"], row["shape"], str(row["batch"]), f"{row['gflop']:.1f}"]
+    names = impls + (["pytorch"] if FLAGS.torch else [])
+    for name in names:
+      seconds = row["seconds"][name]
+      cells.append(f"{seconds * 1e3:.0f} ({row['gflop'] / seconds:.0f})")
+    if FLAGS.torch:
+      cells += [f"{row['seconds']['pytorch'] / row['seconds'][impl]:.2f}" for impl in impls]
+    table.append(cells)
+  common.print_table("Ours vs PyTorch (ratio = PyTorch time / our time: > 1 means ours is faster)",
+                     header, table)
+
+
+def sweep() -> None:
+  """Each XLA:CPU variant in a fresh process; rows against the same conv form's baseline."""
+  names = FLAGS.variants or list(SWEEP)
+  results = {}
+  with tempfile.TemporaryDirectory() as scratch:
+    for name in names:
+      xla_flags, impl = SWEEP[name]
+      out = os.path.join(scratch, name.replace(" ", "_"))
+      env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + xla_flags))
+      command = [sys.executable, __file__, "--shapes=paper", "--models=tokenizer", "--notorch",
+                 f"--conv_impls={impl}", f"--repeats={FLAGS.repeats}", f"--json={out}"]
+      start = time.perf_counter()
+      done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+      if done.returncode:
+        print(f"{name}: failed\n{done.stderr[-2000:]}", flush=True)
+        continue
+      with open(out) as f:
+        rows = json.load(f)
+      results[name] = (impl, rows, np.load(out + ".encode.npy"))
+      print(f"{name}: {time.perf_counter() - start:.0f} s, " + ", ".join(
+          f"{r['pass']} {r['seconds'][impl] * 1e3:.0f} ms" for r in rows), flush=True)
+  table = []
+  for name, (impl, rows, encoded) in results.items():
+    base = results.get(impl)
+    cells = [name, f"{rows[0]['matmul']:.0f}"]
+    for row, base_row in zip(rows, base[1] if base else [None] * len(rows)):
+      seconds = row["seconds"][impl]
+      speedup = "" if base_row is None else f", x{base_row['seconds'][impl] / seconds:.2f}"
+      cells.append(f"{seconds * 1e3:.0f} ({row['gflop'] / seconds:.0f}{speedup})")
+    reference = results.get("native", results.get(impl))[2]
+    cells.append(f"{float(np.max(np.abs(encoded - reference))):.1e}")
+    table.append(cells)
+  common.print_table(
+      "Our tokenizer at 16x64x64, batch 1, per XLA:CPU option (ms (GFLOP/s, x speed-up over "
+      "the same conv form with default flags)); max |encode - native encode|",
+      ["variant", "matmul GFLOP/s", "encode", "decode", "forward+backward", "max |d encode|"],
+      table)
+
+
+def main(argv):
+  del argv
+  runtime.configure_jax()
+  print(f"uptime: {os.popen('uptime').read().strip()}", flush=True)
+  if FLAGS.sweep:
+    sweep()
+    print(f"uptime: {os.popen('uptime').read().strip()}", flush=True)
+    return
+  cores = len(os.sched_getaffinity(0))
+  if FLAGS.torch:
+    import torch
+    torch.set_num_threads(cores)
+    torch.manual_seed(0)
+  matmul = common.matmul_gflops()
+  rows = []
+  for shape in FLAGS.shapes:
+    rows += measure_shape(shape, matmul)
+  matmul_after = common.matmul_gflops()
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
+      json.dump(rows, f)
+    return
+  torch_version = f", torch {__import__('torch').__version__}" if FLAGS.torch else ""
+  print(f"Device: {common.device_description()}{torch_version}, {cores} threads; float32 2048² "
+        f"matmul {matmul:.0f} GFLOP/s before, {matmul_after:.0f} after; {FLAGS.repeats} "
+        f"interleaved repetitions, medians; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+  print_rows(rows)
+  print(f"uptime: {os.popen('uptime').read().strip()}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
