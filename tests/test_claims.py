@@ -191,3 +191,61 @@ def test_only_process_0_writes_summaries_and_videos(ema_workdir, tmp_path, monke
   monkeypatch.setattr(jax, "process_index", lambda: 1)
   _write_everything(ema_workdir, model, tmp_path / "process_1", monkeypatch)
   assert _files(tmp_path / "process_1") == []
+
+
+def test_stage1_options_through_the_trainer_ema_codebook_hinge_adaptive_weight_lecam(tmp_path):
+  """One compiled step with every optional stage-1 term on: each moves what it should."""
+  config = load_config("tiny")
+  config.vqgan.quantizer.kind = "ema"
+  config.vqgan.loss.gan_loss = "hinge"
+  config.vqgan.loss.adaptive_disc_weight = True
+  config.vqgan.loss.lecam_weight = 0.1
+  config.vqgan.loss.disc_start = 0
+  trainer = vqgan_trainer.VQGANTrainer(config, tmp_path, devices=jax.devices()[:1])
+  trainer.checkpointer.close()
+  state = trainer.initial_state()
+  before = jax.device_get(state)
+  video = np.random.default_rng(0).integers(0, 256, (8, 8, 16, 16, 3), dtype=np.uint8)
+  batch = {"video": video, "label": np.arange(8, dtype=np.int32) % 4,
+           "fps": np.full(8, 8.0, np.float32)}
+  state, metrics = trainer.step(state, batch)
+  metrics = jax.device_get(metrics)
+  assert all(np.isfinite(value) for value in metrics.values()), metrics
+  assert float(metrics["gan/active"]) == 1.0 and float(metrics["nonfinite/skipped"]) == 0.0
+  # Taming's ratio, not the fixed weight 1.
+  assert float(metrics["gan/adaptive_weight"]) != pytest.approx(1.0)
+  # The EMA codebook moves without a gradient: it is quantizer state, not a parameter.
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      _host(state.quantizer_state), _host(before.quantizer_state), strict=True))
+  # The discriminator trained (hinge), and LeCam's EMAs left zero towards the mean logits.
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      _host(state.disc_params), _host(before.disc_params), strict=True))
+  assert float(state.lecam_ema["real"]) == pytest.approx(
+      (1 - config.vqgan.loss.lecam_ema_decay) * float(metrics["gan/logits_real"]), rel=1e-4)
+
+
+def test_the_demos_stage2_path_v_prediction_adagn_ddim_and_guidance_interval(tmp_path):
+  """configs/demo.py's stage-2 choices on the tiny U-Net: a train step, then its sampler; a
+  guidance interval changes the samples (the steps outside it are unguided)."""
+  config = load_config("tiny")
+  demo = load_config("demo")
+  config.diffusion.prediction = demo.diffusion.prediction
+  config.diffusion.unet.scale_shift_norm = demo.diffusion.unet.scale_shift_norm
+  config.diffusion.sample.sampler = demo.diffusion.sample.sampler
+  assert (config.diffusion.prediction, config.diffusion.unet.scale_shift_norm,
+          config.diffusion.sample.sampler) == ("v", True, "ddim")
+  trainer = diffusion_trainer.DiffusionTrainer(config, tmp_path, LATENT_SHAPE,
+                                               devices=jax.devices()[:1])
+  trainer.checkpointer.close()
+  state, metrics = trainer.step(trainer.initial_state(1.0, 0), _batch(0))
+  assert np.isfinite(float(metrics["loss/diffusion"]))
+  labels, fps = jnp.arange(4) % 4, jnp.full((4,), 8.0)
+  samples = {}
+  half = config.diffusion.schedule.num_steps // 2
+  for interval in ((), (0, half)):  # every step; the low-noise half only
+    config.diffusion.sample.guidance_interval = interval
+    sample_fn = jax.jit(sampling.make_sample_fn(config, trainer.unet, trainer.schedule,
+                                                LATENT_SHAPE))
+    samples[interval] = np.asarray(sample_fn(state.params, labels, fps, jax.random.PRNGKey(0)))
+    assert np.all(np.isfinite(samples[interval]))
+  assert not np.allclose(*samples.values())
