@@ -45,6 +45,7 @@ from vqvdm_jax.models.vqgan import VQGAN3D, latent_shape, make_vqgan
 flags.DEFINE_list("shapes", ["demo", "paper"], "Shapes to measure: demo, paper.")
 flags.DEFINE_list("models", ["tokenizer", "unet"], "Models to measure.")
 flags.DEFINE_list("conv_impls", ["native", "taps"], "Our 3D conv forms to time.")
+flags.DEFINE_list("passes", [], "Only these passes (default: all).")
 flags.DEFINE_integer("repeats", 5, "Interleaved timed calls per pass (median reported).")
 flags.DEFINE_bool("torch", True, "Time the PyTorch peer (needs the bench extra).")
 flags.DEFINE_bool("sweep", False, "Time XLA:CPU options on our tokenizer, one subprocess each.")
@@ -65,6 +66,7 @@ SWEEP = {
                                      "native"),
     "taps xnn GREEDY": (XNN_MODE + "XNN_GRAPH_FUSION_MODE_GREEDY", "taps"),
     "native no xnnpack": ("--xla_cpu_use_xnnpack=false", "native"),
+    "native again": ("", "native"),  # last: how far the machine drifted over the sweep
 }
 
 
@@ -118,6 +120,8 @@ def our_tokenizer(config, batch: int, conv_impls: list[str]):
     for name, fn, args in (("encode", encode, (variables, video)),
                            ("decode", decode, (variables, latent)),
                            ("forward+backward", fwd_bwd, (variables["params"], rest, video))):
+      if FLAGS.passes and name not in FLAGS.passes:
+        continue
       if passes[name][0] is None:
         passes[name][0] = common.compiled_flops(fn, *args)
       passes[name][1][impl] = (fn, args)
@@ -249,6 +253,8 @@ def measure_shape(shape: str, matmul: float) -> list[dict]:
     if peer_params is not None and peer_params != our_params:
       print(f"WARNING: {model_name} parameters: ours {our_params:,}, PyTorch {peer_params:,}")
     for pass_name, (flops, impls) in ours.items():
+      if FLAGS.passes and pass_name not in FLAGS.passes:
+        continue
       candidates = {impl: (lambda fn=fn, args=args: fn(*args)) for impl, (fn, args) in
                     impls.items()}
       if pass_name in peer:
@@ -289,9 +295,13 @@ def sweep() -> None:
     for name in names:
       xla_flags, impl = SWEEP[name]
       out = os.path.join(scratch, name.replace(" ", "_"))
-      env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + xla_flags))
+      env = dict(os.environ)
+      env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS", ""), xla_flags]))
+      if not env["XLA_FLAGS"]:
+        del env["XLA_FLAGS"]  # XLA reads an empty or blank value as a file name
       command = [sys.executable, __file__, "--shapes=paper", "--models=tokenizer", "--notorch",
-                 f"--conv_impls={impl}", f"--repeats={FLAGS.repeats}", f"--json={out}"]
+                 f"--conv_impls={impl}", f"--repeats={FLAGS.repeats}", f"--json={out}",
+                 f"--passes={','.join(FLAGS.passes)}"]
       start = time.perf_counter()
       done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
       if done.returncode:
@@ -316,7 +326,8 @@ def sweep() -> None:
   common.print_table(
       "Our tokenizer at 16x64x64, batch 1, per XLA:CPU option (ms (GFLOP/s, x speed-up over "
       "the same conv form with default flags)); max |encode - native encode|",
-      ["variant", "matmul GFLOP/s", "encode", "decode", "forward+backward", "max |d encode|"],
+      ["variant", "matmul GFLOP/s", *(r["pass"] for r in next(iter(results.values()))[1]),
+       "max |d encode|"] if results else [],
       table)
 
 
