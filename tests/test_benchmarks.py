@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_accelerator_script_dry_run_prints_every_row():
   env = dict(os.environ, DRY_RUN="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-  env.pop("XLA_FLAGS", None)  # one CPU device, as the script expects; not the tests' eight
+  # One CPU device, as the script expects (not the tests' eight); compiled fast, as the tests
+  # are (conftest.py): a dry run checks paths, not speed.
+  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
   # The suite's compilation cache (tests/conftest.py): a rerun compiles little.
   env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(tempfile.gettempdir(),
                                                   f"vqvdm_jax_test_cache_{os.getuid()}")
