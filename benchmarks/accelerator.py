@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -38,8 +37,6 @@ import common
 import scaling
 
 from vqvdm_jax import runtime, sharding
-from vqvdm_jax.diffusion import model as diffusion_model
-from vqvdm_jax.diffusion import samplers
 
 flags.DEFINE_bool("dry", False, "Tiny shapes on CPU: checks every path in < 60 s.")
 flags.DEFINE_list("sections", ["table3", "train", "i3d"], "Which parts to run.")
@@ -73,26 +70,6 @@ def shrink_for_dry(config):
   return config
 
 
-def make_sampler(config, shape, steps: int):
-  """jit(params, rng) -> one DDPM sample batch of ``shape``, conditioned as the config says."""
-  unet = diffusion_model.make_unet(config)
-  schedule = diffusion_model.make_schedule(config)
-  apply_fn = diffusion_model.apply_unet(unet, config)
-  batch = shape[0]
-  labels = jnp.zeros((batch,), jnp.int32) if config.diffusion.use_class else None
-  fps = jnp.full((batch,), 25.0) if config.diffusion.use_fps else None
-  params = jax.jit(lambda: unet.init(jax.random.PRNGKey(0), jnp.zeros(shape),
-                                     jnp.zeros((batch,), jnp.int32), fps, labels)["params"])()
-
-  @jax.jit
-  def sample(params, rng):
-    model_fn = samplers.make_guided_model_fn(apply_fn, params, fps, labels,
-                                             diffusion_model.null_label(config), 1.0)
-    return samplers.ddpm_sample(model_fn, schedule, shape, rng, num_steps=steps)
-
-  return sample, params
-
-
 def table3(config, steps: int, batches: tuple[int, int], runs: int) -> list[list[str]]:
   frames, size = config.data.num_frames, config.data.resolution
   model = config.vqgan.model
@@ -103,7 +80,7 @@ def table3(config, steps: int, batches: tuple[int, int], runs: int) -> list[list
   for name, shape in (("latent", latent), ("pixel", pixel)):
     for batch in batches:
       start = time.perf_counter()
-      sample, params = make_sampler(config, (batch, *shape), steps)
+      sample, params = common.make_ddpm_sampler(config, (batch, *shape), steps, 1.0)
       try:
         jax.block_until_ready(sample(params, jax.random.PRNGKey(1)))  # compile + warm-up
         times = []

@@ -72,3 +72,27 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
   print("| " + " | ".join("---" for _ in header) + " |")
   for row in rows:
     print("| " + " | ".join(row) + " |")
+
+
+def make_ddpm_sampler(config, shape: tuple[int, ...], steps: int, guidance_scale: float):
+  """``(jit(params, rng) -> one DDPM sample batch of shape, params)``: the config's U-Net,
+  conditioned as the config says (class 0, 25 fps), ``steps`` strided DDPM steps."""
+  from vqvdm_jax.diffusion import model as diffusion_model
+  from vqvdm_jax.diffusion import samplers
+
+  unet = diffusion_model.make_unet(config)
+  schedule = diffusion_model.make_schedule(config)
+  apply_fn = diffusion_model.apply_unet(unet, config)
+  batch = shape[0]
+  labels = jnp.zeros((batch,), jnp.int32) if config.diffusion.use_class else None
+  fps = jnp.full((batch,), 25.0) if config.diffusion.use_fps else None
+  params = jax.jit(lambda: unet.init(jax.random.PRNGKey(0), jnp.zeros(shape),
+                                     jnp.zeros((batch,), jnp.int32), fps, labels)["params"])()
+
+  @jax.jit
+  def sample(params, rng):
+    model_fn = samplers.make_guided_model_fn(apply_fn, params, fps, labels,
+                                             diffusion_model.null_label(config), guidance_scale)
+    return samplers.ddpm_sample(model_fn, schedule, shape, rng, num_steps=steps)
+
+  return sample, params

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,8 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
 from vqvdm_jax import runtime  # noqa: E402
-from vqvdm_jax.diffusion import samplers  # noqa: E402
-from vqvdm_jax.diffusion import model as diffusion_model  # noqa: E402
 
 flags.DEFINE_string("config", "configs/ucf101.py", "Config whose U-Net is measured.")
 flags.DEFINE_integer("steps", 100, "DDPM steps per sample (the paper: 100).")
@@ -48,27 +45,6 @@ def timed_runs(fn, *args, runs: int) -> tuple[float, float]:
   return statistics.mean(times), (statistics.stdev(times) if runs > 1 else 0.0)
 
 
-def make_sampler(config, shape):
-  """jit(params, rng) -> a DDPM sample of ``shape`` conditioned like the config."""
-  unet = diffusion_model.make_unet(config)
-  schedule = diffusion_model.make_schedule(config)
-  apply_fn = diffusion_model.apply_unet(unet, config)
-  batch = shape[0]
-  labels = jnp.zeros((batch,), jnp.int32) if config.diffusion.use_class else None
-  fps = jnp.full((batch,), 25.0) if config.diffusion.use_fps else None
-  params = jax.jit(lambda: unet.init(jax.random.PRNGKey(0), jnp.zeros(shape), jnp.zeros(
-      (batch,), jnp.int32), fps, labels)["params"])()
-
-  @jax.jit
-  def sample(params, rng):
-    model_fn = samplers.make_guided_model_fn(apply_fn, params, fps, labels,
-                                             diffusion_model.null_label(config),
-                                             config.diffusion.sample.guidance_scale)
-    return samplers.ddpm_sample(model_fn, schedule, shape, rng, num_steps=FLAGS.steps)
-
-  return sample, params
-
-
 def main(argv):
   del argv
   runtime.configure_jax()
@@ -86,11 +62,13 @@ def main(argv):
   if FLAGS.pixel:
     cases.append(("pixel (VDM-style)", f"{frames}x{size // 2}x{size // 2}", pixel))
   for name, label, shape in cases:
-    sample, params = make_sampler(config, (1, *shape))
+    sample, params = common.make_ddpm_sampler(config, (1, *shape), FLAGS.steps,
+                                               config.diffusion.sample.guidance_scale)
     mean, std = timed_runs(sample, params, jax.random.PRNGKey(1), runs=FLAGS.runs)
     means[name] = mean
     try:
-      big, big_params = make_sampler(config, (FLAGS.large_batch, *shape))
+      big, big_params = common.make_ddpm_sampler(
+          config, (FLAGS.large_batch, *shape), FLAGS.steps, config.diffusion.sample.guidance_scale)
       big_mean, _ = timed_runs(big, big_params, jax.random.PRNGKey(1),
                                runs=max(1, FLAGS.runs // 3))
       videos_per_second = f"{FLAGS.large_batch / big_mean:.2f}"
