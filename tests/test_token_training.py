@@ -123,24 +123,58 @@ def test_resume_after_a_kill_restores_the_same_state(trained, tmp_path):
     np.testing.assert_array_equal(got, want)
 
 
-def test_sharded_step_equals_single_device_step(tmp_path):
+TOKEN_BATCH = {"codes": np.random.default_rng(0).integers(0, 32, (8, 2, 4, 4)).astype(np.int32),
+               "label": np.arange(8, dtype=np.int32) % 4, "fps": np.full(8, 8.0, np.float32)}
+
+
+def _one_step(config, workdir, devices, mesh_shape=(-1, 1), param_sharding="replicated"):
+  """One masked-prior step from the initial state on TOKEN_BATCH: (trainer, params, metrics)."""
+  config.mesh.shape, config.mesh.param_sharding = mesh_shape, param_sharding
+  config.mesh.fsdp_min_size = 0  # the tiny model's arrays are all small: split them anyway
+  trainer = token_trainer.TokenTrainer(config, workdir, devices)
+  state, metrics = trainer.step(trainer.initial_state(0), TOKEN_BATCH)
+  trainer.checkpointer.close()
+  return trainer, state.params, jax.device_get(metrics)
+
+
+@pytest.fixture(scope="module")
+def single_device_step(tmp_path_factory):
+  """The masked prior's float32 step on one device, without remat: the reference."""
+  _, params, metrics = _one_step(_config("masked"), tmp_path_factory.mktemp("single"),
+                                 jax.devices()[:1])
+  return jax.device_get(params), metrics
+
+
+def test_fsdp_step_with_remat_equals_single_device_step(single_device_step, tmp_path):
+  """Eight devices, batch over data x fsdp (4 x 2), weights and Adam moments split over fsdp,
+  blocks rematerialised: the same step as one device."""
   config = _config("masked")
-  vocab = 32
-  batch = {"codes": np.random.default_rng(0).integers(0, vocab, (8, 2, 4, 4)).astype(np.int32),
-           "label": np.arange(8, dtype=np.int32) % 4, "fps": np.full(8, 8.0, np.float32)}
-  results = []
-  for devices in (jax.devices()[:1], jax.devices()):
-    trainer = token_trainer.TokenTrainer(config, tmp_path / str(len(devices)), devices)
-    state, metrics = trainer.step(trainer.initial_state(0), batch)
-    trainer.checkpointer.close()
-    results.append(jax.device_get((state.params, metrics)))
-  (single, single_metrics), (sharded, sharded_metrics) = results
+  config.transformer.model.remat = True
+  trainer, params, metrics = _one_step(config, tmp_path, jax.devices(), (4, 2), "fsdp")
+  kernel = trainer.state_sharding.params["block_0"]["mlp_in"]["kernel"]
+  assert "fsdp" in kernel.spec  # parameters really are split...
+  assert params["block_0"]["mlp_in"]["kernel"].sharding.spec == kernel.spec  # ... and stay so
+  single, single_metrics = single_device_step
   for name in ("loss/tokens", "grad_norm/transformer", "mask/ratio"):
-    assert float(sharded_metrics[name]) == pytest.approx(float(single_metrics[name]), rel=1e-5)
+    assert float(metrics[name]) == pytest.approx(float(single_metrics[name]), rel=1e-5)
   # Adam's first update is ~lr * sign(g) (lr = 3e-3): where a gradient is ~0, float noise in it
   # moves the update by a fraction of lr, a wrong or missing gradient by ~lr.
-  for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded), strict=True):
+  for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(jax.device_get(params)), strict=True):
     np.testing.assert_allclose(a, b, rtol=0, atol=3e-4)
+
+
+def test_bfloat16_fsdp_step_computes_in_bfloat16_and_keeps_float32_weights(single_device_step,
+                                                                         tmp_path):
+  config = _config("masked")
+  config.transformer.model.dtype = "bfloat16"
+  _, params, metrics = _one_step(config, tmp_path, jax.devices(), (4, 2), "fsdp")
+  loss, reference = float(metrics["loss/tokens"]), float(single_device_step[1]["loss/tokens"])
+  assert np.isfinite(loss) and float(metrics["nonfinite/skipped"]) == 0.0
+  # bfloat16 keeps 8 bits of mantissa: the loss moves by ~1e-3 relative, not by float32 rounding.
+  assert loss == pytest.approx(reference, rel=2e-2) and abs(loss - reference) > 1e-5 * reference
+  leaves = jax.tree.leaves(jax.device_get(params))
+  assert {leaf.dtype for leaf in leaves} == {np.dtype(np.float32)}
+  assert all(np.all(np.isfinite(leaf)) for leaf in leaves)
 
 
 def test_train_diffusion_mode_with_a_token_prior_says_which_mode_to_use(tmp_path):
