@@ -28,7 +28,6 @@ import common  # noqa: E402
 
 import vqvdm_jax  # noqa: E402
 from vqvdm_jax import runtime  # noqa: E402
-from vqvdm_jax.data import pipeline  # noqa: E402
 from vqvdm_jax.evaluation import probe  # noqa: E402
 
 flags.DEFINE_string("config", None, "A config file; default: the one the workdir recorded.")
@@ -52,27 +51,17 @@ def main(argv):
   num_classes = config.data.num_classes
 
   start = time.perf_counter()
-  clips, labels = [], []
-  for batch in pipeline.ordered_batches(config.data, "train", 64, FLAGS.probe_clips, config.seed):
-    latents = tokenizer.encode_for_diffusion(batch["video"])
-    clips.append(np.asarray(tokenizer.decode_latents(latents)))
-    labels.append(batch["label"])
-  clips, labels = np.concatenate(clips), np.concatenate(labels)
-  held_out = len(clips) // 8
-  params = probe.train_frame_classifier(clips[held_out:], labels[held_out:], num_classes,
-                                        FLAGS.probe_steps, seed=config.seed)
+  params, clips, labels = probe.reconstruction_probe(tokenizer, config, FLAGS.probe_clips,
+                                                     FLAGS.probe_steps)
 
   def row(name: str, videos: np.ndarray, expected: np.ndarray) -> list[str]:
-    predicted = probe.predict_clip_labels(params, videos, num_classes)
-    visible = probe.foreground_visible(videos)
-    per_class_visible = [visible[expected == label].mean() for label in range(num_classes)]
-    return [name, str(len(videos)), f"{(predicted == expected).mean():.3f}",
-            f"{((predicted == expected) & visible).mean():.3f}", f"{visible.mean():.3f}",
-            " ".join(f"{a:.2f}" for a in probe.per_class_accuracy(predicted, expected,
-                                                                   num_classes)),
-            " ".join(f"{v:.2f}" for v in per_class_visible)]
+    scores = probe.class_scores(params, videos, expected, num_classes)
+    return [name, str(len(videos)), f"{scores['accuracy']:.3f}",
+            f"{scores['correct_and_visible']:.3f}", f"{scores['visible']:.3f}",
+            " ".join(f"{a:.2f}" for a in scores["per_class_accuracy"]),
+            " ".join(f"{v:.2f}" for v in scores["per_class_visible"])]
 
-  rows = [row("held-out reconstructions (ceiling)", clips[:held_out], labels[:held_out])]
+  rows = [row("held-out reconstructions (ceiling)", clips, labels)]
   print(" | ".join(rows[-1]), f"({time.perf_counter() - start:.0f} s)", flush=True)
 
   sample = config.diffusion.sample

@@ -56,3 +56,16 @@ def test_foreground_visible_tells_sprites_from_empty_backgrounds():
   assert probe.foreground_visible(mixed).all()
   mixed[:, 0] = backgrounds[:, 0]
   assert not probe.foreground_visible(mixed).any()
+
+
+def test_class_scores_count_correct_and_visible_clips_per_class(monkeypatch):
+  videos, _ = sprite_clips("eval", 4)
+  backgrounds = np.repeat(np.median(videos, axis=(2, 3), keepdims=True), 32, 2).repeat(32, 3)
+  videos[3] = backgrounds[3]  # clip 3 shows no sprite
+  expected = np.array([0, 1, 1, 2])
+  monkeypatch.setattr(probe, "predict_clip_labels", lambda params, clips, n: np.array([0, 1, 0, 2]))
+  scores = probe.class_scores(None, videos.astype(np.uint8), expected, 4)
+  assert scores["accuracy"] == 0.75 and scores["visible"] == 0.75
+  assert scores["correct_and_visible"] == 0.5  # clip 3 is labelled right but empty
+  np.testing.assert_allclose(scores["per_class_accuracy"], [1.0, 0.5, 1.0, np.nan])
+  np.testing.assert_allclose(scores["per_class_visible"], [1.0, 1.0, 0.0, np.nan])

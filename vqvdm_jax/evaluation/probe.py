@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vqvdm_jax.data import pipeline
+
 PyTree = Any
 
 
@@ -114,3 +116,39 @@ def foreground_visible(videos_uint8: np.ndarray, contrast: float = 48.0) -> np.n
   frame_visible = flat.max(axis=-1) - np.median(flat, axis=-1) > contrast
   return frame_visible.mean(axis=1) >= 0.5
 
+
+
+def reconstruction_probe(tokenizer: Any, config: Any, num_clips: int, num_steps: int
+                         ) -> tuple[PyTree, np.ndarray, np.ndarray]:
+  """The probe trained on ``tokenizer``'s reconstructions of the first ``num_clips`` training
+  clips of ``config.data``, an eighth held out: its accuracy on those is the ceiling for anything
+  the tokenizer decodes.
+
+  ``tokenizer``: an :class:`vqvdm_jax.inference.tokenizer.Tokenizer`. Returns (params, held-out
+  reconstructions ``[num_clips // 8, T, H, W, 3]`` uint8, their labels).
+  """
+  clips, labels = [], []
+  for batch in pipeline.ordered_batches(config.data, "train", 64, num_clips, config.seed):
+    latents = tokenizer.encode_for_diffusion(batch["video"])
+    clips.append(np.asarray(tokenizer.decode_latents(latents)))
+    labels.append(np.asarray(batch["label"]))
+  clips, labels = np.concatenate(clips), np.concatenate(labels)
+  held_out = len(clips) // 8
+  params = train_frame_classifier(clips[held_out:], labels[held_out:], config.data.num_classes,
+                                  num_steps, seed=config.seed)
+  return params, clips[:held_out], labels[:held_out]
+
+
+def class_scores(params: PyTree, videos_uint8: np.ndarray, expected: np.ndarray,
+                 num_classes: int) -> dict[str, Any]:
+  """How well clips show their conditioned class: probe accuracy, the share both correctly
+  labelled and with a visible sprite, the share visible, and both per class (``[num_classes]``)."""
+  predicted = predict_clip_labels(params, videos_uint8, num_classes)
+  correct, visible = predicted == expected, foreground_visible(videos_uint8)
+  return {"accuracy": float(correct.mean()),
+          "correct_and_visible": float((correct & visible).mean()),
+          "visible": float(visible.mean()),
+          "per_class_accuracy": per_class_accuracy(predicted, expected, num_classes),
+          "per_class_visible": np.array([visible[expected == label].mean()
+                                         if (expected == label).any() else np.nan
+                                         for label in range(num_classes)])}
