@@ -7,20 +7,25 @@ Run (stage 1, stage 2, then samples in /tmp/demo/samples):
 The variants ``:autoregressive`` and ``:masked`` select the token priors as stage 2 (same model
 fields otherwise, so all three priors can train on one tokenizer in one workdir):
   python -m vqvdm_jax.main --config=configs/demo.py:masked --workdir=/tmp/demo --mode=train_prior
+
+The variant ``:hierarchical`` is VQ-VAE-2's two-level tokenizer (a 1 x 4 x 4 top latent over the
+2 x 8 x 8 bottom, each level with its own 256-code VQ) and the diffusion prior over both levels;
+its model fields differ, so it trains in its own workdir:
+  python -m vqvdm_jax.main --config=configs/demo.py:hierarchical --workdir=/tmp/demo_hierarchical
 """
 
 from vqvdm_jax.config import base_config
 
 
-VARIANTS = ("diffusion", "autoregressive", "masked")
+VARIANTS = ("diffusion", "autoregressive", "masked", "hierarchical")
 
 
 def get_config(arg: str | None = None):
-  stage2 = arg or "diffusion"
-  if stage2 not in VARIANTS:
+  variant = arg or "diffusion"
+  if variant not in VARIANTS:
     raise ValueError(f"configs/demo.py:{arg}: unknown variant; choose one of {VARIANTS}.")
   config = base_config()
-  config.stage2 = stage2
+  config.stage2 = "diffusion" if variant == "hierarchical" else variant
   config.data.name = "synthetic"
   config.data.num_frames = 8
   config.data.resolution = 32
@@ -126,4 +131,14 @@ def get_config(arg: str | None = None):
   ttrain.log_every = 100
   ttrain.checkpoint_every = 1000
   config.transformer.sample.guidance_scale = 3.0
+
+  if variant == "hierarchical":
+    # VQ-VAE-2 (models/hierarchy.py): a top level at half the bottom's frames and side, its
+    # quantizer set like the bottom's. Stage 2's one U-Net then sees 8 packed channels.
+    hierarchy = model.hierarchy
+    hierarchy.levels = 2
+    hierarchy.temporal_downsample = 2
+    hierarchy.spatial_downsample = 2  # top latent 1 x 4 x 4 x 4
+    hierarchy.latent_channels = 4
+    hierarchy.quantizer = config.vqgan.quantizer.copy_and_resolve_references()
   return config

@@ -13,6 +13,30 @@ import warnings
 import ml_collections
 
 
+def quantizer_config() -> ml_collections.ConfigDict:
+  """The quantizer settings: ``vqgan.quantizer`` and, for a two-level tokenizer, the top
+  level's ``vqgan.model.hierarchy.quantizer`` (same fields, same defaults)."""
+  quantizer = ml_collections.ConfigDict()
+  # 'vq' (codebook loss), 'ema' (VQ-VAE-2 EMA codebook), 'lfq' (MAGVIT-v2), 'fsq' (Mentzer et al.).
+  quantizer.kind = "vq"
+  quantizer.codebook_size = 16384  # ignored by 'lfq' (2 ** latent_channels codes).
+  quantizer.codebook_init_stddev = 1.0  # N(0, s) init, on the scale of the encoder output.
+  quantizer.beta = 0.25  # commitment weight (VQ-VDM eq. 2).
+  quantizer.ema_decay = 0.99  # gamma of the VQ-VAE-2 EMA update.
+  quantizer.ema_epsilon = 1e-5  # Laplace smoothing of the EMA cluster sizes.
+  quantizer.dead_code_restart = False  # re-seed codes unused for `dead_code_steps` steps.
+  quantizer.dead_code_steps = 200
+  quantizer.usage_window = 100  # a code counts as used if chosen in the last N steps.
+  quantizer.entropy_weight = 0.1  # lfq: weight of the entropy penalty.
+  quantizer.entropy_weight_final = 0.1  # lfq: weight after annealing (= entropy_weight: none).
+  quantizer.entropy_anneal_steps = 0  # lfq: linear annealing length (0: no annealing).
+  quantizer.entropy_temperature = 0.01  # lfq: temperature of the soft code assignment.
+  # fsq: values per latent channel (one entry per channel; prod = number of codes). (8, 5, 5, 5)
+  # is the FSQ paper's 1,000-code choice for 4 channels.
+  quantizer.fsq_levels = (8, 5, 5, 5)
+  return quantizer
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Defaults: the paper's settings (docs/paper.md) where the paper gives them, ours elsewhere."""
   config = ml_collections.ConfigDict()
@@ -58,24 +82,19 @@ def base_config() -> ml_collections.ConfigDict:
   model.attention_impl = "xla"
   model.remat = False  # rematerialise residual blocks: less activation memory, ~1/3 more compute.
 
-  vqgan.quantizer = quantizer = ml_collections.ConfigDict()
-  # 'vq' (codebook loss), 'ema' (VQ-VAE-2 EMA codebook), 'lfq' (MAGVIT-v2), 'fsq' (Mentzer et al.).
-  quantizer.kind = "vq"
-  quantizer.codebook_size = 16384  # ignored by 'lfq' (2 ** latent_channels codes).
-  quantizer.codebook_init_stddev = 1.0  # N(0, s) init, on the scale of the encoder output.
-  quantizer.beta = 0.25  # commitment weight (VQ-VDM eq. 2).
-  quantizer.ema_decay = 0.99  # gamma of the VQ-VAE-2 EMA update.
-  quantizer.ema_epsilon = 1e-5  # Laplace smoothing of the EMA cluster sizes.
-  quantizer.dead_code_restart = False  # re-seed codes unused for `dead_code_steps` steps.
-  quantizer.dead_code_steps = 200
-  quantizer.usage_window = 100  # a code counts as used if chosen in the last N steps.
-  quantizer.entropy_weight = 0.1  # lfq: weight of the entropy penalty.
-  quantizer.entropy_weight_final = 0.1  # lfq: weight after annealing (= entropy_weight: none).
-  quantizer.entropy_anneal_steps = 0  # lfq: linear annealing length (0: no annealing).
-  quantizer.entropy_temperature = 0.01  # lfq: temperature of the soft code assignment.
-  # fsq: values per latent channel (one entry per channel; prod = number of codes). (8, 5, 5, 5)
-  # is the FSQ paper's 1,000-code choice for 4 channels.
-  quantizer.fsq_levels = (8, 5, 5, 5)
+  # VQ-VAE-2's two-level tokenizer (Razavi et al. 2019, Algorithm 1; models/hierarchy.py).
+  # levels=2 adds a top latent, downsampled further by these factors from the bottom (the latent
+  # above), with its own quantizer; the bottom encoder sees the upsampled quantized top and the
+  # decoder reads both. Stage 2 (diffusion only) models both levels in one U-Net. 1: off.
+  model.hierarchy = hierarchy = ml_collections.ConfigDict()
+  hierarchy.levels = 1
+  hierarchy.temporal_downsample = 2  # top latent frames = bottom latent frames / 2
+  hierarchy.spatial_downsample = 2  # top latent side = bottom latent side / 2
+  hierarchy.latent_channels = 4
+  hierarchy.num_res_blocks = 1  # per level of the top encoder and top decoder.
+  hierarchy.quantizer = quantizer_config()  # the top level's; every kind, as vqgan.quantizer
+
+  vqgan.quantizer = quantizer_config()
 
   vqgan.loss = loss = ml_collections.ConfigDict()
   loss.l2_weight = 1.0
@@ -417,27 +436,9 @@ def _check(config: ml_collections.ConfigDict) -> None:
              f"{data.num_frames} is not divisible by vqgan.model.temporal_downsample="
              f"{model.temporal_downsample}; use a multiple of it (the paper uses 16).")
   _validate_optim(config.vqgan.optim, "vqgan.optim")
-  quantizer = config.vqgan.quantizer
-  _require(quantizer.kind in _QUANTIZERS, "vqgan.quantizer.kind",
-           f"got {quantizer.kind!r}; choose one of {_QUANTIZERS}.")
-  if quantizer.kind == "lfq":
-    _require(model.latent_channels <= 16, "vqgan.model.latent_channels",
-             f"LFQ has 2 ** latent_channels codes; {model.latent_channels} is too many (max 16).")
-  elif quantizer.kind == "fsq":
-    levels = tuple(quantizer.fsq_levels)
-    _require(len(levels) == model.latent_channels, "vqgan.quantizer.fsq_levels",
-             f"needs one level count per latent channel: {len(levels)} given for "
-             f"vqgan.model.latent_channels={model.latent_channels}.")
-    _require(all(int(level) == level and level >= 2 for level in levels),
-             "vqgan.quantizer.fsq_levels", f"each entry must be an integer >= 2, got {levels}.")
-    _require(math.prod(levels) < 2**31, "vqgan.quantizer.fsq_levels",
-             f"{levels} make {math.prod(levels)} codes; indices are int32, keep the product "
-             f"below 2**31.")
-  else:
-    _require(quantizer.codebook_size >= 2, "vqgan.quantizer.codebook_size",
-             f"must be >= 2, got {quantizer.codebook_size}.")
-  _require(0.0 <= quantizer.ema_decay < 1.0, "vqgan.quantizer.ema_decay",
-           f"must be in [0, 1), got {quantizer.ema_decay}.")
+  _validate_quantizer(config.vqgan.quantizer, model.latent_channels, "vqgan.quantizer",
+                      "vqgan.model.latent_channels")
+  _validate_hierarchy(config)
   _require(config.vqgan.loss.gan_loss in _GAN_LOSSES, "vqgan.loss.gan_loss",
            f"got {config.vqgan.loss.gan_loss!r}; choose one of {_GAN_LOSSES}.")
   _require(config.vqgan.loss.lpips_frames >= 0, "vqgan.loss.lpips_frames",
@@ -459,6 +460,69 @@ def _check(config: ml_collections.ConfigDict) -> None:
            f"must be 'replicated' or 'fsdp', got {config.mesh.param_sharding!r}.")
   _require(config.mesh.param_sharding == "replicated" or "fsdp" in config.mesh.axes,
            "mesh.param_sharding", "is 'fsdp' but mesh.axes has no 'fsdp' axis.")
+
+
+def _validate_quantizer(quantizer: ml_collections.ConfigDict, latent_channels: int, prefix: str,
+                        channels_field: str) -> None:
+  """One level's quantizer: ``prefix`` names its group, ``channels_field`` its latent width."""
+  _require(quantizer.kind in _QUANTIZERS, f"{prefix}.kind",
+           f"got {quantizer.kind!r}; choose one of {_QUANTIZERS}.")
+  if quantizer.kind == "lfq":
+    _require(latent_channels <= 16, channels_field,
+             f"LFQ has 2 ** latent_channels codes; {latent_channels} is too many (max 16).")
+  elif quantizer.kind == "fsq":
+    levels = tuple(quantizer.fsq_levels)
+    _require(len(levels) == latent_channels, f"{prefix}.fsq_levels",
+             f"needs one level count per latent channel: {len(levels)} given for "
+             f"{channels_field}={latent_channels}.")
+    _require(all(int(level) == level and level >= 2 for level in levels),
+             f"{prefix}.fsq_levels", f"each entry must be an integer >= 2, got {levels}.")
+    _require(math.prod(levels) < 2**31, f"{prefix}.fsq_levels",
+             f"{levels} make {math.prod(levels)} codes; indices are int32, keep the product "
+             f"below 2**31.")
+  else:
+    _require(quantizer.codebook_size >= 2, f"{prefix}.codebook_size",
+             f"must be >= 2, got {quantizer.codebook_size}.")
+  _require(0.0 <= quantizer.ema_decay < 1.0, f"{prefix}.ema_decay",
+           f"must be in [0, 1), got {quantizer.ema_decay}.")
+
+
+def _validate_hierarchy(config: ml_collections.ConfigDict) -> None:
+  """VQ-VAE-2's top level: its factors must divide the bottom latent, and what runs on it."""
+  model = config.vqgan.model
+  hierarchy = model.hierarchy
+  _require(hierarchy.levels in (1, 2), "vqgan.model.hierarchy.levels",
+           f"must be 1 (one latent) or 2 (VQ-VAE-2's top and bottom), got {hierarchy.levels}.")
+  if hierarchy.levels == 1:
+    return
+  prefix = "vqgan.model.hierarchy"
+  for axis in ("temporal_downsample", "spatial_downsample"):
+    _require(_is_power_of_two(hierarchy[axis]), f"{prefix}.{axis}",
+             f"must be a power of two, got {hierarchy[axis]}.")
+  _require(max(hierarchy.temporal_downsample, hierarchy.spatial_downsample) >= 2,
+           f"{prefix}.spatial_downsample",
+           "the top level must be coarser than the bottom: downsample time or space by >= 2.")
+  _require(not model.causal, "vqgan.model.causal",
+           "the two-level tokenizer is not causal (its top level pools frames together); set "
+           "--config.vqgan.model.causal=False or --config.vqgan.model.hierarchy.levels=1.")
+  bottom_frames = config.data.num_frames // model.temporal_downsample
+  bottom_side = config.data.resolution // model.spatial_downsample
+  _require(bottom_frames % hierarchy.temporal_downsample == 0, f"{prefix}.temporal_downsample",
+           f"{hierarchy.temporal_downsample} does not divide the bottom latent's {bottom_frames} "
+           f"frames; use a divisor of it (1 keeps time at the bottom's rate).")
+  _require(bottom_side % hierarchy.spatial_downsample == 0, f"{prefix}.spatial_downsample",
+           f"{hierarchy.spatial_downsample} does not divide the bottom latent's side "
+           f"{bottom_side}; use a divisor of it.")
+  _require(hierarchy.latent_channels >= 1, f"{prefix}.latent_channels",
+           f"must be >= 1, got {hierarchy.latent_channels}.")
+  _require(hierarchy.num_res_blocks >= 1, f"{prefix}.num_res_blocks",
+           f"must be >= 1, got {hierarchy.num_res_blocks}.")
+  _validate_quantizer(hierarchy.quantizer, hierarchy.latent_channels, f"{prefix}.quantizer",
+                      f"{prefix}.latent_channels")
+  _require(config.stage2 == "diffusion", "stage2",
+           f"{config.stage2!r}: the token priors need a one-level tokenizer (their sequence is "
+           f"one code grid), but vqgan.model.hierarchy.levels=2. Use stage2='diffusion', which "
+           f"models both levels, or --config.vqgan.model.hierarchy.levels=1.")
 
 
 def _validate_real_data(data: ml_collections.ConfigDict) -> None:

@@ -2,7 +2,9 @@
 
 Writes ``DIR/vqgan/eval/NNN/eval.json`` (PSNR, SSIM, LPIPS, rFVD, codebook usage and perplexity
 over the held-out clips; on the embedded dataset also the sprite colour check: the mean L∞ error
-of each clip's mean sprite colour and the fraction of clips within 0.1) and
+of each clip's mean sprite colour and the fraction of clips within 0.1; for VQ-VAE-2's two-level
+tokenizer also ``top_only/*`` and ``bottom_only/*`` PSNR, SSIM and LPIPS, decoded with the other
+level's codes replaced by their mean, and the top level's ``top/codebook_*``) and
 ``eval_grid.{gif,mp4}`` (originals above reconstructions) beside it, one numbered folder per
 invocation.
 rFVD is FVD (the I3D protocol of ``evaluation/i3d.py``) of reconstructions against their
@@ -41,6 +43,11 @@ def codebook_statistics(indices: np.ndarray, codebook_size: int) -> dict[str, fl
           "codebook_perplexity": float(np.exp(-(nonzero * np.log(nonzero)).sum()))}
 
 
+# A two-level tokenizer's reconstructions from one level alone, the other's codes replaced by
+# their batch mean (models/hierarchy.py, reconstruct_levels): what each level carries.
+LEVEL_RECONSTRUCTIONS = ("top_only", "bottom_only")
+
+
 def codebook_size(config: ml_collections.ConfigDict) -> int:
   return quantizers.num_codes(config.vqgan.quantizer, config.vqgan.model.latent_channels)
 
@@ -58,16 +65,31 @@ def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
   lpips_module, lpips_params = losses.load_lpips()
   lpips_params = jax.device_put(lpips_params, replicated)
 
-  def clip_metrics(variables, lpips_params, video_uint8):
-    video = pipeline.to_model_input(video_uint8)
-    x_hat, quantized = model.apply(variables, video, train=False)
-    x_hat = jnp.clip(x_hat, -1.0, 1.0)
+  two_levels = config.vqgan.model.hierarchy.levels == 2
+
+  def quality(video, x_hat, lpips_params):
+    """PSNR, SSIM and LPIPS per clip of a reconstruction clipped to [-1, 1]."""
     frames, frames_hat = (x.reshape((-1, *x.shape[2:])) for x in (video, x_hat))
     frame_lpips = losses.lpips_distance(lpips_module, lpips_params, frames, frames_hat)
     return {"psnr": reconstruction.psnr(video, x_hat),
             "ssim": reconstruction.ssim(video, x_hat),
-            "lpips": frame_lpips.reshape(video.shape[:2]).mean(axis=1),
-            "indices": quantized.indices, "x_hat": pipeline.to_uint8(x_hat)}
+            "lpips": frame_lpips.reshape(video.shape[:2]).mean(axis=1)}
+
+  def clip_metrics(variables, lpips_params, video_uint8):
+    video = pipeline.to_model_input(video_uint8)
+    if two_levels:  # VQ-VAE-2: also each level alone, the other's codes set to their mean
+      levels = model.apply(variables, video, method="reconstruct_levels")
+      x_hat, indices = levels["both"], levels["indices"]
+      per_level = {f"{level}/{name}": value for level in LEVEL_RECONSTRUCTIONS
+                   for name, value in quality(video, jnp.clip(levels[level], -1.0, 1.0),
+                                              lpips_params).items()}
+      per_level["top_indices"] = levels["top_indices"]
+    else:
+      x_hat, quantized = model.apply(variables, video, train=False)
+      indices, per_level = quantized.indices, {}
+    x_hat = jnp.clip(x_hat, -1.0, 1.0)
+    return {**quality(video, x_hat, lpips_params), **per_level,
+            "indices": indices, "x_hat": pipeline.to_uint8(x_hat)}
 
   # The weights as restored; clips in and metrics out replicated, so that every process (each
   # read the same clips) can read every result.
@@ -77,7 +99,10 @@ def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
 
   eval_config = config.vqgan.eval
   per_clip = {"psnr": [], "ssim": [], "lpips": []}
-  all_indices, originals, reconstructions = [], [], []
+  if two_levels:
+    per_clip.update({f"{level}/{name}": [] for level in LEVEL_RECONSTRUCTIONS
+                     for name in ("psnr", "ssim", "lpips")})
+  all_indices, top_indices, originals, reconstructions = [], [], [], []
   with_rfvd = config.evaluation.reconstruction_fvd
   if with_rfvd:
     # I3D batches are the eval batches: no padding of a batch to a larger feature batch.
@@ -93,6 +118,8 @@ def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
     for name in per_clip:
       per_clip[name].append(np.asarray(out[name], np.float64))
     all_indices.append(np.asarray(out["indices"]))
+    if two_levels:
+      top_indices.append(np.asarray(out["top_indices"]))
     if with_colour:
       colour_errors.append(reconstruction.sprite_colour_error(batch["video"],
                                                               np.asarray(out["x_hat"])))
@@ -105,6 +132,12 @@ def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
   results = {name: float(np.mean(np.concatenate(values))) for name, values in per_clip.items()}
   results.update(codebook_statistics(np.concatenate([i.reshape(-1) for i in all_indices]),
                                      codebook_size(config)))
+  if two_levels:  # the bottom level keeps the one-level names; the top's are prefixed
+    hierarchy = config.vqgan.model.hierarchy
+    top_statistics = codebook_statistics(
+        np.concatenate([i.reshape(-1) for i in top_indices]),
+        quantizers.num_codes(hierarchy.quantizer, hierarchy.latent_channels))
+    results.update({f"top/{name}": value for name, value in top_statistics.items()})
   results.update({"step": tokenizer.step,
                   "num_clips": int(sum(len(v) for v in per_clip["psnr"])),
                   "weights": "ema" if config.vqgan.optim.ema_decay > 0 else "raw",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -18,7 +19,7 @@ from vqvdm_jax import checkpointing, fileio, runtime, sharding
 from vqvdm_jax import config as config_lib
 from vqvdm_jax import workdir as workdir_lib
 from vqvdm_jax.data import pipeline
-from vqvdm_jax.models.vqgan import VQGAN3D, make_vqgan
+from vqvdm_jax.models.vqgan import make_vqgan
 
 PyTree = Any
 
@@ -34,7 +35,7 @@ def dummy_video(config: ml_collections.ConfigDict, batch_size: int = 1) -> jax.A
                    jnp.float32)
 
 
-def init_variables(config: ml_collections.ConfigDict, model: VQGAN3D, rng: jax.Array) -> PyTree:
+def init_variables(config: ml_collections.ConfigDict, model: nn.Module, rng: jax.Array) -> PyTree:
   """The VQGAN's initial ``{'params', 'quantizer_state'}``."""
   init_rng, quantizer_rng = jax.random.split(rng)
   variables = model.init({"params": init_rng, "quantizer": quantizer_rng}, dummy_video(config))
@@ -51,20 +52,20 @@ class Tokenizer:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, params: PyTree,
-               quantizer_state: PyTree, step: int, model: VQGAN3D | None = None):
+               quantizer_state: PyTree, step: int, model: nn.Module | None = None):
     self.config, self.step = config, step
     self.model = make_vqgan(config) if model is None else model
     self.variables = {"params": params, "quantizer_state": quantizer_state}
     model, quantize_latents = self.model, config.diffusion.latents.source == "quantized"
 
     def quantize(variables, latent):
-      return model.apply(variables, latent, method=VQGAN3D.quantize).quantized
+      return model.apply(variables, latent, method="quantize").quantized
 
     def to_video(variables, quantized):
-      return pipeline.to_uint8(model.apply(variables, quantized, method=VQGAN3D.decode))
+      return pipeline.to_uint8(model.apply(variables, quantized, method="decode"))
 
     def encoder_latent(variables, video_uint8):
-      return model.apply(variables, pipeline.to_model_input(video_uint8), method=VQGAN3D.encode)
+      return model.apply(variables, pipeline.to_model_input(video_uint8), method="encode")
 
     def for_diffusion(variables, video_uint8):
       latent = encoder_latent(variables, video_uint8)
@@ -75,25 +76,30 @@ class Tokenizer:
     def snap(variables, latent):
       # Quantized latents (a sample of them) lie in code space: snap to the nearest code. For
       # 'vq' that is also what quantize does; FSQ's quantize would tanh-bound them again.
-      return model.apply(variables, latent, method=VQGAN3D.nearest_codes)
+      return model.apply(variables, latent, method="nearest_codes")
 
     self._decode_latents = jax.jit(lambda v, z: to_video(
         v, snap(v, z) if quantize_latents else quantize(v, z)))
     self._encode_indices = jax.jit(lambda v, x: model.apply(
-        v, pipeline.to_model_input(x), method=VQGAN3D.encode_to_indices))
+        v, pipeline.to_model_input(x), method="encode_to_indices"))
     self._decode_indices = jax.jit(lambda v, i: pipeline.to_uint8(model.apply(
-        v, i, method=VQGAN3D.decode_from_indices)))
+        v, i, method="decode_from_indices")))
 
   def encode(self, videos: np.ndarray) -> np.ndarray:
     """uint8 videos ``[B, T, H, W, 3]`` -> quantized latents ``[B, t, h, w, c]`` float32."""
     return np.asarray(jax.device_get(self._encode(self.variables, _videos(videos))))
 
-  def encode_to_indices(self, videos: np.ndarray) -> np.ndarray:
-    """uint8 videos -> code indices ``[B, t, h, w]`` int32."""
-    return np.asarray(jax.device_get(self._encode_indices(self.variables, _videos(videos))))
+  def encode_to_indices(self, videos: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
+    """uint8 videos -> code indices ``[B, t, h, w]`` int32 (two levels: a dict of ``'bottom'``
+    and ``'top'`` indices)."""
+    indices = jax.device_get(self._encode_indices(self.variables, _videos(videos)))
+    return jax.tree.map(np.asarray, indices)
 
-  def decode(self, codes: np.ndarray) -> np.ndarray:
-    """Latents ``[B, t, h, w, c]`` (quantized first) or indices ``[B, t, h, w]`` -> uint8 videos."""
+  def decode(self, codes: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
+    """Latents ``[B, t, h, w, c]`` (quantized first) or indices ``[B, t, h, w]`` (two levels: the
+    dict :meth:`encode_to_indices` returns) -> uint8 videos."""
+    if isinstance(codes, dict):
+      return np.asarray(jax.device_get(self._decode_indices(self.variables, codes)))
     codes = np.asarray(codes)
     if np.issubdtype(codes.dtype, np.integer):
       return np.asarray(jax.device_get(self._decode_indices(self.variables, codes)))

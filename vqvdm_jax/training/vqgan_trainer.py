@@ -29,7 +29,7 @@ from vqvdm_jax import workdir as workdir_lib
 from vqvdm_jax.data import pipeline
 from vqvdm_jax.inference import tokenizer as tokenizer_lib
 from vqvdm_jax.models.discriminator import Discriminator3D
-from vqvdm_jax.models.vqgan import VQGAN3D, make_vqgan
+from vqvdm_jax.models.vqgan import make_vqgan
 from vqvdm_jax.training import loop
 from vqvdm_jax.training.optimizers import learning_rate_schedule, make_optimizer
 
@@ -58,7 +58,7 @@ def make_discriminator(config: ml_collections.ConfigDict) -> Discriminator3D:
                          conv_impl=config.vqgan.model.conv_impl)
 
 
-def init_train_state(config: ml_collections.ConfigDict, model: VQGAN3D,
+def init_train_state(config: ml_collections.ConfigDict, model: nn.Module,
                      discriminator: Discriminator3D, gen_tx: optax.GradientTransformation,
                      disc_tx: optax.GradientTransformation) -> VQGANTrainState:
   rng = jax.random.PRNGKey(config.seed)
@@ -79,7 +79,7 @@ def init_train_state(config: ml_collections.ConfigDict, model: VQGAN3D,
       rng=state_rng, nonfinite_streak=jnp.zeros((), jnp.int32))
 
 
-def make_train_step(config: ml_collections.ConfigDict, model: VQGAN3D,
+def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                     discriminator: Discriminator3D, gen_tx: optax.GradientTransformation,
                     disc_tx: optax.GradientTransformation, lpips_module: nn.Module
                     ) -> Callable[[VQGANTrainState, dict, PyTree], tuple[VQGANTrainState, dict]]:
@@ -331,7 +331,9 @@ def train_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike) -> 
       batch_size=train.batch_size, summary_dir=trainer.workdir / "summaries",
       max_nonfinite_skips=config.run.max_nonfinite_skips,
       learning_rate_field="vqgan.optim.learning_rate", config=config,
-      headline=("loss/l2", "loss/lpips", "loss/vq", "codebook/usage", "loss/discriminator"),
+      # A two-level tokenizer also reports its top level (codebook/top/usage); one-level: absent.
+      headline=("loss/l2", "loss/lpips", "loss/vq", "codebook/usage", "codebook/top/usage",
+                "loss/discriminator"),
       learning_rates={
           "generator": learning_rate_schedule(optim.learning_rate, optim, train.num_steps),
           "discriminator": learning_rate_schedule(optim.disc_learning_rate, optim,

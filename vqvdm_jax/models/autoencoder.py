@@ -1,0 +1,132 @@
+"""The 3D convolutional encoder and decoder of the tokenizer (VQ-VDM §3.1), shared by the
+one-level VQGAN (``models/vqgan.py``) and VQ-VAE-2's two-level one (``models/hierarchy.py``).
+
+Tensors are channel-last: videos ``[B, T, H, W, C]``, latents ``[B, t, h, w, c]``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vqvdm_jax.models import layers
+
+Dtype = Any
+
+
+def downsampling_plan(temporal_factor: int, spatial_factor: int) -> list[tuple[bool, bool]]:
+  """(time?, space?) for each x2 downsampling between levels, time and space halved first."""
+  time_steps, space_steps = int(math.log2(temporal_factor)), int(math.log2(spatial_factor))
+  return [(i < time_steps, i < space_steps) for i in range(max(time_steps, space_steps))]
+
+
+def _res_block_factory(module: nn.Module):
+  """``res_block(features)``: the next residual block of ``module``, rematerialised if asked.
+
+  Blocks are named as linen would auto-name them (``ResBlock3D_<i>``), so turning remat on or
+  off keeps the parameter tree, and checkpoints, unchanged.
+  """
+  block_class = nn.remat(layers.ResBlock3D) if module.remat else layers.ResBlock3D
+  counter = itertools.count()
+
+  def res_block(features: int) -> nn.Module:
+    return block_class(features, num_groups=module.num_groups, causal=module.causal,
+                       conv_impl=module.conv_impl, dtype=module.dtype,
+                       name=f"ResBlock3D_{next(counter)}")
+
+  return res_block
+
+
+class Encoder3D(nn.Module):
+  """x ``[B, T, H, W, 3]`` -> z_e ``[B, T / ft, H / fs, W / fs, latent_channels]``."""
+
+  channels: int
+  channel_multipliers: tuple[int, ...]
+  num_res_blocks: int
+  temporal_downsample: int
+  spatial_downsample: int
+  latent_channels: int
+  attention_at_lowest: bool
+  attention_heads: int
+  num_groups: int
+  causal: bool
+  conv_impl: str
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+  attention_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    res_block = _res_block_factory(self)
+    plan = downsampling_plan(self.temporal_downsample, self.spatial_downsample)
+    h = layers.Conv3D(self.channels, causal=self.causal, conv_impl=self.conv_impl,
+                      dtype=self.dtype, name="conv_in")(x)
+    for level, multiplier in enumerate(self.channel_multipliers):
+      features = self.channels * multiplier
+      for _ in range(self.num_res_blocks):
+        h = res_block(features)(h)
+      if level < len(plan):  # validate() guarantees len(plan) == levels - 1.
+        time, space = plan[level]
+        h = layers.Downsample(features, time, space, causal=self.causal,
+                              conv_impl=self.conv_impl, dtype=self.dtype)(h)
+    features = self.channels * self.channel_multipliers[-1]
+    h = res_block(features)(h)
+    if self.attention_at_lowest:
+      h = layers.AttentionBlock3D(self.attention_heads, self.num_groups, self.causal,
+                                  dtype=self.dtype, attention_impl=self.attention_impl)(h)
+    h = res_block(features)(h)
+    h = nn.silu(layers.Normalize(self.num_groups, self.causal)(h))
+    return layers.Conv3D(self.latent_channels, causal=self.causal, conv_impl=self.conv_impl,
+                         dtype=self.dtype, name="conv_out")(h).astype(jnp.float32)
+
+
+class Decoder3D(nn.Module):
+  """z_q ``[B, t, h, w, latent_channels]`` -> x_hat ``[B, T, H, W, 3]``; mirrors the encoder.
+
+  The output convolution is named ``conv_out``: Taming's adaptive GAN weight takes gradient
+  norms at its kernel, ``params['decoder']['conv_out']['kernel']``.
+  """
+
+  channels: int
+  channel_multipliers: tuple[int, ...]
+  num_res_blocks: int
+  temporal_downsample: int
+  spatial_downsample: int
+  attention_at_lowest: bool
+  attention_heads: int
+  num_groups: int
+  causal: bool
+  conv_impl: str
+  out_channels: int = 3
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+  attention_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, z: jax.Array) -> jax.Array:
+    res_block = _res_block_factory(self)
+    plan = downsampling_plan(self.temporal_downsample, self.spatial_downsample)
+    features = self.channels * self.channel_multipliers[-1]
+    h = layers.Conv3D(features, causal=self.causal, conv_impl=self.conv_impl, dtype=self.dtype,
+                      name="conv_in")(z)
+    h = res_block(features)(h)
+    if self.attention_at_lowest:
+      h = layers.AttentionBlock3D(self.attention_heads, self.num_groups, self.causal,
+                                  dtype=self.dtype, attention_impl=self.attention_impl)(h)
+    h = res_block(features)(h)
+    for level in reversed(range(len(self.channel_multipliers))):
+      features = self.channels * self.channel_multipliers[level]
+      for _ in range(self.num_res_blocks):
+        h = res_block(features)(h)
+      if level > 0:
+        time, space = plan[level - 1]
+        h = layers.Upsample(features, time, space, causal=self.causal,
+                            conv_impl=self.conv_impl, dtype=self.dtype)(h)
+    h = nn.silu(layers.Normalize(self.num_groups, self.causal)(h))
+    return layers.Conv3D(self.out_channels, causal=self.causal, conv_impl=self.conv_impl,
+                         dtype=self.dtype, name="conv_out")(h).astype(jnp.float32)
