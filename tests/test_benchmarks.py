@@ -27,3 +27,42 @@ def test_accelerator_script_dry_run_prints_every_row():
               "Table 3: pixel / latent time", "train step: VQGAN", "train step: U-Net",
               "I3D logits"):
     assert row in table, done.stdout
+
+
+def test_priors_side_by_side_trains_and_measures_each_prior(tmp_path):
+  """benchmarks/priors.py on the tiny config's (untrained) stage-1 checkpoint, with a budget
+  that leaves room for a resumed run after the warm-up: every prior gets a row, steps beyond
+  the warm-up, sampling times and probe scores (FVD is `--mode=evaluate`'s, tested there)."""
+  import jax
+  import jax.numpy as jnp
+  from helpers import load_config
+
+  from vqvdm_jax.data import pipeline
+  from vqvdm_jax.training import vqgan_trainer
+
+  config = load_config("tiny")
+  trainer = vqgan_trainer.VQGANTrainer(config, tmp_path, jax.devices()[:1])
+  step = config.vqgan.train.num_steps
+  trainer.checkpointer.save(
+      step, trainer.initial_state().replace(step=jnp.asarray(step)),
+      pipeline.train_iterator(config.data, config.vqgan.train.batch_size, config.seed),
+      force=True)
+  trainer.checkpointer.close()
+  env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0",
+             JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(),
+                                                    f"vqvdm_jax_test_cache_{os.getuid()}"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+  done = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks/priors.py"), f"--config={ROOT}/configs/tiny.py",
+       f"--workdir={tmp_path}", "--budget_s=2", "--warmup_steps=2", "--num_videos=4",
+       "--repeats=1", "--probe_videos=4", "--probe_clips=16", "--probe_steps=2", "--num_fvd=0"],
+      env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  table = done.stdout[done.stdout.index("### Stage-2 priors"):]
+  rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ")][2:]
+  assert [row[0] for row in rows] == ["| diffusion", "| autoregressive", "| masked"], table
+  for row in rows:
+    steps = int(row[1].split()[0])
+    assert steps > 2, table  # the resumed run trained past the warm-up
+    accuracy = float(row[4].split()[0])
+    assert 0 <= accuracy <= 1 and row[7] == "-", table
