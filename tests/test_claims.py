@@ -17,7 +17,8 @@ import vqvdm_jax
 from vqvdm_jax import checkpointing
 from vqvdm_jax import workdir as workdir_lib
 from vqvdm_jax.inference import sampling
-from vqvdm_jax.models.vqgan import latent_shape
+from vqvdm_jax.inference.tokenizer import Tokenizer, init_variables
+from vqvdm_jax.models.vqgan import latent_shape, make_vqgan
 from vqvdm_jax.training import diffusion_trainer, loop, reporting, vqgan_trainer
 
 LATENT_SHAPE = (2, 4, 4, 4)
@@ -249,3 +250,29 @@ def test_the_demos_stage2_path_v_prediction_adagn_ddim_and_guidance_interval(tmp
     samples[interval] = np.asarray(sample_fn(state.params, labels, fps, jax.random.PRNGKey(0)))
     assert np.all(np.isfinite(samples[interval]))
   assert not np.allclose(*samples.values())
+
+
+def test_latents_source_encoder_gives_stage2_the_continuous_latent_and_sampling_quantizes_it():
+  """``diffusion.latents.source='encoder'`` gives stage 2 the encoder's output before the
+  quantizer (the default 'quantized' path is what every pipeline test runs), and a sampled
+  latent is still quantized before decoding (README, stage-2 options)."""
+  config = load_config("tiny")
+  config.diffusion.latents.source = "encoder"
+  model = make_vqgan(config)
+  variables = init_variables(config, model, jax.random.PRNGKey(0))
+  tokenizer = Tokenizer(config, variables["params"], variables["quantizer_state"], step=0,
+                        model=model)
+  data = config.data
+  video = np.random.default_rng(0).integers(
+      0, 256, (2, data.num_frames, data.resolution, data.resolution, 3), dtype=np.uint8)
+  continuous, quantized = tokenizer.encode_for_diffusion(video), tokenizer.encode(video)
+  assert continuous.shape == quantized.shape
+  codebook = np.asarray(variables["params"]["quantizer"]["codebook"])
+  def distance_to_codes(latent):
+    return np.min(np.linalg.norm(latent.reshape(-1, 1, codebook.shape[-1]) - codebook, axis=-1),
+                  axis=-1)
+  assert distance_to_codes(quantized).max() < 1e-5  # the quantizer's output: codes
+  assert distance_to_codes(continuous).min() > 1e-3  # the encoder's: no vector on a code
+  # Decoding quantizes first: the encoder's latent decodes like its quantized version.
+  np.testing.assert_array_equal(np.asarray(tokenizer.decode_latents(jnp.asarray(continuous))),
+                                tokenizer.decode(quantized))
