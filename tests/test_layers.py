@@ -28,13 +28,21 @@ def test_conv3d_pads_with_edge_values_not_zeros():
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("strides", [(1, 1, 1), (2, 2, 2), (1, 2, 2), (2, 1, 1)])
-def test_temporal_taps_conv_equals_native_conv(causal, strides):
+def test_taps_and_im2col_convs_equal_the_native_conv_and_their_gradients(causal, strides):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 12, 12, 3))
   native = layers.Conv3D(5, strides=strides, causal=causal, conv_impl="native")
   params = native.init(jax.random.PRNGKey(1), x)
-  taps = layers.Conv3D(5, strides=strides, causal=causal, conv_impl="taps")
-  np.testing.assert_allclose(np.asarray(native.apply(params, x)),
-                             np.asarray(taps.apply(params, x)), atol=2e-5)
+
+  def value_and_grads(conv_impl):
+    conv = native.clone(conv_impl=conv_impl)
+    loss = lambda p, x: jnp.sum(jnp.sin(conv.apply(p, x)))  # noqa: E731
+    return conv.apply(params, x), jax.grad(loss, argnums=(0, 1))(params, x)
+
+  expected = value_and_grads("native")
+  for form in ("taps", "im2col"):
+    for got, want in zip(jax.tree.leaves(value_and_grads(form)), jax.tree.leaves(expected),
+                         strict=True):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=5e-5, rtol=1e-5)
 
 
 def test_causal_strided_conv_maps_one_plus_2k_frames_to_one_plus_k():
@@ -102,16 +110,21 @@ def test_res_block_conditioning_matches_its_formula(scale_shift):
   np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=2e-4)
 
 
-@pytest.mark.parametrize("backend, expected", [("cpu", "taps"), ("gpu", "native"),
-                                               ("tpu", "native")])
-def test_auto_conv_impl_is_taps_on_cpu_and_native_elsewhere(monkeypatch, backend, expected):
+@pytest.mark.parametrize("backend, in_channels, size, expected", [
+    ("cpu", 16, 32, "taps"),  # the demo's narrow layers
+    ("cpu", 64, 32, "native"),  # the paper tokenizer's wide, large layers
+    ("cpu", 64, 4, "taps"),  # the demo U-Net's widest level, on few positions
+    ("cpu", 128, 4, "im2col"),  # a wide layer on few positions: the patch matrix is small
+    ("cpu", 128, 32, "native"),  # ... until the patch matrix passes 8 MiB
+    ("gpu", 128, 4, "native"), ("tpu", 16, 32, "native")])
+def test_auto_conv_impl_follows_the_backend_and_shape_rule(monkeypatch, backend, in_channels,
+                                                           size, expected):
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
-  assert layers.resolve_conv_impl("auto") == expected
-  assert layers.resolve_conv_impl("native") == "native"
-  assert layers.resolve_conv_impl("taps") == "taps"
+  for conv_impl in ("native", "taps", "im2col"):
+    assert layers.resolve_conv_impl(conv_impl, in_channels, 1) == conv_impl
   with pytest.raises(ValueError, match="conv_impl"):
     layers.resolve_conv_impl("fft")
-  # Conv3D runs the form the rule picks.
+  # Conv3D runs the form the rule picks for its input: one 3x3x3 conv over size^3 positions.
   calls = []
 
   def spy_on(name: str) -> None:
@@ -123,7 +136,9 @@ def test_auto_conv_impl_is_taps_on_cpu_and_native_elsewhere(monkeypatch, backend
 
     monkeypatch.setattr(layers, name, spy)
 
-  spy_on("_native_conv3d")
-  spy_on("_temporal_taps_conv3d")
-  jax.eval_shape(layers.Conv3D(2).init, jax.random.PRNGKey(0), jnp.zeros((1, 3, 4, 4, 1)))
-  assert calls == [{"taps": "_temporal_taps_conv3d", "native": "_native_conv3d"}[expected]]
+  for name in ("_native_conv3d", "_temporal_taps_conv3d", "_im2col_conv3d"):
+    spy_on(name)
+  x = jnp.zeros((1, size + 2, size + 2, size + 2, in_channels))
+  jax.eval_shape(layers.Conv3D(2).init, jax.random.PRNGKey(0), x)
+  assert calls == [{"taps": "_temporal_taps_conv3d", "native": "_native_conv3d",
+                    "im2col": "_im2col_conv3d"}[expected]]

@@ -75,7 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
   model.attention_heads = 1
   model.num_groups = 16  # GroupNorm groups: 4 channels a group at 64 wide (Taming: 32 at 128).
   model.causal = False  # MAGVIT-v2 causal tokenizer: frame t never sees frames > t.
-  model.conv_impl = "auto"  # 'native' 3D conv, 'taps' (sum of 2D convs over time), 'auto'.
+  # 'native' 3D conv, 'taps' (sum of 2D convs over time), 'im2col' (one matmul), 'auto' (per
+  # layer by backend and shape: models.layers.resolve_conv_impl).
+  model.conv_impl = "auto"
   model.dtype = "float32"  # compute dtype; parameters stay float32.
   # 'xla', 'cudnn' (fused flash attention: NVIDIA GPU, bfloat16/float16 dtype) or 'auto' (cuDNN
   # where it applies, XLA elsewhere); models/attention.py.
@@ -310,7 +312,7 @@ def apply_runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 
 _DATASETS = ("synthetic", "ucf101", "sky_timelapse", "video_folder")
-_CONV_IMPLS = ("auto", "native", "taps")
+_CONV_IMPLS = ("auto", "native", "taps", "im2col")  # models.layers.CONV_IMPLS
 _QUANTIZERS = ("vq", "ema", "lfq", "fsq")
 _GAN_LOSSES = ("vanilla", "hinge")
 _DTYPES = ("float32", "bfloat16", "float16")

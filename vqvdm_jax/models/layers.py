@@ -1,14 +1,19 @@
 """Building blocks shared by the tokenizer, the discriminator and the U-Net.
 
 Every 3D convolution pads by replicating edge values (TATS, VQ-VDM §3.1) and then convolves
-with VALID padding. Two numerically equal implementations exist (PERFORMANCE.md): XLA's native
-3D convolution, and a sum over temporal taps of 2D convolutions batched over frames, which is
-2-4x faster on CPU. Both read the same ``kernel [kt, kh, kw, C_in, C_out]`` parameter, so a
-checkpoint trained with one runs with the other.
+with VALID padding. Three numerically equal implementations exist (PERFORMANCE.md,
+benchmarks/RESULTS.md "conv forms"): XLA's native 3D convolution; a sum over temporal taps of
+2D convolutions batched over frames (2-4x faster on CPU at narrow channels); and im2col, the
+patches of every output position gathered into one matrix and multiplied by the kernel once
+(on CPU XLA's convolution *backward* at small spatial sizes and wide channels runs 10-60x its
+forward; as a matmul it runs like the forward). All read the same
+``kernel [kt, kh, kw, C_in, C_out]`` parameter, so a checkpoint trained with one runs with the
+others.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,13 +28,33 @@ Dtype = Any
 Pads = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 
-def resolve_conv_impl(conv_impl: str) -> str:
-  """'auto' picks the temporal-taps form on CPU (measured faster) and XLA's native conv elsewhere."""
-  if conv_impl == "auto":
-    return "taps" if jax.default_backend() == "cpu" else "native"
-  if conv_impl not in ("native", "taps"):
-    raise ValueError(f"conv_impl must be 'auto', 'native' or 'taps', got {conv_impl!r}.")
-  return conv_impl
+CONV_IMPLS = ("auto", "native", "taps", "im2col")
+# CPU rule of 'auto' (benchmarks/RESULTS.md, "conv forms"): im2col where the patch matrix is
+# small and the input wide, native where it is large and the input at least WIDE_CHANNELS wide,
+# taps otherwise.
+IM2COL_MAX_PATCH_ELEMENTS = 2**21  # output positions x taps x C_in: 8 MiB of float32
+IM2COL_MIN_CHANNELS = 128
+WIDE_CHANNELS = 64
+
+
+def resolve_conv_impl(conv_impl: str, in_channels: int | None = None,
+                      patch_elements: int | None = None) -> str:
+  """The form one convolution runs in. 'auto': XLA's native conv off CPU; on CPU, per layer, by
+  the patch matrix (``patch_elements`` = output positions x kernel taps x ``in_channels``):
+  im2col when it fits 8 MiB and ``in_channels >= 128``, native when it does not and
+  ``in_channels >= 64``, temporal taps otherwise. Without the shape (``None``), 'taps'."""
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
+  if conv_impl != "auto":
+    return conv_impl
+  if jax.default_backend() != "cpu":
+    return "native"
+  if in_channels is None or patch_elements is None:
+    return "taps"
+  small = patch_elements <= IM2COL_MAX_PATCH_ELEMENTS
+  if small and in_channels >= IM2COL_MIN_CHANNELS:
+    return "im2col"
+  return "native" if not small and in_channels >= WIDE_CHANNELS else "taps"
 
 
 def conv_padding(kernel_size: Sequence[int], strides: Sequence[int], causal: bool) -> Pads:
@@ -80,6 +105,29 @@ def _temporal_taps_conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int
   return einops.rearrange(out, "(b t) h w c -> b t h w c", b=batch)
 
 
+def _output_size(size: int, kernel: int, stride: int) -> int:
+  return (size - kernel) // stride + 1
+
+
+def _im2col_conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int]) -> jax.Array:
+  """The 3D conv as one matmul: ``[positions, taps * C_in] @ [taps * C_in, C_out]``, the patch
+  matrix's columns ordered like the kernel's flattened ``(kt, kh, kw, C_in)``."""
+  kt, kh, kw, in_features, out_features = kernel.shape
+  out_t, out_h, out_w = (_output_size(size, k, s) for size, k, s in
+                         zip(x.shape[1:4], (kt, kh, kw), strides))
+  st, sh, sw = strides
+  patches = jnp.concatenate(
+      [x[:, a: a + (out_t - 1) * st + 1: st, b: b + (out_h - 1) * sh + 1: sh,
+         c: c + (out_w - 1) * sw + 1: sw]
+       for a in range(kt) for b in range(kh) for c in range(kw)], axis=-1)
+  return jnp.einsum("bthwk,ko->bthwo", patches,
+                    kernel.reshape(kt * kh * kw * in_features, out_features))
+
+
+_CONV_FORMS = {"native": "_native_conv3d", "taps": "_temporal_taps_conv3d",
+               "im2col": "_im2col_conv3d"}
+
+
 class Conv3D(nn.Module):
   """3D convolution with replicate padding (optionally causal in time). ``[B,T,H,W,C]`` in/out."""
 
@@ -98,10 +146,12 @@ class Conv3D(nn.Module):
                         (*self.kernel_size, in_features, self.features), jnp.float32)
     x = replicate_pad(x.astype(self.dtype), conv_padding(self.kernel_size, self.strides, self.causal))
     kernel = kernel.astype(self.dtype)
-    if resolve_conv_impl(self.conv_impl) == "native":
-      y = _native_conv3d(x, kernel, self.strides)
-    else:
-      y = _temporal_taps_conv3d(x, kernel, self.strides)
+    positions = x.shape[0] * math.prod(_output_size(size, k, s) for size, k, s in
+                                       zip(x.shape[1:4], self.kernel_size, self.strides))
+    form = resolve_conv_impl(self.conv_impl, in_features,
+                             positions * math.prod(self.kernel_size) * in_features)
+    # Looked up by name at call time, so tests can watch which form ran.
+    y = globals()[_CONV_FORMS[form]](x, kernel, self.strides)
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)
