@@ -182,7 +182,10 @@ def test_command_line_rejects_inconsistent_config_naming_the_field(tmp_path):
 
 
 def test_discriminator_is_neither_run_nor_updated_before_disc_start(tmp_path, monkeypatch):
-  """Before disc_start the GAN terms are skipped (lax.cond), not computed and zero-weighted."""
+  """Before disc_start the GAN terms are skipped (lax.cond), not computed and zero-weighted.
+
+  The run uses MAGVIT-v2's LFQ, so this is also LFQ through the trainer: its entropy terms reach
+  the metrics and the encoder trains through the sign's straight-through gradient."""
   calls = {"generator": 0, "discriminator": 0}
 
   def counted(name, loss_fn):
@@ -197,6 +200,7 @@ def test_discriminator_is_neither_run_nor_updated_before_disc_start(tmp_path, mo
                       counted("discriminator", vqgan_trainer.losses.discriminator_loss))
   config = load_config("tiny")
   config.vqgan.loss.disc_start = 1
+  config.vqgan.quantizer.kind = "lfq"
   trainer = vqgan_trainer.VQGANTrainer(config, tmp_path, devices=jax.devices()[:1])
   batches = pipeline.train_iterator(config.data, config.vqgan.train.batch_size, config.seed)
   initial = jax.device_get(trainer.initial_state())
@@ -207,7 +211,12 @@ def test_discriminator_is_neither_run_nor_updated_before_disc_start(tmp_path, mo
   after_first = jax.device_get(state)
   assert_trees_equal(after_first.disc_params, initial.disc_params)
   assert_trees_equal(after_first.disc_opt_state, initial.disc_opt_state)
-  assert relative_difference(initial.params, after_first.params) > 0  # the generator trained
+  assert relative_difference(initial.params["encoder"], after_first.params["encoder"]) > 0
+  assert relative_difference(initial.params["decoder"], after_first.params["decoder"]) > 0
+  # LFQ's codebook entropy is at most log(2^d) and positive for an untrained encoder's signs.
+  code_dim = config.vqgan.model.latent_channels
+  assert 0 < float(metrics["quantizer/codebook_entropy"]) <= code_dim * np.log(2) + 1e-5
+  assert float(metrics["quantizer/entropy_penalty"]) <= 1e-6
 
   state, metrics = trainer.step(state, next(batches))
   jax.effects_barrier()
