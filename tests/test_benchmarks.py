@@ -1,5 +1,6 @@
-"""benchmarks/accelerator.sh's CPU dry run: every path of the accelerator script works, so lent
-device time is never spent finding a broken benchmark."""
+"""Benchmark scripts at tiny sizes: benchmarks/accelerator.sh's CPU dry run (every path of the
+accelerator script works, so lent device time is never spent finding a broken benchmark), and
+benchmarks/priors.py on the tiny config."""
 
 import os
 import subprocess
