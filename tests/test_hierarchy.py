@@ -7,13 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import load_config, untrained_checkpoints
+from helpers import load_config
 
 from vqvdm_jax import config as config_lib
 from vqvdm_jax.inference.model import load
 from vqvdm_jax.models import hierarchy
 from vqvdm_jax.models.vqgan import latent_shape, make_vqgan
-from vqvdm_jax.training import vqgan_trainer
+from vqvdm_jax.training import diffusion_trainer, vqgan_trainer
 
 KEYS = {"params": jax.random.PRNGKey(0), "quantizer": jax.random.PRNGKey(1)}
 
@@ -21,6 +21,10 @@ KEYS = {"params": jax.random.PRNGKey(0), "quantizer": jax.random.PRNGKey(1)}
 def two_level(config):
   config.vqgan.model.hierarchy.levels = 2
   config.vqgan.model.hierarchy.quantizer.codebook_size = 16
+  # The tests compile these models: without attention and with one-op 3D convolutions they
+  # compile faster, and nothing tested here depends on either.
+  config.vqgan.model.attention_at_lowest = False
+  config.vqgan.model.conv_impl = "native"
   return config
 
 
@@ -111,7 +115,6 @@ def tiny_outputs():
   # Codes near the origin, so that the untrained top latents spread over several of them (at
   # the default scale every position picks the one code nearest 0, and a mean changes nothing).
   config.vqgan.model.hierarchy.quantizer.codebook_init_stddev = 0.05
-  config.vqgan.model.conv_impl = "native"  # one op a convolution: compiles faster than 'taps'
   model = make_vqgan(config)
   video = jax.random.uniform(jax.random.PRNGKey(2), (2, 8, 16, 16, 3), minval=-1, maxval=1)
 
@@ -173,28 +176,30 @@ def test_packed_latent_surface_agrees_with_the_code_indices(tiny_outputs):
 
 @pytest.fixture(scope="module")
 def trainer_and_step(tmp_path_factory):
-  """A two-level stage-1 trainer (GAN on from step 1) and its state after one step."""
+  """A two-level stage-1 trainer (GAN on from the first step), its state after one step, and
+  that state saved as the workdir's step-1 checkpoint."""
   config = two_level(load_config("tiny"))
   config.vqgan.loss.disc_start = 0
-  config.vqgan.model.conv_impl = "native"  # compiles faster than 'taps'
   config.vqgan.model.hierarchy.quantizer.kind = "ema"  # the top level's state moves too
-  trainer = vqgan_trainer.VQGANTrainer(config, tmp_path_factory.mktemp("stage1"),
-                                       devices=jax.devices()[:2])
+  workdir = tmp_path_factory.mktemp("two_level")
+  trainer = vqgan_trainer.VQGANTrainer(config, workdir, devices=jax.devices()[:1])
   batch = {"video": np.asarray(jax.random.randint(jax.random.PRNGKey(3), (8, 8, 16, 16, 3), 0,
                                                   256), np.uint8)}
   initial = jax.device_get(trainer.initial_state())
   state, metrics = trainer.step(trainer.initial_state(), batch)
-  yield trainer, batch, initial, state, jax.device_get(metrics)
+  saved = jax.device_get(state)
+  trainer.checkpointer.save(1, state, force=True)
+  trainer.checkpointer.wait_until_finished()
+  yield trainer, workdir, batch, initial, saved, jax.device_get(metrics)
   trainer.checkpointer.close()
 
 
 def test_one_train_step_updates_both_levels_and_logs_each(trainer_and_step):
-  _, _, initial, state, metrics = trainer_and_step
+  _, _, _, initial, state, metrics = trainer_and_step
   for name in ("codebook/usage", "codebook/top/usage", "codebook/top/perplexity",
                "quantizer/top/commitment", "loss/discriminator"):
     assert np.isfinite(metrics[name]), name
   assert metrics["gan/active"] == 1.0 and metrics["nonfinite/skipped"] == 0.0
-  state = jax.device_get(state)
   for module in ("top_encoder", "top_decoder", "bottom_head", "encoder", "decoder"):
     moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), state.params[module],
                          initial.params[module])
@@ -205,10 +210,7 @@ def test_one_train_step_updates_both_levels_and_logs_each(trainer_and_step):
 
 
 def test_a_restored_two_level_state_continues_bit_identically(trainer_and_step):
-  trainer, batch, _, state, _ = trainer_and_step
-  saved = jax.device_get(state)
-  trainer.checkpointer.save(1, state, force=True)
-  trainer.checkpointer.wait_until_finished()
+  trainer, _, batch, _, saved, _ = trainer_and_step
   restored = trainer.restore_or_init()
   for got, want in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(saved),
                        strict=True):
@@ -220,14 +222,17 @@ def test_a_restored_two_level_state_continues_bit_identically(trainer_and_step):
     np.testing.assert_array_equal(got, want)
 
 
-def test_two_level_sampling_is_deterministic_for_a_seed(tmp_path):
-  config = two_level(load_config("tiny"))
-  config.diffusion.sample.num_steps = 2
-  devices = jax.devices()[:1]
-  untrained_checkpoints(config, tmp_path, devices, 1)
-  model = load(tmp_path, config=config, devices=devices)
+def test_two_level_sampling_is_deterministic_for_a_seed(trainer_and_step):
+  trainer, workdir, *_ = trainer_and_step
+  config, devices = trainer.config, jax.devices()[:1]
+  # An untrained U-Net over the packed latent, beside the tokenizer's step-1 checkpoint.
+  stage2 = diffusion_trainer.DiffusionTrainer(config, workdir, latent_shape(config)[1:], devices)
+  stage2.checkpointer.save(1, stage2.initial_state(1.0, 1), force=True)
+  stage2.checkpointer.close()
+  model = load(workdir, config=config, devices=devices)
   assert model.latent_shape == (2, 4, 4, 8)  # both levels packed for the U-Net
-  first, again, other = (model.sample(labels=[0, 1], seed=seed) for seed in (0, 0, 1))
+  first, again, other = (model.sample(labels=[0, 1], seed=seed, num_steps=2)
+                         for seed in (0, 0, 1))
   assert first.shape == (2, 8, 16, 16, 3) and first.dtype == np.uint8
   np.testing.assert_array_equal(first, again)
   assert not np.array_equal(first, other)
