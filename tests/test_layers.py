@@ -45,6 +45,25 @@ def test_taps_and_im2col_convs_equal_the_native_conv_and_their_gradients(causal,
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=5e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("strides", [(1, 1, 1), (2, 2, 2)])
+def test_taps_conv_in_chunks_of_frames_equals_one_call_and_its_gradients(monkeypatch, strides):
+  # A limit of a few frames' elements splits each tap's 2D conv into chunks (the last one short);
+  # values and both gradients must not change beyond float32 rounding.
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 10, 10, 4))
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 4, 6))
+  loss = lambda x, k: jnp.sum(jnp.sin(layers._temporal_taps_conv3d(x, k, strides)))  # noqa: E731
+  expected = jax.value_and_grad(loss, argnums=(0, 1))(x, kernel)
+  calls = []
+  original = jax.lax.conv_general_dilated
+  monkeypatch.setattr(jax.lax, "conv_general_dilated",
+                      lambda f, *a, **k: calls.append(f.shape[0]) or original(f, *a, **k))
+  monkeypatch.setattr(layers, "TAPS_CHUNK_ELEMENTS", 3 * 10 * 10 * 4 + 3 * 8 * 8 * 6)
+  got = jax.value_and_grad(loss, argnums=(0, 1))(x, kernel)
+  assert len(calls) > 3  # more 2D convs than taps: chunked
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=1e-5)
+
+
 def test_causal_strided_conv_maps_one_plus_2k_frames_to_one_plus_k():
   conv = layers.Conv3D(2, strides=(2, 1, 1), causal=True)
   for frames, expected in ((1, 1), (5, 3), (9, 5), (16, 8)):

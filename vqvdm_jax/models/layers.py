@@ -35,6 +35,12 @@ CONV_IMPLS = ("auto", "native", "taps", "im2col")
 IM2COL_MAX_PATCH_ELEMENTS = 2**21  # output positions x taps x C_in: 8 MiB of float32
 IM2COL_MIN_CHANNELS = 128
 WIDE_CHANNELS = 64
+# The taps form's 2D convolutions run in chunks of frames whose input plus output is at most this
+# many elements (1 MiB of float32). XLA:CPU's convolution, and above all its kernel gradient (a
+# conv with a 32x32 window), slows 3-9x once one call's frames outgrow the cache: at the demo's
+# 32 frames of 34x34x32 one call took 171 ms for the kernel gradient, 4 calls of 8 frames 56 ms
+# (benchmarks/RESULTS.md, "Issue 18, continued").
+TAPS_CHUNK_ELEMENTS = 2**18
 
 
 def resolve_conv_impl(conv_impl: str, in_channels: int | None = None,
@@ -88,8 +94,26 @@ def _native_conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int]) -> j
       dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
 
 
+def _conv2d(frames: jax.Array, kernel: jax.Array, strides: Sequence[int]) -> jax.Array:
+  """VALID 2D conv of ``frames [N, H, W, C]``, in chunks of frames of at most
+  ``TAPS_CHUNK_ELEMENTS`` input plus output elements; each chunk is an independent conv."""
+  frames_total, height, width, in_features = frames.shape
+  kh, kw, _, out_features = kernel.shape
+  per_frame = (height * width * in_features + _output_size(height, kh, strides[0])
+               * _output_size(width, kw, strides[1]) * out_features)
+  chunk = max(1, TAPS_CHUNK_ELEMENTS // per_frame)
+  conv = lambda f: jax.lax.conv_general_dilated(  # noqa: E731
+      f, kernel, window_strides=tuple(strides), padding="VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  if chunk >= frames_total:
+    return conv(frames)
+  return jnp.concatenate([conv(frames[start: start + chunk])
+                          for start in range(0, frames_total, chunk)])
+
+
 def _temporal_taps_conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int]) -> jax.Array:
-  """The 3D conv as sum_k conv2d(x[t*s + k], kernel[k]), each 2D conv batched over B*T frames."""
+  """The 3D conv as sum_k conv2d(x[t*s + k], kernel[k]), each 2D conv batched over B*T frames
+  (in cache-sized chunks of frames: :func:`_conv2d`)."""
   batch, padded_frames = x.shape[:2]
   kt = kernel.shape[0]
   st = strides[0]
@@ -98,9 +122,7 @@ def _temporal_taps_conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int
   for tap in range(kt):
     frames = x[:, tap: tap + (out_frames - 1) * st + 1: st]
     frames = einops.rearrange(frames, "b t h w c -> (b t) h w c")
-    term = jax.lax.conv_general_dilated(
-        frames, kernel[tap], window_strides=tuple(strides[1:]), padding="VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    term = _conv2d(frames, kernel[tap], strides[1:])
     out = term if out is None else out + term
   return einops.rearrange(out, "(b t) h w c -> b t h w c", b=batch)
 
