@@ -79,13 +79,19 @@ def init_train_state(config: ml_collections.ConfigDict, model: nn.Module,
       rng=state_rng, nonfinite_streak=jnp.zeros((), jnp.int32))
 
 
+def uses_lpips(config: ml_collections.ConfigDict) -> bool:
+  """Whether the generator loss has an LPIPS term; without one, VGG is never loaded or run."""
+  return config.vqgan.loss.lpips_weight != 0
+
+
 def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                     discriminator: Discriminator3D, gen_tx: optax.GradientTransformation,
-                    disc_tx: optax.GradientTransformation, lpips_module: nn.Module
+                    disc_tx: optax.GradientTransformation, lpips_module: nn.Module | None
                     ) -> Callable[[VQGANTrainState, dict, PyTree], tuple[VQGANTrainState, dict]]:
   """The pure step ``(state, batch, lpips_params) -> (state, metrics)``; jit it once."""
   loss_config = config.vqgan.loss
   ema_decay = config.vqgan.optim.ema_decay
+  with_lpips = uses_lpips(config)
 
   def gan_terms(disc_params, video, x_hat):
     """(L_disc, L_disc_aux) of the generator: VQ-VDM eqs. 3 and 4 on the reconstruction."""
@@ -101,12 +107,15 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
         {"params": params, "quantizer_state": quantizer_state}, video, train=True,
         mutable=["quantizer_state"], rngs={"quantizer": quantizer_rng})
     l2 = losses.l2_reconstruction_loss(video, x_hat)
-    perceptual = losses.video_lpips(lpips_module, lpips_params, video, x_hat,
-                                    loss_config.lpips_frames, lpips_rng)
+    zero = jnp.zeros((), jnp.float32)
+    if with_lpips:
+      perceptual = losses.video_lpips(lpips_module, lpips_params, video, x_hat,
+                                      loss_config.lpips_frames, lpips_rng)
+    else:  # lpips_weight=0: VGG is neither built into the step nor run (reported as 0)
+      perceptual = zero
     reconstruction = loss_config.l2_weight * l2 + loss_config.lpips_weight * perceptual
     # lax.cond, not a 0/1 gate: before disc_start (10k steps by default) the discriminator's
     # forward and backward passes are skipped instead of computed and multiplied by zero.
-    zero = jnp.zeros((), jnp.float32)
     adversarial, feature_matching = jax.lax.cond(
         gan_active, lambda x: gan_terms(disc_params, video, x), lambda x: (zero, zero), x_hat)
     return dict(x_hat=x_hat, quantized=quantized, quantizer_state=updated.get("quantizer_state", {}),
@@ -232,7 +241,8 @@ class VQGANTrainer:
     optim = config.vqgan.optim
     self.gen_tx = make_optimizer(optim.learning_rate, optim, config.vqgan.train.num_steps)
     self.disc_tx = make_optimizer(optim.disc_learning_rate, optim, config.vqgan.train.num_steps)
-    self.lpips_module, lpips_params = losses.load_lpips()
+    # The VGG weights (~60 MB) only when the loss reads them; else an empty tree.
+    self.lpips_module, lpips_params = losses.load_lpips() if uses_lpips(config) else (None, {})
     self.replicated = sharding.replicated(self.mesh)
     self.lpips_params = jax.device_put(lpips_params, self.replicated)
     self.checkpointer = checkpointing.Checkpointer(
