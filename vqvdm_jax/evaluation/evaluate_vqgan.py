@@ -3,8 +3,9 @@
 Writes ``DIR/vqgan/eval/NNN/eval.json`` (PSNR, SSIM, LPIPS, rFVD, codebook usage and perplexity
 over the held-out clips; on the embedded dataset also the sprite colour check: the mean L∞ error
 of each clip's mean sprite colour and the fraction of clips within 0.1; for VQ-VAE-2's two-level
-tokenizer also ``top_only/*`` and ``bottom_only/*`` PSNR, SSIM and LPIPS, decoded with the other
-level's codes replaced by their mean, and the top level's ``top/codebook_*``) and
+tokenizer also ``top_only/*`` and ``bottom_only/*`` PSNR, SSIM, LPIPS and colour check, decoded
+with the other level's codes replaced by their batch mean, and the top level's
+``top/codebook_*``; the log prints these as a table) and
 ``eval_grid.{gif,mp4}`` (originals above reconstructions) beside it, one numbered folder per
 invocation.
 rFVD is FVD (the I3D protocol of ``evaluation/i3d.py``) of reconstructions against their
@@ -48,6 +49,21 @@ def codebook_statistics(indices: np.ndarray, codebook_size: int) -> dict[str, fl
 LEVEL_RECONSTRUCTIONS = ("top_only", "bottom_only")
 
 
+def level_report(results: dict) -> str:
+  """The full and per-level reconstruction metrics of a two-level evaluation as a table."""
+  colour = "sprite_colour_pass" in results
+  lines = [f"{'decoded from':<14}{'PSNR':>8}{'SSIM':>8}{'LPIPS':>8}" + ("  colour" if colour
+                                                                       else "")]
+  for label, prefix in (("both levels", ""), ("top only", "top_only/"),
+                        ("bottom only", "bottom_only/")):
+    line = (f"{label:<14}{results[prefix + 'psnr']:>8.2f}{results[prefix + 'ssim']:>8.3f}"
+            f"{results[prefix + 'lpips']:>8.3f}")
+    if colour:
+      line += f"{100 * results[prefix + 'sprite_colour_pass']:>7.0f}%"
+    lines.append(line)
+  return "\n".join(lines)
+
+
 def codebook_size(config: ml_collections.ConfigDict) -> int:
   return quantizers.num_codes(config.vqgan.quantizer, config.vqgan.model.latent_channels)
 
@@ -66,42 +82,45 @@ def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
   lpips_params = jax.device_put(lpips_params, replicated)
 
   two_levels = config.vqgan.model.hierarchy.levels == 2
+  # The reconstructions measured, by metric-name prefix: the full one (the one-level names),
+  # and for two levels also each level alone.
+  prefixes = ("", *(f"{level}/" for level in LEVEL_RECONSTRUCTIONS)) if two_levels else ("",)
 
-  def quality(video, x_hat, lpips_params):
-    """PSNR, SSIM and LPIPS per clip of a reconstruction clipped to [-1, 1]."""
-    frames, frames_hat = (x.reshape((-1, *x.shape[2:])) for x in (video, x_hat))
-    frame_lpips = losses.lpips_distance(lpips_module, lpips_params, frames, frames_hat)
-    return {"psnr": reconstruction.psnr(video, x_hat),
-            "ssim": reconstruction.ssim(video, x_hat),
-            "lpips": frame_lpips.reshape(video.shape[:2]).mean(axis=1)}
-
-  def clip_metrics(variables, lpips_params, video_uint8):
+  def reconstruct(variables, video_uint8):
+    """Each reconstruction clipped to [-1, 1] (float and uint8), its PSNR and SSIM per clip,
+    and the code indices."""
     video = pipeline.to_model_input(video_uint8)
     if two_levels:  # VQ-VAE-2: also each level alone, the other's codes set to their mean
       levels = model.apply(variables, video, method="reconstruct_levels")
-      x_hat, indices = levels["both"], levels["indices"]
-      per_level = {f"{level}/{name}": value for level in LEVEL_RECONSTRUCTIONS
-                   for name, value in quality(video, jnp.clip(levels[level], -1.0, 1.0),
-                                              lpips_params).items()}
-      per_level["top_indices"] = levels["top_indices"]
+      decoded = [levels["both"], *(levels[level] for level in LEVEL_RECONSTRUCTIONS)]
+      out = {"indices": levels["indices"], "top_indices": levels["top_indices"]}
     else:
       x_hat, quantized = model.apply(variables, video, train=False)
-      indices, per_level = quantized.indices, {}
-    x_hat = jnp.clip(x_hat, -1.0, 1.0)
-    return {**quality(video, x_hat, lpips_params), **per_level,
-            "indices": indices, "x_hat": pipeline.to_uint8(x_hat)}
+      decoded, out = [x_hat], {"indices": quantized.indices}
+    for prefix, x_hat in zip(prefixes, decoded, strict=True):
+      x_hat = jnp.clip(x_hat, -1.0, 1.0)
+      out.update({f"{prefix}psnr": reconstruction.psnr(video, x_hat),
+                  f"{prefix}ssim": reconstruction.ssim(video, x_hat),
+                  f"{prefix}x_hat": x_hat, f"{prefix}x_hat_uint8": pipeline.to_uint8(x_hat)})
+    return out
+
+  def clip_lpips(lpips_params, video_uint8, x_hat):
+    """LPIPS per clip (the mean over its frames) of a reconstruction in [-1, 1]."""
+    video = pipeline.to_model_input(video_uint8)
+    frames, frames_hat = (x.reshape((-1, *x.shape[2:])) for x in (video, x_hat))
+    frame_lpips = losses.lpips_distance(lpips_module, lpips_params, frames, frames_hat)
+    return frame_lpips.reshape(video.shape[:2]).mean(axis=1)
 
   # The weights as restored; clips in and metrics out replicated, so that every process (each
-  # read the same clips) can read every result.
-  clip_metrics = jax.jit(clip_metrics, in_shardings=(
-      jax.tree.map(lambda leaf: leaf.sharding, variables), replicated,
-      replicated), out_shardings=replicated)
+  # read the same clips) can read every result. VGG is a function of its own, compiled once
+  # for all the reconstructions it compares (a two-level tokenizer has three).
+  reconstruct = jax.jit(reconstruct, in_shardings=(
+      jax.tree.map(lambda leaf: leaf.sharding, variables), replicated),
+      out_shardings=replicated)
+  clip_lpips = jax.jit(clip_lpips, in_shardings=replicated, out_shardings=replicated)
 
   eval_config = config.vqgan.eval
-  per_clip = {"psnr": [], "ssim": [], "lpips": []}
-  if two_levels:
-    per_clip.update({f"{level}/{name}": [] for level in LEVEL_RECONSTRUCTIONS
-                     for name in ("psnr", "ssim", "lpips")})
+  per_clip = {f"{prefix}{name}": [] for prefix in prefixes for name in ("psnr", "ssim", "lpips")}
   all_indices, top_indices, originals, reconstructions = [], [], [], []
   with_rfvd = config.evaluation.reconstruction_fvd
   if with_rfvd:
@@ -110,25 +129,30 @@ def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
                                        eval_config.batch_size)
   i3d_features = {"original": [], "reconstruction": []}
   with_colour = config.data.name == "synthetic"  # the colour check reads the sprites' colours
-  colour_errors = []
+  colour_errors = {prefix: [] for prefix in prefixes}
   for batch in pipeline.eval_batches(config.data, eval_config.batch_size, eval_config.num_clips,
                                      config.seed):
     video = sharding.from_replicated_host_data(batch["video"], replicated)
-    out = jax.device_get(clip_metrics(variables, lpips_params, video))
+    out = reconstruct(variables, video)
+    for prefix in prefixes:
+      out[f"{prefix}lpips"] = clip_lpips(lpips_params, video, out.pop(f"{prefix}x_hat"))
+    out = jax.device_get(out)
     for name in per_clip:
       per_clip[name].append(np.asarray(out[name], np.float64))
     all_indices.append(np.asarray(out["indices"]))
     if two_levels:
       top_indices.append(np.asarray(out["top_indices"]))
     if with_colour:
-      colour_errors.append(reconstruction.sprite_colour_error(batch["video"],
-                                                              np.asarray(out["x_hat"])))
+      for prefix in prefixes:
+        colour_errors[prefix].append(reconstruction.sprite_colour_error(
+            batch["video"], np.asarray(out[f"{prefix}x_hat_uint8"])))
+    x_hat = np.asarray(out["x_hat_uint8"])
     if with_rfvd:
       i3d_features["original"].append(extractor(batch["video"]))
-      i3d_features["reconstruction"].append(extractor(np.asarray(out["x_hat"])))
+      i3d_features["reconstruction"].append(extractor(x_hat))
     if len(originals) < 1:
       originals.append(batch["video"][:8])
-      reconstructions.append(np.asarray(out["x_hat"])[:8])
+      reconstructions.append(x_hat[:8])
   results = {name: float(np.mean(np.concatenate(values))) for name, values in per_clip.items()}
   results.update(codebook_statistics(np.concatenate([i.reshape(-1) for i in all_indices]),
                                      codebook_size(config)))
@@ -143,10 +167,12 @@ def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
                   "weights": "ema" if config.vqgan.optim.ema_decay > 0 else "raw",
                   "psnr_data_range": "[-1, 1] (2.0)"})
   if with_colour:
-    errors = np.concatenate(colour_errors)
-    results.update({"sprite_colour_error": float(np.nanmean(errors)),
-                    "sprite_colour_pass": float(np.mean(errors <= reconstruction.COLOUR_TOLERANCE)),
-                    "sprite_colour_tolerance": reconstruction.COLOUR_TOLERANCE})
+    for prefix in prefixes:
+      errors = np.concatenate(colour_errors[prefix])
+      results.update({
+          f"{prefix}sprite_colour_error": float(np.nanmean(errors)),
+          f"{prefix}sprite_colour_pass": float(np.mean(errors <= reconstruction.COLOUR_TOLERANCE))})
+    results["sprite_colour_tolerance"] = reconstruction.COLOUR_TOLERANCE
   if with_rfvd:
     results["rfvd"] = metrics.frechet_video_distance(
         *(np.concatenate(i3d_features[key]) for key in ("original", "reconstruction")))
@@ -159,4 +185,7 @@ def evaluate_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
     (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     video_io.write_comparison_grid(out_dir / "eval_grid", originals[0], reconstructions[0], fps=8)
   logging.info("Stage-1 evaluation at step %d: %s", results["step"], results)
+  if two_levels:
+    logging.info("What each level carries (the other's codes at their batch mean):\n%s",
+                 level_report(results))
   return results
