@@ -1,8 +1,11 @@
 """VQ-VAE-2's two-level tokenizer (models/hierarchy.py): shapes, the flow between the levels,
-the packed latent stage 2 sees, its train step and checkpoint, and two-level sampling."""
+the packed latent stage 2 sees, its train step (on one device and sharded) and checkpoint, the
+per-level evaluation metrics, and two-level sampling."""
 
 import functools
+import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +13,11 @@ import pytest
 from helpers import load_config
 
 from vqvdm_jax import config as config_lib
+from vqvdm_jax import losses
+from vqvdm_jax.data import pipeline
+from vqvdm_jax.evaluation import evaluate_vqgan as evaluate_vqgan_lib
+from vqvdm_jax.evaluation import reconstruction
+from vqvdm_jax.evaluation.evaluate_vqgan import evaluate_vqgan
 from vqvdm_jax.inference.model import load
 from vqvdm_jax.models import hierarchy
 from vqvdm_jax.models.vqgan import latent_shape, make_vqgan
@@ -29,14 +37,14 @@ def two_level(config):
 
 
 def abstract_indices(config):
-  """Shapes of ``encode_to_indices`` for one clip of ``config.data``, by shape evaluation."""
+  """Shapes of ``encode_to_indices`` for one clip of ``config.data``, by shape evaluation (one
+  trace of the encoder side: the decoder is neither built nor traced)."""
   model = make_vqgan(config)
   data = config.data
   video = jax.ShapeDtypeStruct((1, data.num_frames, data.resolution, data.resolution, 3),
                                jnp.float32)
-  variables = jax.eval_shape(model.init, KEYS, video)
-  return jax.eval_shape(lambda v, x: model.apply(v, x, method="encode_to_indices"),
-                        variables, video)
+  return jax.eval_shape(lambda x: model.init_with_output(
+      KEYS, x, method="encode_to_indices")[0], video)
 
 
 @pytest.mark.parametrize("name, arg, bottom, top", [
@@ -71,14 +79,12 @@ def test_every_quantizer_kind_works_at_each_level(top_kind, bottom_kind):
   config_lib.validate(config)
   model = make_vqgan(config)
   video = jax.ShapeDtypeStruct((2, 8, 16, 16, 3), jnp.float32)
-  variables = jax.eval_shape(model.init, KEYS, video)
+  # One trace: the training forward pass, run by init (its outputs and every variable).
+  (x_hat, quantized), variables = jax.eval_shape(
+      lambda x: model.init_with_output(KEYS, x, train=True), video)
   assert {"quantizer", "top_quantizer"} <= set(variables["quantizer_state"])
-  (x_hat, quantized), updates = jax.eval_shape(
-      lambda v, x: model.apply(v, x, train=True, mutable=["quantizer_state"],
-                               rngs={"quantizer": KEYS["quantizer"]}), variables, video)
   assert x_hat.shape == video.shape
   assert {"usage", "perplexity", "top/usage", "top/perplexity"} <= set(quantized.stats)
-  assert "top_quantizer" in updates["quantizer_state"]
 
 
 def test_pack_and_unpack_levels_are_inverse():
@@ -125,12 +131,18 @@ def tiny_outputs():
         jnp.repeat(jnp.arange(2), top_latent[0, ..., 0].size).reshape(top_latent.shape[:-1]),
         method=lambda module, i: module.top_quantizer.codes_from_indices(i))
     packed = apply(apply(video, method="encode"), method="quantize").quantized
-    indices = apply(video, method="encode_to_indices")
-    # Decoded as one batch: the packed latent, then with the bottom's, then the top's channels
-    # zeroed (the decoder treats clips independently).
+    levels = apply(video, method="reconstruct_levels")
+    # encode_to_indices' codes are these (both come from _quantize_levels): one encoder less
+    indices = {"bottom": levels["indices"], "top": levels["top_indices"]}
+    # Decoded as one batch (the decoder treats clips independently): the packed latent, then
+    # with the bottom's, then the top's channels zeroed, then each set to its batch mean (the
+    # top's repeats weigh its positions equally, so that is the top codes' mean too).
     zero_bottom, zero_top = packed.at[..., :4].set(0.0), packed.at[..., 4:].set(0.0)
+    mean = lambda x: jnp.mean(x, axis=(0, 1, 2, 3))  # noqa: E731
+    mean_bottom = packed.at[..., :4].set(mean(packed[..., :4]))
+    mean_top = packed.at[..., 4:].set(mean(packed[..., 4:]))
     return {
-        "levels": apply(video, method="reconstruct_levels"),
+        "levels": levels,
         # one clip's bottom features under two different top codes
         "bottom": apply(jnp.concatenate([features[:1]] * 2), top_codes, method="encode_bottom"),
         "top_indices": apply(top_latent, method=lambda module, z: module.top_quantizer(z).indices),
@@ -138,8 +150,8 @@ def tiny_outputs():
         "from_indices": hierarchy.pack_levels(*apply(indices, method=lambda module, i: (
             module.quantizer.codes_from_indices(i["bottom"]),
             module.top_quantizer.codes_from_indices(i["top"]))), (2, 2)),
-        "decoded": jnp.split(apply(jnp.concatenate([packed, zero_bottom, zero_top]),
-                                   method="decode"), 3)}
+        "decoded": jnp.split(apply(jnp.concatenate(
+            [packed, zero_bottom, zero_top, mean_bottom, mean_top]), method="decode"), 5)}
 
   return jax.device_get(jax.jit(run)(video))
 
@@ -155,7 +167,7 @@ def test_bottom_encoder_output_changes_with_the_top_codes(tiny_outputs):
 
 def test_decoder_reads_both_levels(tiny_outputs):
   levels = tiny_outputs["levels"]
-  x_hat, zero_bottom, zero_top = tiny_outputs["decoded"]  # decoded from the packed latent
+  x_hat, zero_bottom, zero_top, _, _ = tiny_outputs["decoded"]  # from the packed latent
   np.testing.assert_allclose(levels["both"], x_hat, atol=1e-5)
   assert mean_difference(zero_bottom, x_hat) > 1e-3 and mean_difference(zero_top, x_hat) > 1e-3
   # Each level alone: the other's codes become their batch mean, so the output changes too
@@ -163,6 +175,16 @@ def test_decoder_reads_both_levels(tiny_outputs):
   assert len(np.unique(tiny_outputs["top_indices"])) > 1
   for name in ("top_only", "bottom_only"):
     assert mean_difference(levels[name], x_hat) > 1e-3, name
+
+
+def test_each_level_alone_is_decoded_with_the_other_levels_codes_at_their_mean(tiny_outputs):
+  """What evaluate_vqgan's top_only / bottom_only report, against the packed-latent decoder:
+  a swap of the two (they differ here) fails."""
+  levels = tiny_outputs["levels"]
+  *_, mean_bottom, mean_top = tiny_outputs["decoded"]
+  np.testing.assert_allclose(levels["top_only"], mean_bottom, atol=1e-5)
+  np.testing.assert_allclose(levels["bottom_only"], mean_top, atol=1e-5)
+  assert mean_difference(levels["top_only"], levels["bottom_only"]) > 1e-3
 
 
 def test_packed_latent_surface_agrees_with_the_code_indices(tiny_outputs):
@@ -174,28 +196,59 @@ def test_packed_latent_surface_agrees_with_the_code_indices(tiny_outputs):
   np.testing.assert_allclose(tiny_outputs["from_indices"], packed, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def trainer_and_step(tmp_path_factory):
-  """A two-level stage-1 trainer (GAN on from the first step), its state after one step, and
-  that state saved as the workdir's step-1 checkpoint."""
+def train_config():
+  """The tiny two-level tokenizer with the GAN on from the first step, an EMA top codebook
+  (its state moves too), no LPIPS term (VGG would cost more to compile than the model) and a
+  batch of two (one clip per device in the sharded test)."""
   config = two_level(load_config("tiny"))
   config.vqgan.loss.disc_start = 0
-  config.vqgan.model.hierarchy.quantizer.kind = "ema"  # the top level's state moves too
+  config.vqgan.loss.lpips_weight = 0.0
+  config.vqgan.model.hierarchy.quantizer.kind = "ema"
+  config.vqgan.train.batch_size = 2
+  # The sampling test's untrained U-Net: one level, no attention, one-op convolutions (it
+  # compiles in half the time, and nothing tested depends on its depth).
+  unet = config.diffusion.unet
+  unet.channel_multipliers, unet.attention_levels, unet.conv_impl = (1,), (), "native"
+  return config
+
+
+@pytest.fixture(scope="module")
+def trainer_and_step(tmp_path_factory):
+  """A two-level stage-1 trainer on one device, its state after one step, that state saved as
+  the workdir's step-1 checkpoint, and how often VGG was loaded or run (it should not be)."""
+  config = train_config()
   workdir = tmp_path_factory.mktemp("two_level")
-  trainer = vqgan_trainer.VQGANTrainer(config, workdir, devices=jax.devices()[:1])
-  batch = {"video": np.asarray(jax.random.randint(jax.random.PRNGKey(3), (8, 8, 16, 16, 3), 0,
-                                                  256), np.uint8)}
-  initial = jax.device_get(trainer.initial_state())
-  state, metrics = trainer.step(trainer.initial_state(), batch)
+  vgg_calls = {"load_lpips": 0, "video_lpips": 0}
+
+  def counted(name, function):
+    def wrapper(*args, **kwargs):
+      vgg_calls[name] += 1  # at trace time: a function left out of the step is never traced
+      return function(*args, **kwargs)
+    return wrapper
+
+  with pytest.MonkeyPatch.context() as patch:
+    for name in vgg_calls:
+      patch.setattr(vqgan_trainer.losses, name, counted(name, getattr(vqgan_trainer.losses, name)))
+    trainer = vqgan_trainer.VQGANTrainer(config, workdir, devices=jax.devices()[:1])
+    batch = {"video": np.asarray(jax.random.randint(
+        jax.random.PRNGKey(3), (2, 8, 16, 16, 3), 0, 256), np.uint8)}
+    initial = jax.device_get(trainer.initial_state())
+    state, metrics = trainer.step(trainer.initial_state(), batch)
   saved = jax.device_get(state)
   trainer.checkpointer.save(1, state, force=True)
   trainer.checkpointer.wait_until_finished()
-  yield trainer, workdir, batch, initial, saved, jax.device_get(metrics)
+  yield trainer, workdir, batch, initial, saved, jax.device_get(metrics), vgg_calls
   trainer.checkpointer.close()
 
 
+def test_a_zero_lpips_weight_leaves_vgg_out_of_the_train_step(trainer_and_step):
+  *_, metrics, vgg_calls = trainer_and_step
+  assert vgg_calls == {"load_lpips": 0, "video_lpips": 0}
+  assert metrics["loss/lpips"] == 0.0 and np.isfinite(metrics["loss/l2"])
+
+
 def test_one_train_step_updates_both_levels_and_logs_each(trainer_and_step):
-  _, _, _, initial, state, metrics = trainer_and_step
+  _, _, _, initial, state, metrics, _ = trainer_and_step
   for name in ("codebook/usage", "codebook/top/usage", "codebook/top/perplexity",
                "quantizer/top/commitment", "loss/discriminator"):
     assert np.isfinite(metrics[name]), name
@@ -210,7 +263,7 @@ def test_one_train_step_updates_both_levels_and_logs_each(trainer_and_step):
 
 
 def test_a_restored_two_level_state_continues_bit_identically(trainer_and_step):
-  trainer, _, batch, _, saved, _ = trainer_and_step
+  trainer, _, batch, _, saved, *_ = trainer_and_step
   restored = trainer.restore_or_init()
   for got, want in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(saved),
                        strict=True):
@@ -220,6 +273,86 @@ def test_a_restored_two_level_state_continues_bit_identically(trainer_and_step):
   for got, want in zip(jax.tree.leaves(jax.device_get(continued)),
                        jax.tree.leaves(jax.device_get(again)), strict=True):
     np.testing.assert_array_equal(got, want)
+
+
+def relative_difference(a, b) -> float:
+  """||a - b|| / ||a|| over every leaf of two pytrees."""
+  pairs = list(zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+  difference = sum(float(np.sum((np.asarray(x) - np.asarray(y)) ** 2)) for x, y in pairs)
+  return (difference / sum(float(np.sum(np.asarray(x) ** 2)) for x, _ in pairs)) ** 0.5
+
+
+def test_sharded_two_level_step_matches_the_single_device_step(trainer_and_step, tmp_path):
+  """The fixture's step (one device) again with the batch split over two: GAN, both
+  quantizers' EMA codebooks and the top level's statistics reduce over the whole batch."""
+  trainer, _, batch, initial, single, single_metrics, _ = trainer_and_step
+  sharded = vqgan_trainer.VQGANTrainer(trainer.config, tmp_path, devices=jax.devices()[:2])
+  assert sharded.mesh.size == 2
+  state, metrics = sharded.step(sharded.initial_state(), batch)
+  sharded.checkpointer.close()
+  state, metrics = jax.device_get((state, metrics))
+  for name in ("loss/generator", "loss/discriminator", "loss/vq", "quantizer/top/commitment",
+               "codebook/perplexity", "codebook/top/perplexity"):
+    np.testing.assert_allclose(metrics[name], single_metrics[name], rtol=1e-4, err_msg=name)
+  # As for the one-level model (test_vqgan_training): Adam turns the rounding of near-zero
+  # gradients into full steps, so the updates are compared as a whole.
+  for field in ("params", "disc_params", "quantizer_state"):
+    update_single, update_sharded = (
+        jax.tree.map(np.subtract, getattr(after, field), getattr(initial, field))
+        for after in (single, state))
+    assert relative_difference(update_single, update_sharded) < 2e-2, field
+
+
+class MeanAbsoluteDistance(nn.Module):
+  """A stand-in for LPIPS in the evaluation test (VGG costs more to compile than the rest):
+  the mean |a - b| of each frame pair, ``[N, 1, 1, 1]`` like LPIPS."""
+
+  @nn.compact
+  def __call__(self, frames_a, frames_b):
+    return jnp.abs(frames_a - frames_b).mean(axis=(1, 2, 3), keepdims=True)
+
+
+# Stand-ins for the three reconstructions of reconstruct_levels, each a different function of
+# the clip: a level reported under the other's name, or the full one under a level's, shows.
+STAND_INS = {"": ("both", lambda x: 0.9 * x), "top_only/": ("top_only", lambda x: 0.5 * x),
+             "bottom_only/": ("bottom_only", lambda x: 0.2 - 0.6 * x)}
+
+
+def test_evaluate_vqgan_reports_each_level_under_its_own_name(trainer_and_step, monkeypatch,
+                                                              tmp_path):
+  """PSNR, LPIPS and the colour check of the full reconstruction and of each level alone, as
+  eval.json names them, against the same metrics of known stand-in reconstructions."""
+  trainer, workdir, *_ = trainer_and_step
+  config = trainer.config
+
+  def stand_in_levels(module, video):
+    del module
+    batch = video.shape[0]
+    return {**{name: function(video) for name, function in STAND_INS.values()},
+            "indices": jnp.zeros((batch, 2, 4, 4), jnp.int32),
+            "top_indices": jnp.ones((batch, 1, 2, 2), jnp.int32)}
+
+  monkeypatch.setattr(hierarchy.HierarchicalVQGAN3D, "reconstruct_levels", stand_in_levels)
+  monkeypatch.setattr(losses, "load_lpips", lambda: (MeanAbsoluteDistance(), {}))
+  results = evaluate_vqgan(config, workdir, out_dir=tmp_path)
+  assert json.loads((tmp_path / "eval.json").read_text()) == results
+  clips = next(pipeline.eval_batches(config.data, config.vqgan.eval.num_clips,
+                                     config.vqgan.eval.num_clips, config.seed))["video"]
+  video = pipeline.to_model_input(clips)
+  for prefix, (_, function) in STAND_INS.items():
+    x_hat = jnp.clip(function(video), -1.0, 1.0)
+    expected = {
+        "psnr": reconstruction.psnr(video, x_hat),
+        "lpips": jnp.abs(video - x_hat).mean(axis=(1, 2, 3, 4)),
+        "sprite_colour_error": reconstruction.sprite_colour_error(
+            clips, np.asarray(pipeline.to_uint8(x_hat)))}
+    for name, values in expected.items():
+      assert results[prefix + name] == pytest.approx(float(np.nanmean(values)), rel=1e-5), (
+          prefix + name)
+    assert -1 < results[prefix + "ssim"] < 1 and 0 <= results[prefix + "sprite_colour_pass"] <= 1
+  # One code per level: a fraction of each level's own codebook (32 and 16 codes).
+  assert (results["codebook_usage"], results["top/codebook_usage"]) == (1 / 32, 1 / 16)
+  assert "top only" in evaluate_vqgan_lib.level_report(results)
 
 
 def test_two_level_sampling_is_deterministic_for_a_seed(trainer_and_step):
