@@ -31,6 +31,21 @@ def _short_reason(error: Exception) -> str:
   return f"{type(error).__name__}: {reason[:300]}"
 
 
+def _save_whole_replicas_on_cpu() -> None:
+  """On the CPU backend, Orbax writes each replicated array from one replica, whole.
+
+  Orbax's default (replica-parallel saving) splits every replicated array into one slice a
+  device and transfers the slices separately: worth it across accelerators and hosts, pure cost
+  on CPU devices sharing one host memory, where each slice is a separately compiled and
+  dispatched ``lax.slice`` (the tiny config's stage-1 state on 8 CPU devices: 15 s for the first
+  save of a process and 3.5 s for each next one, against 1.7 s and 1.0 s whole; benchmarks/RESULTS.md,
+  "Test suite"). The files written are the same.
+  """
+  if jax.default_backend() == "cpu":
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 class Checkpointer:
   """A directory of step-numbered checkpoints: state (pytree) + optional grain iterator state."""
 
@@ -39,6 +54,7 @@ class Checkpointer:
     self.directory = fileio.absolute(directory)  # an epath.Path: local, or gs:// for Orbax
     self.save_every = save_every
     self._closed = False
+    _save_whole_replicas_on_cpu()
     # The interval is applied here, not by Orbax, which would also save the first step it sees.
     # Asynchronous saves copy the state to host memory and write it while training goes on.
     self._manager = ocp.CheckpointManager(
