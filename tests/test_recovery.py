@@ -114,3 +114,23 @@ def test_no_restorable_checkpoint_is_one_clear_error(tmp_path):
     reopened.restore()
   reopened.checkpointer.close()
   assert (tmp_path / "diffusion" / "checkpoints" / "2.unrestorable").is_dir()  # kept
+
+
+def test_cpu_checkpoints_save_replicated_arrays_whole_and_restore_them(tmp_path, monkeypatch):
+  """Orbax's replica-parallel saving would slice each replicated array once a device (one
+  compiled ``lax.slice`` each); on CPU devices the project saves them whole."""
+  slices = []
+  original = jax.lax.slice_in_dim
+  monkeypatch.setattr(jax.lax, "slice_in_dim",
+                      lambda *args, **kwargs: slices.append(args) or original(*args, **kwargs))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = {"kernel": jax.device_put(np.arange(64.0, dtype=np.float32).reshape(8, 8), replicated)}
+  checkpointer = checkpointing.Checkpointer(tmp_path, save_every=1, keep=2)
+  assert checkpointer.save(1, state)
+  checkpointer.wait_until_finished()
+  restored = checkpointer.restore(state)
+  checkpointer.close()
+  assert jax.device_count() == 8 and slices == []
+  np.testing.assert_array_equal(np.asarray(restored["kernel"]), np.asarray(state["kernel"]))
+  assert restored["kernel"].sharding == replicated

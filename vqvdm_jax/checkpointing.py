@@ -9,6 +9,7 @@ temporary directory and renames), so an interrupted save never corrupts an earli
 
 from __future__ import annotations
 
+import logging as std_logging
 from typing import Any
 
 import grain
@@ -31,19 +32,31 @@ def _short_reason(error: Exception) -> str:
   return f"{type(error).__name__}: {reason[:300]}"
 
 
+_whole_replicas_registered = False
+
+
 def _save_whole_replicas_on_cpu() -> None:
   """On the CPU backend, Orbax writes each replicated array from one replica, whole.
 
   Orbax's default (replica-parallel saving) splits every replicated array into one slice a
   device and transfers the slices separately: worth it across accelerators and hosts, pure cost
   on CPU devices sharing one host memory, where each slice is a separately compiled and
-  dispatched ``lax.slice`` (the tiny config's stage-1 state on 8 CPU devices: 15 s for the first
-  save of a process and 3.5 s for each next one, against 1.7 s and 1.0 s whole; benchmarks/RESULTS.md,
-  "Test suite"). The files written are the same.
+  dispatched ``lax.slice`` (the tiny config's stage-1 state on 8 CPU devices: 15 s for a
+  process's first save and 3.5 s for each next one, against 1.7 s and 1.0 s whole;
+  benchmarks/RESULTS.md, "Test suite"). The files written are the same.
   """
-  if jax.default_backend() == "cpu":
-    ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+  global _whole_replicas_registered
+  if jax.default_backend() == "cpu" and not _whole_replicas_registered:
+    # Orbax warns that it overrides its handler: a line on every run that no user can act on.
+    absl_logger = std_logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(std_logging.ERROR)
+    try:
+      ocp.type_handlers.register_type_handler(
+          jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+    finally:
+      absl_logger.setLevel(level)
+    _whole_replicas_registered = True
 
 
 class Checkpointer:
