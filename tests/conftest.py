@@ -2,8 +2,9 @@
 
 The tests are compile-bound: most compile a step or a sampler and run it a few times. XLA:CPU's
 backend at optimisation level 0 compiles the tiny train steps ~2.5x faster and runs them 2.5-6x
-slower, which saves minutes over the suite (benchmarks/RESULTS.md, "Test suite"); results differ
-from the default level only by float32 rounding. Subprocesses inherit these flags through
+slower, which saves minutes over the suite (benchmarks/RESULTS.md, "Test suite"); skipping LLVM's
+expensive passes takes another ~15 % off a compile. Results differ from the defaults only by
+float32 rounding. Subprocesses inherit these flags through
 ``XLA_FLAGS``. The cache lets tests that build the same train step (a run and its resumption,
 say) compile it once per session instead of once per test.
 """
@@ -12,7 +13,8 @@ import os
 import tempfile
 
 TEST_XLA_FLAGS = {"--xla_force_host_platform_device_count": "8",
-                  "--xla_backend_optimization_level": "0"}
+                  "--xla_backend_optimization_level": "0",
+                  "--xla_llvm_disable_expensive_passes": "true"}
 _flags = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join([_flags] + [f"{name}={value}" for name, value in
                                                TEST_XLA_FLAGS.items() if name not in _flags]).strip()

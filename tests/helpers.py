@@ -2,6 +2,7 @@
 independent (numpy, float64) bilinear resize, the reference of the I3D and C3D protocols."""
 
 import importlib.util
+import os
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -18,6 +19,12 @@ def load_config(name: str, arg: str | None = None):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def fast_compile_xla_flags() -> str:
+  """conftest.py's XLA flags without its 8 simulated devices: for subprocesses that need one."""
+  return " ".join(flag for flag in os.environ.get("XLA_FLAGS", "").split()
+                  if not flag.startswith("--xla_force_host_platform_device_count"))
 
 
 def untrained_checkpoints(config, workdir, devices, step: int, *more_steps: int) -> None:

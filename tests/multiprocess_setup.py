@@ -6,9 +6,11 @@ and the workers import it before anything that imports JAX.
 
 import os
 
-# Level 0: compile fast, as in conftest.py (the tests are compile-bound).
-os.environ["XLA_FLAGS"] = (
-    "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
+# Compile fast, as in conftest.py (the tests are compile-bound): its flags, with 2 devices.
+os.environ["XLA_FLAGS"] = " ".join(
+    ["--xla_force_host_platform_device_count=2"]
+    + [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+       if not flag.startswith("--xla_force_host_platform_device_count")])
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

@@ -8,6 +8,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from helpers import fast_compile_xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -15,7 +17,7 @@ def test_accelerator_script_dry_run_prints_every_row():
   env = dict(os.environ, DRY_RUN="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
   # One CPU device, as the script expects (not the tests' eight); compiled fast, as the tests
   # are (conftest.py): a dry run checks paths, not speed.
-  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+  env["XLA_FLAGS"] = fast_compile_xla_flags()
   # The suite's compilation cache (tests/conftest.py): a rerun compiles little.
   env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(tempfile.gettempdir(),
                                                   f"vqvdm_jax_test_cache_{os.getuid()}")
@@ -49,13 +51,13 @@ def test_priors_side_by_side_trains_and_measures_each_prior(tmp_path):
       pipeline.train_iterator(config.data, config.vqgan.train.batch_size, config.seed),
       force=True)
   trainer.checkpointer.close()
-  env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0",
+  env = dict(os.environ, XLA_FLAGS=fast_compile_xla_flags(),
              JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(),
                                                     f"vqvdm_jax_test_cache_{os.getuid()}"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
   done = subprocess.run(
       [sys.executable, str(ROOT / "benchmarks/priors.py"), f"--config={ROOT}/configs/tiny.py",
-       f"--workdir={tmp_path}", "--budget_s=8", "--warmup_steps=2", "--num_videos=4",
+       f"--workdir={tmp_path}", "--budget_s=5", "--warmup_steps=2", "--num_videos=4",
        "--repeats=1", "--probe_videos=4", "--probe_clips=16", "--probe_steps=2", "--num_fvd=0"],
       env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert done.returncode == 0, done.stderr[-3000:]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import jax
 import pytest
-from helpers import load_config, untrained_checkpoints
+from helpers import fast_compile_xla_flags, load_config, untrained_checkpoints
 
 from vqvdm_jax import workdir as workdir_lib
 
@@ -96,7 +96,7 @@ def test_user_errors_are_one_clear_message(trained, tmp_path, name, arguments, w
     pytest.skip(f"{UNWRITABLE} is writable here (sysfs is read-only even for root on Linux)")
   before = snapshot(trained)
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2",
-         "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+         "XLA_FLAGS": fast_compile_xla_flags()}
   result = subprocess.run(
       [sys.executable, "-m", "vqvdm_jax.main", *(a.format(**places) for a in arguments)],
       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
