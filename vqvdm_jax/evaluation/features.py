@@ -23,6 +23,12 @@ from vqvdm_jax.evaluation import i3d
 
 PyTree = Any
 
+# XLA's default optimisation level. The feature networks are frozen and run on many clips, so
+# they are compiled at it even where XLA_FLAGS lower it for fast compiles (the tests run at 0):
+# I3D on 4 clips on the CPU then compiles in 14 s and runs in 9 s of CPU, against 23 s and 20 s
+# at level 0 (benchmarks/RESULTS.md, "Test suite").
+_FULL_OPTIMIZATION = {"xla_backend_optimization_level": 3}
+
 
 class FeatureExtractor:
   """``extractor(uint8 clips [N, T, H, W, 3]) -> float32 features [N, D]`` (numpy, on the host).
@@ -39,7 +45,9 @@ class FeatureExtractor:
     self._batch_sharding = sharding.batch_sharding(mesh)
     self.variables = sharding.from_replicated_host_data(variables, replicated)
     self._fn = jax.jit(fn, in_shardings=(replicated, self._batch_sharding),
-                       out_shardings=replicated)
+                       out_shardings=replicated,
+                       compiler_options=_FULL_OPTIMIZATION if jax.default_backend() == "cpu"
+                       else None)
 
   def __call__(self, videos: np.ndarray) -> np.ndarray:
     videos = np.asarray(videos)
