@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import load_config
+from helpers import compile_for_many_steps, load_config
 
 from vqvdm_jax import main as main_lib
+from vqvdm_jax import sharding
 from vqvdm_jax.data import latents as latents_lib
 from vqvdm_jax.inference import model as model_lib
 from vqvdm_jax.inference import sampling
@@ -131,6 +132,8 @@ def test_tiny_stage2_run_lowers_its_loss_and_keeps_an_ema_of_the_weights(tmp_pat
   batch = {"latent": latents, "label": np.arange(8, dtype=np.int32) % 4,
            "fps": np.full(8, 8.0, np.float32)}
   state = trainer.initial_state(2.0, 0)
+  trainer.train_step = compile_for_many_steps(trainer.train_step, state,
+                                              sharding.shard_batch(batch, trainer.mesh))
   losses = []
   for step in range(150):
     previous = jax.device_get((state.params, state.ema_params)) if step < 2 else None
