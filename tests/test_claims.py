@@ -202,6 +202,7 @@ def test_stage1_options_through_the_trainer_ema_codebook_hinge_adaptive_weight_l
   config.vqgan.loss.adaptive_disc_weight = True
   config.vqgan.loss.lecam_weight = 0.1
   config.vqgan.loss.disc_start = 0
+  config.vqgan.loss.lpips_weight = 1.0  # the tiny config has none
   trainer = vqgan_trainer.VQGANTrainer(config, tmp_path, devices=jax.devices()[:1])
   trainer.checkpointer.close()
   state = trainer.initial_state()
@@ -213,6 +214,11 @@ def test_stage1_options_through_the_trainer_ema_codebook_hinge_adaptive_weight_l
   metrics = jax.device_get(metrics)
   assert all(np.isfinite(value) for value in metrics.values()), metrics
   assert float(metrics["gan/active"]) == 1.0 and float(metrics["nonfinite/skipped"]) == 0.0
+  # LPIPS is in the reconstruction term: L2 alone would be smaller.
+  assert float(metrics["loss/lpips"]) > 0.0
+  assert float(metrics["loss/reconstruction"]) == pytest.approx(
+      config.vqgan.loss.l2_weight * float(metrics["loss/l2"]) + float(metrics["loss/lpips"]),
+      rel=1e-5)
   # Taming's ratio, not the fixed weight 1.
   assert float(metrics["gan/adaptive_weight"]) != pytest.approx(1.0)
   # The EMA codebook moves without a gradient: it is quantizer state, not a parameter.
