@@ -9,6 +9,7 @@ temporary directory and renames), so an interrupted save never corrupts an earli
 
 from __future__ import annotations
 
+import functools
 import logging as std_logging
 from typing import Any
 
@@ -32,9 +33,7 @@ def _short_reason(error: Exception) -> str:
   return f"{type(error).__name__}: {reason[:300]}"
 
 
-_whole_replicas_registered = False
-
-
+@functools.cache
 def _save_whole_replicas_on_cpu() -> None:
   """On the CPU backend, Orbax writes each replicated array from one replica, whole.
 
@@ -45,8 +44,7 @@ def _save_whole_replicas_on_cpu() -> None:
   process's first save and 3.5 s for each next one, against 1.7 s and 1.0 s whole;
   benchmarks/RESULTS.md, "Test suite"). The files written are the same.
   """
-  global _whole_replicas_registered
-  if jax.default_backend() == "cpu" and not _whole_replicas_registered:
+  if jax.default_backend() == "cpu":
     # Orbax warns that it overrides its handler: a line on every run that no user can act on.
     absl_logger = std_logging.getLogger("absl")
     level = absl_logger.level
@@ -56,7 +54,6 @@ def _save_whole_replicas_on_cpu() -> None:
           jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
     finally:
       absl_logger.setLevel(level)
-    _whole_replicas_registered = True
 
 
 class Checkpointer:
