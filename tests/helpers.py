@@ -1,6 +1,8 @@
-"""Shared test helpers: load a shipped config by name; checkpoints of untrained models; an
-independent (numpy, float64) bilinear resize, the reference of the I3D and C3D protocols."""
+"""Shared test helpers: load a shipped config by name; checkpoints of untrained models; a cheap
+I3D for tests that compare evaluation paths; an independent (numpy, float64) bilinear resize,
+the reference of the I3D and C3D protocols."""
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -57,6 +59,27 @@ def untrained_checkpoints(config, workdir, devices, step: int, *more_steps: int)
     diffusion.checkpointer.save(each, at_step(diffusion.initial_state(1.0, each), each),
                                 force=True)
   diffusion.checkpointer.close()
+
+
+# I3D at a quarter of the protocol's pixels (112x112, not 224x224), for tests that compare two
+# ways of computing the same evaluation with each other, never with published numbers: the
+# network runs ~4x less. tests/test_i3d.py and tests/test_evaluate.py keep the protocol's size.
+TEST_I3D_RESOLUTION = 112
+
+
+@contextlib.contextmanager
+def cheap_i3d(resolution: int = TEST_I3D_RESOLUTION):
+  """I3D's input resized to ``resolution`` inside the block (compiled extractors are dropped on
+  the way in and out, so none of either size leaks into other tests)."""
+  from vqvdm_jax.evaluation import features, i3d
+  protocol_resolution = i3d.RESOLUTION
+  i3d.RESOLUTION = resolution
+  features.i3d_extractor.cache_clear()
+  try:
+    yield
+  finally:
+    i3d.RESOLUTION = protocol_resolution
+    features.i3d_extractor.cache_clear()
 
 
 def bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:

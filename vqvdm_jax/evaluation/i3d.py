@@ -120,7 +120,10 @@ class InceptionI3D(nn.Module):
     x = _max_pool(x, (2, 2, 2), (2, 2, 2))
     for name, widths in _MIXED_5:
       x = InceptionBlock(widths, name=name)(x)
-    x = nn.avg_pool(x, (2, 7, 7), (1, 1, 1), padding="VALID")  # [B, T/8 - 1, 1, 1, 1024]
+    # At 224x224 the map is 7x7 here and the pool spans it, as the checkpoint's network does; a
+    # smaller input (the tests' cheap I3D) pools its whole, smaller map the same way.
+    window = (2, min(7, x.shape[2]), min(7, x.shape[3]))
+    x = nn.avg_pool(x, window, (1, 1, 1), padding="VALID")  # [B, T/8 - 1, 1, 1, 1024] at 224
     logits = nn.Conv(self.num_classes, (1, 1, 1), precision=_PRECISION,
                      name="Logits/Conv3d_0c_1x1")(x)
     return jnp.mean(logits, axis=(1, 2, 3))
