@@ -5,10 +5,15 @@ transformer over the raster-ordered (t, h, w) codes, trained by next-code cross-
 
 and sampled one code at a time in one compiled loop with a key/value cache. Frame-conditioned
 generation (video prediction) caches the codes of the given latent frames first and continues.
+
+Over a two-level tokenizer (VQ-VAE-2 Algorithm 2) the sequence is all top codes, then all bottom
+codes, so every bottom code is drawn given the whole top level: one loop per level, each drawing
+from its level's head.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -20,14 +25,14 @@ from vqvdm_jax.priors import model as prior_model
 PyTree = Any
 
 
-def next_token_loss(logits: jax.Array, codes: jax.Array,
-                    factors: tuple[int, ...] | None = None) -> jax.Array:
+def next_token_loss(logits: jax.Array | tuple[jax.Array, ...], codes: jax.Array,
+                    factors: Any = None) -> jax.Array:
   """Taming eq. (8): mean negative log-likelihood of each code given the previous ones.
 
   ``logits [B, L, V]`` from the teacher-forced forward pass (``[B, L, Σ factors]`` for
-  factorised codes), ``codes [B, L]``.
+  factorised codes; two levels: one array per level and per-level ``factors``), ``codes [B, L]``.
   """
-  return -jnp.mean(prior_model.code_log_probability(logits, codes, factors))
+  return -jnp.mean(prior_model.sequence_log_probability(logits, codes, factors))
 
 
 def sample(model: TokenTransformer, params: PyTree, labels: jax.Array, fps: jax.Array,
@@ -55,16 +60,20 @@ def sample(model: TokenTransformer, params: PyTree, labels: jax.Array, fps: jax.
   logits, variables = model.apply({"params": params}, labels_in, fps_in, prefix_codes,
                                   method=TokenTransformer.prefill, mutable=["cache"])
 
-  def draw(index, carry):
+  def draw(level, index, carry):
     codes, cache, logits = carry
-    code = prior_model.sample_codes(jax.random.fold_in(rng, index), logits, temperature, top_k,
-                                    top_p, model.code_factors)
+    level_logits = logits[level] if model.num_levels > 1 else logits
+    code = prior_model.sample_codes(jax.random.fold_in(rng, index), level_logits, temperature,
+                                    top_k, top_p, model.level_factors[level])
     codes = jax.lax.dynamic_update_slice(codes, code[:, None], (0, index))
     logits, variables = model.apply({"params": params, "cache": cache},
-                                    jnp.tile(code, repeats), index,
+                                    jnp.tile(code, repeats), index, level,
                                     method=TokenTransformer.step, mutable=["cache"])
     return codes, variables["cache"], guided(logits)
 
-  codes, _, _ = jax.lax.fori_loop(num_prompt_codes, length, draw,
-                                  (codes, variables["cache"], guided(logits)))
-  return codes
+  carry, start = (codes, variables["cache"], guided(logits)), 0
+  for level, level_length in enumerate(model.level_lengths):  # the top level first
+    carry = jax.lax.fori_loop(max(start, num_prompt_codes), start + level_length,
+                              functools.partial(draw, level), carry)
+    start += level_length
+  return carry[0]

@@ -40,11 +40,33 @@ def random_token_mask(rng: jax.Array, batch: int, length: int) -> jax.Array:
   return ranks < count
 
 
-def masked_token_loss(logits: jax.Array, codes: jax.Array, mask: jax.Array,
-                      factors: tuple[int, ...] | None = None) -> jax.Array:
+TOP_LEVEL_RATE = 0.5  # two levels: the share of training clips that learn the top level
+
+
+def two_level_token_mask(rng: jax.Array, batch: int, lengths: tuple[int, int]
+                         ) -> tuple[jax.Array, jax.Array]:
+  """Training masks ``(inputs, loss)`` ``[B, L_top + L_bottom]`` for level-by-level decoding:
+  a clip learns the top level at rate :data:`TOP_LEVEL_RATE` (a cosine-scheduled random mask on
+  the top, the bottom all masked, loss on the masked top codes) and otherwise the bottom given
+  the whole top (the mask and loss on the bottom). These are the states :func:`sample` meets:
+  p(top | class) and p(bottom | top, class), VQ-VAE-2 Algorithm 2's two priors in one network.
+  """
+  level_rng, top_rng, bottom_rng = jax.random.split(rng, 3)
+  top_length, bottom_length = lengths
+  learns_top = jax.random.uniform(level_rng, (batch, 1)) < TOP_LEVEL_RATE
+  top = random_token_mask(top_rng, batch, top_length) & learns_top
+  bottom = random_token_mask(bottom_rng, batch, bottom_length)
+  inputs = jnp.concatenate([top, bottom | learns_top], axis=1)
+  loss = jnp.concatenate([top, bottom & ~learns_top], axis=1)
+  return inputs, loss
+
+
+def masked_token_loss(logits: jax.Array | tuple[jax.Array, ...], codes: jax.Array,
+                      mask: jax.Array, factors: Any = None) -> jax.Array:
   """MaskGIT eq. (2): the negative log-likelihood of the masked codes, averaged over them
-  (``factors``: MAGVIT-v2's factorised codes, the sum over their digits)."""
-  nll = -prior_model.code_log_probability(logits, codes, factors)
+  (``factors``: MAGVIT-v2's factorised codes, the sum over their digits; two levels: one logits
+  array per level and per-level ``factors``)."""
+  nll = -prior_model.sequence_log_probability(logits, codes, factors)
   return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
@@ -70,31 +92,56 @@ def sample(model: TokenTransformer, params: PyTree, labels: jax.Array, fps: jax.
 
   The first ``num_prompt_codes`` codes are taken from ``prompt [B, L]`` and stay fixed. With
   ``return_history`` also the codes after every step ``[N, B, L]`` (masked = the mask token).
+
+  Two levels (VQ-VAE-2 Algorithm 2): ``num_steps`` steps decode the top level while the bottom
+  stays fully masked, then ``num_steps`` more the bottom level given the whole top (each level
+  on its own cosine schedule; ``2N`` steps in one scan). Decoding both at once would draw bottom
+  codes before the top codes they are encoded from are known; level by level, each step is a
+  state :func:`two_level_token_mask` trains on.
   """
-  batch, length, mask_token = labels.shape[0], model.num_codes, model.mask_token
+  batch, length = labels.shape[0], model.num_codes
+  mask_tokens = model.mask_tokens  # [L]
   fixed = jnp.arange(length) < num_prompt_codes  # [L]
-  start = jnp.full((batch, length), mask_token, jnp.int32)
+  start = jnp.broadcast_to(mask_tokens, (batch, length))
   if prompt is not None:
     start = jnp.where(fixed, jnp.asarray(prompt, jnp.int32).reshape(batch, length), start)
-  counts = jnp.asarray(masked_counts(length - num_prompt_codes, num_steps))
+  # Per step: how many of its level's free codes stay masked, which positions it decodes and
+  # its step within the level (for the annealing).
+  counts, active, level_steps, begin = [], [], [], 0
+  for level_length in model.level_lengths:
+    free = max(0, begin + level_length - max(begin, num_prompt_codes))
+    counts.append(masked_counts(free, num_steps))
+    in_level = (np.arange(length) >= begin) & (np.arange(length) < begin + level_length)
+    active.append(np.broadcast_to(in_level, (num_steps, length)))
+    level_steps.append(np.arange(num_steps))
+    begin += level_length
+  schedule = (jnp.arange(num_steps * model.num_levels), jnp.asarray(np.concatenate(counts)),
+              jnp.asarray(np.concatenate(active)), jnp.asarray(np.concatenate(level_steps)))
   labels_in, fps_in = prior_model.with_null_class(labels, fps, null, guidance_scale)
   repeats = labels_in.shape[0] // batch
+  factors = model.level_factors
 
-  def decode_step(codes, step):
-    masked = codes == mask_token
+  def decode_step(codes, schedule_step):
+    step, count, active, level_step = schedule_step
+    masked = codes == mask_tokens
     logits = model.apply({"params": params}, jnp.tile(codes, (repeats, 1)), labels_in, fps_in)
     logits = prior_model.combine_guided(logits, guidance_scale)
     sample_rng, choice_rng = jax.random.split(jax.random.fold_in(rng, step))
-    sampled = prior_model.sample_codes(sample_rng, logits, temperature,
-                                       factors=model.code_factors)
-    scaled = logits / temperature if temperature > 0 else logits
-    log_probability = prior_model.code_log_probability(scaled, sampled, model.code_factors)
-    annealed = choice_temperature * (1.0 - (step + 1) / num_steps)
+    if model.num_levels == 1:
+      sampled = prior_model.sample_codes(sample_rng, logits, temperature, factors=factors[0])
+    else:  # each level from its own head
+      sampled = jnp.concatenate([prior_model.sample_codes(
+          jax.random.fold_in(sample_rng, level), level_logits, temperature,
+          factors=factors[level]) for level, level_logits in enumerate(logits)], axis=1)
+    scaled = jax.tree.map(lambda x: x / temperature if temperature > 0 else x, logits)
+    log_probability = prior_model.sequence_log_probability(scaled, sampled, factors)
+    annealed = choice_temperature * (1.0 - (level_step + 1) / num_steps)
     confidence = log_probability + annealed * jax.random.gumbel(choice_rng, (batch, length))
-    confidence = jnp.where(masked, confidence, jnp.inf)  # known codes are never masked again
+    decoded = masked & active  # this step's candidates; other levels' masked codes wait
+    confidence = jnp.where(decoded, confidence, jnp.inf)  # known codes are never masked again
     ranks = jnp.argsort(jnp.argsort(confidence, axis=-1), axis=-1)
-    codes = jnp.where(ranks < counts[step], mask_token, jnp.where(masked, sampled, codes))
+    codes = jnp.where(ranks < count, mask_tokens, jnp.where(decoded, sampled, codes))
     return codes, codes
 
-  codes, history = jax.lax.scan(decode_step, start, jnp.arange(num_steps))
+  codes, history = jax.lax.scan(decode_step, start, schedule)
   return (codes, history) if return_history else codes

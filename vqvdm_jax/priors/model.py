@@ -4,11 +4,13 @@ guidance on logits and the sampling of a code from logits."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from vqvdm_jax.diffusion.model import null_label
@@ -19,12 +21,30 @@ PyTree = Any
 TOKEN_PRIORS = ("autoregressive", "masked")
 
 
-def vocabulary_size(config: ml_collections.ConfigDict) -> int:
-  """How many codes the tokenizer has: the codebook, 2^K for LFQ (MAGVIT-v2's codes read as a
-  plain vocabulary), the product of the levels for FSQ."""
-  quantizer = config.vqgan.quantizer
+LEVELS = ("bottom", "top")  # a two-level tokenizer's (models/hierarchy.py); one level: 'bottom'
+
+
+def _level_quantizer(config: ml_collections.ConfigDict,
+                     level: str) -> tuple[ml_collections.ConfigDict, int]:
+  """(quantizer config, latent channels) of a tokenizer level."""
+  if level not in LEVELS:
+    raise ValueError(f"level={level!r}: one of {LEVELS}.")
+  if level == "top":
+    hierarchy = config.vqgan.model.hierarchy
+    return hierarchy.quantizer, int(hierarchy.latent_channels)
+  return config.vqgan.quantizer, int(config.vqgan.model.latent_channels)
+
+
+def num_levels(config: ml_collections.ConfigDict) -> int:
+  return int(config.vqgan.model.hierarchy.levels)
+
+
+def vocabulary_size(config: ml_collections.ConfigDict, level: str = "bottom") -> int:
+  """How many codes a tokenizer level has: the codebook, 2^K for LFQ (MAGVIT-v2's codes read as
+  a plain vocabulary), the product of the levels for FSQ."""
+  quantizer, channels = _level_quantizer(config, level)
   if quantizer.kind == "lfq":
-    return 2 ** config.vqgan.model.latent_channels
+    return 2 ** channels
   if quantizer.kind == "fsq":
     return math.prod(int(level) for level in quantizer.fsq_levels)
   return int(quantizer.codebook_size)
@@ -34,29 +54,67 @@ FACTORIZATIONS = ("auto", "plain", "channels")
 MAX_PLAIN_VOCABULARY = 2 ** 16  # 'auto' factorises LFQ / FSQ codes beyond this many
 
 
-def code_factors(config: ml_collections.ConfigDict) -> tuple[int, ...]:
-  """The radices of a code's digits (``transformer.model.code_factorization``): one factor, the
-  whole vocabulary ('plain'), or one per latent channel for LFQ (2 each) and FSQ (its levels;
-  MAGVIT-v2's token factorisation, 'channels'). 'auto': per channel when LFQ / FSQ have more
-  than 2^16 codes, else plain."""
-  quantizer = config.vqgan.quantizer
+def code_factors(config: ml_collections.ConfigDict, level: str = "bottom") -> tuple[int, ...]:
+  """The radices of a level's code digits (``transformer.model.code_factorization``): one
+  factor, the whole vocabulary ('plain'), or one per latent channel for LFQ (2 each) and FSQ
+  (its levels; MAGVIT-v2's token factorisation, 'channels'). 'auto': per channel when LFQ / FSQ
+  have more than 2^16 codes, else plain."""
+  quantizer, channels = _level_quantizer(config, level)
   choice = config.transformer.model.code_factorization
   if choice not in FACTORIZATIONS:
     raise ValueError(f"transformer.model.code_factorization={choice!r}: one of {FACTORIZATIONS}.")
-  per_channel = {"lfq": (2,) * config.vqgan.model.latent_channels,
+  per_channel = {"lfq": (2,) * channels,
                  "fsq": tuple(int(level) for level in quantizer.get("fsq_levels", ()))}
   if choice == "channels" and quantizer.kind not in per_channel:
     raise ValueError(f"transformer.model.code_factorization='channels' needs LFQ or FSQ codes, "
                      f"not vqgan.quantizer.kind={quantizer.kind!r}.")
   if choice == "channels" or (choice == "auto" and quantizer.kind in per_channel
-                              and vocabulary_size(config) > MAX_PLAIN_VOCABULARY):
+                              and vocabulary_size(config, level) > MAX_PLAIN_VOCABULARY):
     return per_channel[quantizer.kind]
-  return (vocabulary_size(config),)
+  return (vocabulary_size(config, level),)
 
 
 def token_grid(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """(t, h, w) of a clip's code grid."""
+  """(t, h, w) of a clip's code grid (two levels: the bottom one's)."""
   return tuple(latent_shape(config)[1:4])
+
+
+def top_token_grid(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(t', h', w') of a two-level tokenizer's top code grid; () for one level."""
+  if num_levels(config) == 1:
+    return ()
+  hierarchy = config.vqgan.model.hierarchy
+  frames, height, width = token_grid(config)
+  return (frames // hierarchy.temporal_downsample, height // hierarchy.spatial_downsample,
+          width // hierarchy.spatial_downsample)
+
+
+def sequence_length(config: ml_collections.ConfigDict) -> int:
+  """Codes a prior models per clip: every level's."""
+  return math.prod(token_grid(config)) + math.prod(top_token_grid(config) or (0,))
+
+
+def flatten_levels(indices: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
+  """The tokenizer's code indices -> what the prior and the token cache hold: one level's
+  ``[B, t, h, w]`` as they are; two levels' ``{'top', 'bottom'}`` as the sequence
+  ``[B, L_top + L_bottom]``, each level raster-ordered, the top first (VQ-VAE-2 Algorithm 2)."""
+  if not isinstance(indices, dict):
+    return indices
+  batch = len(indices["bottom"])
+  return np.concatenate([np.asarray(indices["top"]).reshape(batch, -1),
+                         np.asarray(indices["bottom"]).reshape(batch, -1)], axis=1)
+
+
+def unflatten_levels(codes: jax.Array, config: ml_collections.ConfigDict
+                     ) -> jax.Array | dict[str, jax.Array]:
+  """A prior's codes ``[B, L]`` -> what the tokenizer decodes: ``[B, t, h, w]``, or
+  ``{'top': [B, t', h', w'], 'bottom': [B, t, h, w]}`` for two levels."""
+  batch, grid, top_grid = codes.shape[0], token_grid(config), top_token_grid(config)
+  if not top_grid:
+    return codes.reshape(batch, *grid)
+  top_length = math.prod(top_grid)
+  return {"top": codes[:, :top_length].reshape(batch, *top_grid),
+          "bottom": codes[:, top_length:].reshape(batch, *grid)}
 
 
 def make_transformer(config: ml_collections.ConfigDict, decode: bool = False
@@ -72,7 +130,15 @@ def make_transformer(config: ml_collections.ConfigDict, decode: bool = False
       mlp_ratio=model.mlp_ratio, dropout=model.dropout,
       causal=config.stage2 == "autoregressive", use_fps=config.diffusion.use_fps, decode=decode,
       dtype=jnp.dtype(model.dtype), attention_impl=model.attention_impl, remat=model.remat,
-      factors=code_factors(config))
+      factors=code_factors(config), **top_level(config))
+
+
+def top_level(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The transformer's top-level fields (two-level tokenizer), or none."""
+  if num_levels(config) == 1:
+    return {}
+  return {"top_grid": top_token_grid(config), "top_vocab_size": vocabulary_size(config, "top"),
+          "top_factors": code_factors(config, "top")}
 
 
 def init_transformer_params(model: TokenTransformer, rng: jax.Array) -> PyTree:
@@ -102,10 +168,14 @@ def with_null_class(labels: jax.Array, fps: jax.Array, null: int,
   return jnp.concatenate([labels, jnp.full_like(labels, null)]), jnp.concatenate([fps, fps])
 
 
-def combine_guided(logits: jax.Array, scale: float) -> jax.Array:
-  """The guided logits of a :func:`with_null_class` call's output ``[2B, ...]``."""
+def combine_guided(logits: jax.Array | tuple[jax.Array, ...], scale: float
+                   ) -> jax.Array | tuple[jax.Array, ...]:
+  """The guided logits of a :func:`with_null_class` call's output ``[2B, ...]`` (two levels:
+  each level's)."""
   if scale == 1.0:
     return logits
+  if isinstance(logits, tuple):
+    return tuple(combine_guided(level, scale) for level in logits)
   conditional, unconditional = jnp.split(logits, 2)
   return guided_logits(conditional, unconditional, scale)
 
@@ -130,6 +200,24 @@ def split_digits(logits: jax.Array, factors: tuple[int, ...]) -> list[jax.Array]
   """``[..., Σ factors]`` logits -> one ``[..., factor]`` block per digit."""
   bounds = [sum(factors[:i]) for i in range(1, len(factors))]
   return jnp.split(logits, bounds, axis=-1)
+
+
+def sequence_log_probability(logits: jax.Array | Sequence[jax.Array], codes: jax.Array,
+                             factors: tuple[int, ...] | Sequence[tuple[int, ...]] | None = None
+                             ) -> jax.Array:
+  """log p(code) ``[B, L]`` of a whole sequence: :func:`code_log_probability` for one level's
+  logits and ``factors``; for two levels' logits ``(top, bottom)`` and per-level ``factors``
+  (the transformer's ``level_factors``), each level under its own, concatenated."""
+  if not isinstance(logits, (tuple, list)):
+    if factors and isinstance(factors[0], tuple):  # one level's of level_factors
+      (factors,) = factors
+    return code_log_probability(logits, codes, factors)
+  parts, start = [], 0
+  for block, level_factors in zip(logits, factors, strict=True):
+    length = block.shape[1]
+    parts.append(code_log_probability(block, codes[:, start:start + length], level_factors))
+    start += length
+  return jnp.concatenate(parts, axis=1)
 
 
 def code_log_probability(logits: jax.Array, codes: jax.Array,
