@@ -99,13 +99,6 @@ def test_pack_and_unpack_levels_are_inverse():
   np.testing.assert_allclose(got_top, top, rtol=1e-6)
 
 
-def test_token_priors_ask_for_a_one_level_tokenizer():
-  config = two_level(load_config("tiny"))
-  config.stage2 = "masked"
-  with pytest.raises(config_lib.ConfigError, match="one-level tokenizer"):
-    config_lib.validate(config)
-
-
 def test_top_factor_must_divide_the_bottom_latent():
   config = two_level(load_config("tiny"))  # bottom latent 2 x 4 x 4
   config.vqgan.model.hierarchy.temporal_downsample = 4

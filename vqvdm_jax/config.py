@@ -87,7 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
   # VQ-VAE-2's two-level tokenizer (Razavi et al. 2019, Algorithm 1; models/hierarchy.py).
   # levels=2 adds a top latent, downsampled further by these factors from the bottom (the latent
   # above), with its own quantizer; the bottom encoder sees the upsampled quantized top and the
-  # decoder reads both. Stage 2 (diffusion only) models both levels in one U-Net. 1: off.
+  # decoder reads both. Stage 2 models both levels: diffusion in one U-Net over the packed
+  # latent, the token priors as the sequence [top codes; bottom codes] (priors/). 1: off.
   model.hierarchy = hierarchy = ml_collections.ConfigDict()
   hierarchy.levels = 1
   hierarchy.temporal_downsample = 2  # top latent frames = bottom latent frames / 2
@@ -521,10 +522,22 @@ def _validate_hierarchy(config: ml_collections.ConfigDict) -> None:
            f"must be >= 1, got {hierarchy.num_res_blocks}.")
   _validate_quantizer(hierarchy.quantizer, hierarchy.latent_channels, f"{prefix}.quantizer",
                       f"{prefix}.latent_channels")
-  _require(config.stage2 == "diffusion", "stage2",
-           f"{config.stage2!r}: the token priors need a one-level tokenizer (their sequence is "
-           f"one code grid), but vqgan.model.hierarchy.levels=2. Use stage2='diffusion', which "
-           f"models both levels, or --config.vqgan.model.hierarchy.levels=1.")
+  if config.stage2 == "diffusion":
+    return
+  # The token priors model [top codes; bottom codes] (priors/): whole clips only.
+  sample = config.transformer.sample
+  for field, what in (("prompt_frames", "given latent frames (video continuation)"),
+                      ("num_latent_frames", "a sliding window past the trained clip")):
+    _require(sample[field] == 0, f"transformer.sample.{field}",
+             f"{sample[field]}: {what} is not supported by the {config.stage2} prior over a "
+             f"two-level tokenizer (vqgan.model.hierarchy.levels=2), whose top codes span "
+             f"several bottom frames; use 0, or a one-level tokenizer.")
+  _require(config.transformer.model.code_factorization != "channels"
+           or hierarchy.quantizer.kind in ("lfq", "fsq"),
+           "transformer.model.code_factorization",
+           f"'channels' splits LFQ or FSQ codes by latent channel; the top level's "
+           f"vqgan.model.hierarchy.quantizer.kind={hierarchy.quantizer.kind!r} has a codebook: "
+           f"use 'plain' or 'auto'.")
 
 
 def _validate_real_data(data: ml_collections.ConfigDict) -> None:

@@ -4,6 +4,10 @@ The same machinery as the diffusion latents (:mod:`vqvdm_jax.data.latents`): the
 encodes the train split with the tokenizer checkpoint it finds into
 ``DIR/tokens/tokenizer_<step>/`` (``latents.npy`` holds int32 codes ``[N, t, h, w]``), written
 under a temporary name and renamed when complete. Both token priors read the same cache.
+
+A two-level tokenizer's cache holds both levels as the sequence the prior reads: ``latents.npy``
+is ``[N, L_top + L_bottom]``, each clip's top codes in raster order, then its bottom codes
+(``priors.model.flatten_levels``; ``unflatten_levels`` gives the two grids back).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from vqvdm_jax.data import latents as latents_lib
 
 
 class TokenCache(latents_lib.LatentCache):
-  """Random-access view of a finished cache: ``cache[i] -> {codes [t, h, w], label, fps}``."""
+  """Random-access view of a finished cache: ``cache[i] -> {codes [t, h, w], label, fps}``
+  (two levels: ``codes [L_top + L_bottom]``)."""
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     return {"codes": np.asarray(self.latents[index], np.int32), "label": self.labels[index],
@@ -35,7 +40,8 @@ def cache_directory(workdir: fileio.PathLike, tokenizer_step: int) -> epath.Path
 def build_or_load(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
                   tokenizer_step: int, encode_fn: Callable[[np.ndarray], np.ndarray]
                   ) -> TokenCache:
-  """The code cache of ``tokenizer_step``; ``encode_fn(video_uint8) -> indices [B, t, h, w]``."""
+  """The code cache of ``tokenizer_step``; ``encode_fn(video_uint8) -> indices [B, t, h, w]``
+  (two levels: ``[B, L_top + L_bottom]``)."""
   directory = cache_directory(workdir, tokenizer_step)
   latents_lib.build_or_load(config, workdir, tokenizer_step, encode_fn, directory=directory,
                             source="indices", dtype=np.int32)

@@ -64,7 +64,8 @@ def token_sampling_config(config: ml_collections.ConfigDict, **overrides
 def make_sample_fn(config: ml_collections.ConfigDict, num_prompt_codes: int = 0):
   """``sample_fn(params, labels [B], fps [B], rng, prompt [B, L]) -> codes [B, t', h, w]`` with
   the prior and settings of ``config`` (``transformer.sample``); ``t'`` is
-  ``num_latent_frames`` (0: the trained ``t``), reached by a sliding window beyond ``t``."""
+  ``num_latent_frames`` (0: the trained ``t``), reached by a sliding window beyond ``t``. Two
+  levels: ``{'top': [B, t', h', w'], 'bottom': [B, t, h, w]}``, the top drawn first."""
   settings = config.transformer.sample
   common = {"null": null_label(config), "guidance_scale": float(settings.guidance_scale),
             "temperature": float(settings.temperature), "num_prompt_codes": num_prompt_codes}
@@ -86,7 +87,9 @@ def make_sample_fn(config: ml_collections.ConfigDict, num_prompt_codes: int = 0)
 
   def sample_fn(params, labels, fps, rng, prompt):
     labels = prior_model.conditioning_labels(config, labels)
-    codes = draw(params, labels, fps, rng, prompt=prompt)  # [B, t·h·w]
+    codes = draw(params, labels, fps, rng, prompt=prompt)  # [B, L]: t·h·w (+ the top's)
+    if prior_model.num_levels(config) == 2:  # no window: config.validate allows none
+      return prior_model.unflatten_levels(codes, config)  # {'top', 'bottom'}
     codes = codes.reshape(codes.shape[0], *grid)
     if num_frames > grid[0]:
       codes = prior_model.extend_by_sliding_window(
@@ -137,7 +140,8 @@ class TokenModel:
   def sample_codes(self, labels: np.ndarray, fps: np.ndarray, seed: int,
                    config: ml_collections.ConfigDict | None = None,
                    prompt: np.ndarray | None = None) -> Iterator[np.ndarray]:
-    """Code indices ``[b, t, h, w]`` one sampling batch at a time; batch ``i``'s key is
+    """Code indices ``[b, t, h, w]`` (two levels: ``{'top', 'bottom'}`` indices, as the
+    tokenizer's ``encode_to_indices``) one sampling batch at a time; batch ``i``'s key is
     ``fold_in(seed, i * batch)``. ``prompt [N, t, h, w]`` supplies the first
     ``transformer.sample.prompt_frames`` latent frames of each video."""
     config = self.config if config is None else config
@@ -145,7 +149,7 @@ class TokenModel:
     if num_prompt_codes and prompt is None:
       raise ValueError("transformer.sample.prompt_frames > 0 needs prompt codes; use "
                        "continue_video(videos, prompt_frames=...).")
-    length = int(np.prod(self.grid))
+    length = prior_model.sequence_length(config)
     prompt = (np.zeros((len(labels), length), np.int32) if prompt is None
               else np.asarray(prompt, np.int32).reshape(len(labels), length))
     split = sharding.batch_sharding(self.mesh)
@@ -156,7 +160,8 @@ class TokenModel:
       batch_prompt = sharding.from_replicated_host_data(
           np.resize(prompt[start:start + batch_size], (batch_size, length)), split)
       codes = sample_fn(self.params, batch_labels, batch_fps, rng, batch_prompt)
-      yield np.asarray(jax.device_get(codes))[:len(labels) - start]
+      yield jax.tree.map(lambda level: np.asarray(level)[:len(labels) - start],
+                         jax.device_get(codes))
 
   def _sample_fn(self, config: ml_collections.ConfigDict, num_prompt_codes: int):
     """The jitted sampler of these settings, compiled once per model and settings."""

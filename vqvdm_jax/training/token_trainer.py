@@ -51,8 +51,8 @@ class TokenTrainState:
 
 def make_train_step(config: ml_collections.ConfigDict, model: TokenTransformer,
                     tx: optax.GradientTransformation):
-  """The pure step ``(state, batch) -> (state, metrics)``; batch = {codes [B, t, h, w], label,
-  fps}."""
+  """The pure step ``(state, batch) -> (state, metrics)``; batch = {codes [B, t, h, w] (two
+  levels: the sequence [B, L_top + L_bottom], data/tokens.py), label, fps}."""
   ema_decay = config.transformer.optim.ema_decay
   is_masked = not model.causal
 
@@ -62,8 +62,11 @@ def make_train_step(config: ml_collections.ConfigDict, model: TokenTransformer,
     codes = batch["codes"].reshape(batch["codes"].shape[0], -1)  # raster (t, h, w) order
     labels = drop_labels(prior_model.conditioning_labels(config, batch["label"]),
                          config.transformer.class_drop_rate, null_label(config), label_rng)
-    if is_masked:
-      mask = masked.random_token_mask(mask_rng, *codes.shape)
+    if is_masked and model.num_levels == 2:
+      mask, loss_mask = masked.two_level_token_mask(mask_rng, codes.shape[0], model.level_lengths)
+      inputs = jnp.where(mask, model.mask_tokens, codes)
+    elif is_masked:
+      mask = loss_mask = masked.random_token_mask(mask_rng, *codes.shape)
       inputs = jnp.where(mask, model.mask_token, codes)
     else:
       mask, inputs = None, codes
@@ -72,8 +75,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: TokenTransformer,
       logits = model.apply({"params": params}, inputs, labels, batch["fps"], train=True,
                            rngs={"dropout": dropout_rng})
       if is_masked:
-        return masked.masked_token_loss(logits, codes, mask, model.code_factors)
-      return autoregressive.next_token_loss(logits, codes, model.code_factors)
+        return masked.masked_token_loss(logits, codes, loss_mask, model.level_factors)
+      return autoregressive.next_token_loss(logits, codes, model.level_factors)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     metrics = {"loss/tokens": loss, "grad_norm/transformer": optax.tree.norm(grads),
@@ -137,7 +140,8 @@ def train_prior(config: ml_collections.ConfigDict, workdir: fileio.PathLike) -> 
   tokenizer's codes, resuming what ``DIR/<stage2>`` holds."""
   workdir_lib.check_or_record_config(config, workdir, write=jax.process_index() == 0)
   tokenizer = load_tokenizer(workdir, config=config)
-  cache = tokens_lib.build_or_load(config, workdir, tokenizer.step, tokenizer.encode_to_indices)
+  cache = tokens_lib.build_or_load(config, workdir, tokenizer.step, lambda videos:
+                                   prior_model.flatten_levels(tokenizer.encode_to_indices(videos)))
   trainer = TokenTrainer(config, workdir)
   train, optim = config.transformer.train, config.transformer.optim
   data_iterator = tokens_lib.train_iterator(cache, train.batch_size, config.seed)
