@@ -1,7 +1,8 @@
 """Runs that survive interruption: SIGKILL, SIGTERM and non-finite updates.
 
-The SIGKILL and SIGTERM runs are real processes of ``python -m vqvdm_jax.main``; they share the
-test session's compilation cache, so only the first one compiles the tiny train step.
+The killed, resumed and SIGTERM runs are real processes of ``python -m vqvdm_jax.main``; they share
+the test session's compilation cache, so only the first run (the uninterrupted reference, trained
+in the test's own process) compiles the tiny train step.
 """
 
 import os
@@ -19,7 +20,7 @@ import pytest
 from helpers import load_config
 
 from vqvdm_jax import checkpointing, runtime
-from vqvdm_jax.training import diffusion_trainer, loop
+from vqvdm_jax.training import diffusion_trainer, loop, vqgan_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 LATENT_SHAPE = (2, 4, 4, 4)
@@ -54,6 +55,16 @@ def _run(workdir, num_steps, log_path):
   assert process.wait(timeout=400) == 0, Path(log_path).read_text()[-3000:]
 
 
+def _train_in_process(workdir, num_steps):
+  """:func:`_command`'s run, uninterrupted, in this process (no interpreter to start; its
+  compiled programs land in the cache the subprocesses read): the final state, on the host."""
+  config = load_config("tiny")
+  train = config.vqgan.train
+  train.num_steps, train.checkpoint_every, train.eval_every, train.log_every = (
+      num_steps, 2, 100_000, 1)
+  return jax.device_get(vqgan_trainer.train_vqgan(config, workdir))
+
+
 def _wait_for(path, process, timeout=300):
   deadline = time.time() + timeout
   while not path.exists():
@@ -65,7 +76,6 @@ def _wait_for(path, process, timeout=300):
 def _checkpointed_state(workdir, step):
   """The whole stage-1 state of ``workdir``'s checkpoint ``step``, on the host."""
   config = load_config("tiny")
-  from vqvdm_jax.training import vqgan_trainer
   trainer = vqgan_trainer.VQGANTrainer(config, workdir, devices=jax.devices())
   state = trainer.checkpointer.restore(trainer.abstract_state(), step=step)
   trainer.checkpointer.close()
@@ -91,7 +101,7 @@ def _sleep_unless_appears(path, seconds, process):
 
 def test_a_run_killed_at_a_random_moment_resumes_to_the_uninterrupted_result(tmp_path):
   num_steps = 6
-  _run(tmp_path / "reference", num_steps, tmp_path / "reference.log")
+  reference = _train_in_process(tmp_path / "reference", num_steps)
   checkpoints = tmp_path / "killed" / "vqgan" / "checkpoints"
   process = _start(tmp_path / "killed", num_steps, tmp_path / "killed.log")
   _wait_for(checkpoints / "2", process)
@@ -107,7 +117,6 @@ def test_a_run_killed_at_a_random_moment_resumes_to_the_uninterrupted_result(tmp
   resumed_log = (tmp_path / "resumed.log").read_text()
   assert f"training from step {killed_at} to {num_steps}" in resumed_log, resumed_log[-3000:]
   resumed = _checkpointed_state(tmp_path / "killed", num_steps)
-  reference = _checkpointed_state(tmp_path / "reference", num_steps)
   assert int(resumed.step) == num_steps
   # Every field: weights, both optimizers, EMA, quantizer state, LeCam EMAs, rng, step.
   _assert_same_leaves(resumed, reference)

@@ -31,16 +31,25 @@ def _train_stage2(workdir, num_steps):
   return jax.device_get(diffusion_trainer.train_diffusion(config, workdir))
 
 
-def test_stage2_resumes_bit_identically_after_a_stop(tmp_path):
+def test_stage2_resumes_bit_identically_after_a_stop(tmp_path, monkeypatch):
   uninterrupted = _stage1_checkpoint(tmp_path / "uninterrupted")
   expected = _train_stage2(uninterrupted, 4)  # encodes the latent cache
+  # What a run killed after its step-2 checkpoint leaves: the uninterrupted run's own step-2
+  # checkpoint (state and latent iterator), written on the way, and nothing after it.
   workdir = tmp_path / "resumed"
   shutil.copytree(uninterrupted / "vqgan", workdir / "vqgan")
-  (workdir / "diffusion").mkdir()
+  (workdir / "diffusion" / "checkpoints").mkdir(parents=True)
   (workdir / "diffusion" / "latents").symlink_to(uninterrupted / "diffusion" / "latents")
-  first = _train_stage2(workdir, 2)  # stops (as if killed) after the step-2 checkpoint
-  assert int(first.step) == 2
-  resumed = _train_stage2(workdir, 4)
+  shutil.copytree(uninterrupted / "diffusion" / "checkpoints" / "2",
+                  workdir / "diffusion" / "checkpoints" / "2")
+  assert checkpointing.checkpoint_steps(workdir / "diffusion" / "checkpoints") == [2]
+
+  def must_not_start_fresh(*args, **kwargs):
+    raise AssertionError("a checkpoint exists; training must resume from it")
+
+  with monkeypatch.context() as patch:
+    patch.setattr(diffusion_trainer.DiffusionTrainer, "initial_state", must_not_start_fresh)
+    resumed = _train_stage2(workdir, 4)
   assert int(resumed.step) == 4
   # U-Net weights, EMA, Adam state, rng, step, scale and shift: every leaf, bit for bit.
   _assert_same_leaves(resumed, expected)

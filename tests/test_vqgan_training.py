@@ -1,6 +1,7 @@
 """Stage-1 training: sharding, exact resumption, learning, evaluation and the command line."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,12 +71,18 @@ def uninterrupted_run(tmp_path_factory):
   return config, workdir, jax.device_get(state)
 
 
-def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(uninterrupted_run, tmp_path):
-  _, _, expected = uninterrupted_run
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(uninterrupted_run, tmp_path,
+                                                              monkeypatch):
+  _, workdir, expected = uninterrupted_run
+  # What a run killed after its step-2 checkpoint leaves: the uninterrupted run's own step-2
+  # checkpoint (state and data iterator), written on the way, and nothing after it.
+  shutil.copytree(workdir / "vqgan" / "checkpoints" / "2", tmp_path / "vqgan" / "checkpoints" / "2")
   config = load_config("tiny")
-  config.vqgan.train.num_steps = 2
-  vqgan_trainer.train_vqgan(config, tmp_path)  # stops (as if killed) after the step-2 checkpoint
-  config.vqgan.train.num_steps = 4
+
+  def must_not_start_fresh(*args, **kwargs):
+    raise AssertionError("a checkpoint exists; training must resume from it")
+
+  monkeypatch.setattr(vqgan_trainer.VQGANTrainer, "initial_state", must_not_start_fresh)
   resumed = jax.device_get(vqgan_trainer.train_vqgan(config, tmp_path))
   assert int(resumed.step) == 4
   assert_trees_equal(resumed, expected)
