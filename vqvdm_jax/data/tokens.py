@@ -7,7 +7,7 @@ under a temporary name and renamed when complete. Both token priors read the sam
 
 A two-level tokenizer's cache holds both levels as the sequence the prior reads: ``latents.npy``
 is ``[N, L_top + L_bottom]``, each clip's top codes in raster order, then its bottom codes
-(``priors.model.flatten_levels``; ``unflatten_levels`` gives the two grids back).
+(:func:`flatten_levels`; ``priors.model.unflatten_levels`` gives the two grids back).
 """
 
 from __future__ import annotations
@@ -33,6 +33,17 @@ class TokenCache(latents_lib.LatentCache):
             "fps": self.fps[index]}
 
 
+def flatten_levels(indices: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
+  """The tokenizer's code indices -> what the prior and the token cache hold: one level's
+  ``[B, t, h, w]`` as they are; two levels' ``{'top', 'bottom'}`` as the sequence
+  ``[B, L_top + L_bottom]``, each level raster-ordered, the top first (VQ-VAE-2 Algorithm 2)."""
+  if not isinstance(indices, dict):
+    return indices
+  batch = len(indices["bottom"])
+  return np.concatenate([np.asarray(indices["top"]).reshape(batch, -1),
+                         np.asarray(indices["bottom"]).reshape(batch, -1)], axis=1)
+
+
 def cache_directory(workdir: fileio.PathLike, tokenizer_step: int) -> epath.Path:
   return workdir_lib.tokens_dir(workdir) / f"tokenizer_{tokenizer_step:07d}"
 
@@ -41,10 +52,11 @@ def build_or_load(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
                   tokenizer_step: int, encode_fn: Callable[[np.ndarray], np.ndarray]
                   ) -> TokenCache:
   """The code cache of ``tokenizer_step``; ``encode_fn(video_uint8) -> indices [B, t, h, w]``
-  (two levels: ``[B, L_top + L_bottom]``)."""
+  (the tokenizer's ``encode_to_indices``; two levels: its dict, cached flattened)."""
   directory = cache_directory(workdir, tokenizer_step)
-  latents_lib.build_or_load(config, workdir, tokenizer_step, encode_fn, directory=directory,
-                            source="indices", dtype=np.int32)
+  latents_lib.build_or_load(config, workdir, tokenizer_step,
+                            lambda videos: flatten_levels(encode_fn(videos)),
+                            directory=directory, source="indices", dtype=np.int32)
   return TokenCache(directory)
 
 

@@ -10,7 +10,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from vqvdm_jax.diffusion.model import null_label
@@ -94,21 +93,11 @@ def sequence_length(config: ml_collections.ConfigDict) -> int:
   return math.prod(token_grid(config)) + math.prod(top_token_grid(config) or (0,))
 
 
-def flatten_levels(indices: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
-  """The tokenizer's code indices -> what the prior and the token cache hold: one level's
-  ``[B, t, h, w]`` as they are; two levels' ``{'top', 'bottom'}`` as the sequence
-  ``[B, L_top + L_bottom]``, each level raster-ordered, the top first (VQ-VAE-2 Algorithm 2)."""
-  if not isinstance(indices, dict):
-    return indices
-  batch = len(indices["bottom"])
-  return np.concatenate([np.asarray(indices["top"]).reshape(batch, -1),
-                         np.asarray(indices["bottom"]).reshape(batch, -1)], axis=1)
-
-
 def unflatten_levels(codes: jax.Array, config: ml_collections.ConfigDict
                      ) -> jax.Array | dict[str, jax.Array]:
   """A prior's codes ``[B, L]`` -> what the tokenizer decodes: ``[B, t, h, w]``, or
-  ``{'top': [B, t', h', w'], 'bottom': [B, t, h, w]}`` for two levels."""
+  ``{'top': [B, t', h', w'], 'bottom': [B, t, h, w]}`` for two levels (the inverse of
+  ``data.tokens.flatten_levels``)."""
   batch, grid, top_grid = codes.shape[0], token_grid(config), top_token_grid(config)
   if not top_grid:
     return codes.reshape(batch, *grid)

@@ -140,8 +140,7 @@ def train_prior(config: ml_collections.ConfigDict, workdir: fileio.PathLike) -> 
   tokenizer's codes, resuming what ``DIR/<stage2>`` holds."""
   workdir_lib.check_or_record_config(config, workdir, write=jax.process_index() == 0)
   tokenizer = load_tokenizer(workdir, config=config)
-  cache = tokens_lib.build_or_load(config, workdir, tokenizer.step, lambda videos:
-                                   prior_model.flatten_levels(tokenizer.encode_to_indices(videos)))
+  cache = tokens_lib.build_or_load(config, workdir, tokenizer.step, tokenizer.encode_to_indices)
   trainer = TokenTrainer(config, workdir)
   train, optim = config.transformer.train, config.transformer.optim
   data_iterator = tokens_lib.train_iterator(cache, train.batch_size, config.seed)
