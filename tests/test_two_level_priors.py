@@ -176,6 +176,32 @@ def test_two_level_training_masks_are_the_states_level_by_level_decoding_meets()
   assert loss[~learns_top].any(-1).all()
 
 
+def test_both_losses_score_each_level_under_its_own_head():
+  """The train step's losses over [top; bottom]: the top codes' digits under the top head's
+  factorised softmaxes, the bottom codes under the bottom head's, averaged over the sequence
+  (autoregressive) or over the masked codes (masked)."""
+  rng = np.random.default_rng(4)
+  top = rng.normal(size=(2, TOP, sum(TOP_FACTORS))).astype(np.float32)
+  bottom = rng.normal(size=(2, BOTTOM, VOCAB)).astype(np.float32)
+  codes, mask = np.asarray(_codes(4)), rng.random((2, LENGTH)) < 0.5
+
+  def log_softmax(x):
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+  bits = (codes[:, :TOP, None] >> np.arange(3)) & 1  # the top codes' digits
+  top_nll = -sum(np.take_along_axis(log_softmax(top[..., 2 * i:2 * i + 2]), bits[..., i:i + 1],
+                                    -1)[..., 0] for i in range(3))
+  bottom_nll = -np.take_along_axis(log_softmax(bottom), codes[:, TOP:, None], -1)[..., 0]
+  nll = np.concatenate([top_nll, bottom_nll], axis=1)  # [B, L]
+  factors = _model(True).level_factors
+  assert factors == (TOP_FACTORS, (VOCAB,))
+  ar_loss, masked_loss = jax.jit(lambda logits, codes, mask: (
+      autoregressive.next_token_loss(logits, codes, factors),
+      masked.masked_token_loss(logits, codes, mask, factors)))((top, bottom), codes, mask)
+  np.testing.assert_allclose(ar_loss, nll.mean(), rtol=1e-5)
+  np.testing.assert_allclose(masked_loss, nll[mask].mean(), rtol=1e-5)
+
+
 def test_what_two_levels_cannot_do_is_a_config_error():
   config = _tiny_two_level("masked")
   config_lib.validate(config)
