@@ -12,8 +12,9 @@ NUM_STEPS = 3
 
 
 def make_trainer(workdir, devices):
+  """The tiny stage-2 trainer, data-parallel over ``devices`` (the workers: 2 processes x 2)."""
   config = load_config("tiny")
-  config.mesh.shape = (4, 1)
+  config.mesh.shape = (len(devices), 1)
   return diffusion_trainer.DiffusionTrainer(config, workdir, LATENT_SHAPE, devices=devices)
 
 

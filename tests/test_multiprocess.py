@@ -39,10 +39,12 @@ def _run_two_workers(script: str, workdir) -> None:
     assert worker.returncode == 0, output[-3000:]
 
 
-def test_two_processes_end_with_the_parameters_of_one_process_with_four_devices(tmp_path):
+def test_two_processes_end_with_the_parameters_of_one_device(tmp_path):
   _run_two_workers("multiprocess_worker.py", tmp_path / "two_processes")
 
-  single = make_trainer(tmp_path / "one_process", jax.devices()[:4])
+  # The reference is the plain computation on one device (the tiny step other tests compile too,
+  # so it often comes from the compilation cache).
+  single = make_trainer(tmp_path / "one_process", jax.devices()[:1])
   state = single.initial_state(1.5, 0)
   for step in range(NUM_STEPS):
     state, _ = single.step(state, global_batch(step))
