@@ -14,9 +14,10 @@ def test_ucf101_latent_is_4_channels_of_4x16x16_for_16x128x128_clips():
 
 
 def _init(config, video):
+  # Jitted: one compile of the init costs half of running it op by op (each op compiled alone).
   model = make_vqgan(config)
-  variables = model.init({"params": jax.random.PRNGKey(0), "quantizer": jax.random.PRNGKey(1)},
-                         video)
+  variables = jax.jit(model.init)({"params": jax.random.PRNGKey(0),
+                                   "quantizer": jax.random.PRNGKey(1)}, video)
   return model, variables
 
 
@@ -49,7 +50,7 @@ def test_straight_through_gradient_reaches_the_encoder():
     x_hat, _ = model.apply({**variables, "params": params}, video)
     return jnp.mean((x_hat - video) ** 2)
 
-  grads = jax.grad(reconstruction_error)(variables["params"])
+  grads = jax.jit(jax.grad(reconstruction_error))(variables["params"])  # jitted: as _init
   encoder_norm = sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(grads["encoder"]))
   assert encoder_norm > 0.0
 
