@@ -341,9 +341,11 @@ def train_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike) -> 
       batch_size=train.batch_size, summary_dir=trainer.workdir / "summaries",
       max_nonfinite_skips=config.run.max_nonfinite_skips,
       learning_rate_field="vqgan.optim.learning_rate", config=config,
-      # A two-level tokenizer also reports its top level (codebook/top/usage); one-level: absent.
-      headline=("loss/l2", "loss/lpips", "loss/vq", "codebook/usage", "codebook/top/usage",
-                "loss/discriminator"),
+      # Perplexity beside usage: usage counts codes that dead-code restart has just revived, so
+      # it reads ~1 through a collapse that the batch's perplexity shows (RESULTS.md, issue 16).
+      # A two-level tokenizer also reports its top level (codebook/top/*); one-level: absent.
+      headline=("loss/l2", "loss/lpips", "loss/vq", "codebook/usage", "codebook/perplexity",
+                "codebook/top/usage", "codebook/top/perplexity", "loss/discriminator"),
       learning_rates={
           "generator": learning_rate_schedule(optim.learning_rate, optim, train.num_steps),
           "discriminator": learning_rate_schedule(optim.disc_learning_rate, optim,
