@@ -49,6 +49,11 @@ def _codes(seed):
                                      rng.integers(0, VOCAB, (2, BOTTOM))], axis=1), jnp.int32)
 
 
+def _bumped(codes, position, vocab_size):
+  """``codes`` with the code at ``position`` (only there) moved to the next one of its level."""
+  return codes.at[:, position].set((codes[:, position] + 1) % vocab_size)
+
+
 LABELS, FPS = jnp.array([0, 2]), jnp.array([8.0, 16.0])
 
 
@@ -65,12 +70,12 @@ def test_bottom_codes_never_change_earlier_logits_and_top_codes_condition_every_
   top, bottom = forward(params, codes, LABELS)
   assert top.shape == (2, TOP, sum(TOP_FACTORS)) and bottom.shape == (2, BOTTOM, VOCAB)
   i = 3  # bottom code 3 (sequence position TOP + 3)
-  other_top, other_bottom = forward(params, codes.at[:, TOP + i].add(1) % VOCAB, LABELS)
+  other_top, other_bottom = forward(params, _bumped(codes, TOP + i, VOCAB), LABELS)
   np.testing.assert_array_equal(other_top, top)  # the top level never sees the bottom
   np.testing.assert_array_equal(other_bottom[:, :i + 1], bottom[:, :i + 1])
   assert not np.allclose(other_bottom[:, i + 1:], bottom[:, i + 1:])
   # Algorithm 2's conditioning: the last top code changes the logits of every bottom code.
-  other_top, other_bottom = forward(params, codes.at[:, TOP - 1].add(1) % 8, LABELS)
+  other_top, other_bottom = forward(params, _bumped(codes, TOP - 1, 8), LABELS)
   np.testing.assert_array_equal(other_top, top)
   for position in range(BOTTOM):
     assert not np.allclose(other_bottom[:, position], bottom[:, position])
