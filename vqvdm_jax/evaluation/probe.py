@@ -11,6 +11,7 @@ accuracy on samples, per guidance scale, measures classifier-free guidance end t
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -79,15 +80,20 @@ def train_frame_classifier(videos_uint8: np.ndarray, labels: np.ndarray, num_cla
   return params
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _frame_logits(num_classes: int, params: PyTree, frames: jax.Array) -> jax.Array:
+  # The weights are an argument, not a closure's constants: one compile per frame count serves
+  # every probe and every call (the held-out ceiling, then each prior's samples).
+  return FrameClassifier(num_classes).apply({"params": params}, frames)
+
+
 def predict_clip_labels(params: PyTree, videos_uint8: np.ndarray, num_classes: int,
                         batch_size: int = 64) -> np.ndarray:
   """Each clip's class: the argmax of its frames' mean logits. ``[N]`` int."""
-  model = FrameClassifier(num_classes)
-  apply = jax.jit(lambda frames: model.apply({"params": params}, frames))
   predictions = []
   for start in range(0, len(videos_uint8), batch_size):
     clips = videos_uint8[start:start + batch_size]
-    logits = np.asarray(apply(jnp.asarray(_frames(clips))))
+    logits = np.asarray(_frame_logits(num_classes, params, jnp.asarray(_frames(clips))))
     predictions.append(logits.reshape(len(clips), -1, num_classes).mean(axis=1).argmax(axis=-1))
   return np.concatenate(predictions) if predictions else np.zeros((0,), np.int64)
 
