@@ -153,16 +153,16 @@ def test_tiny_stage2_run_lowers_its_loss_and_keeps_an_ema_of_the_weights(tmp_pat
 
 
 def test_train_step_sees_latents_through_the_states_shift_and_scale(tmp_path):
-  # Every device and tokenizer step 4 (a static argument of the init), as pipeline_run's
-  # `--mode=train`: its compiled init and step are this test's, from the compilation cache.
+  # Every device, as pipeline_run's `--mode=train`: its compiled init and step are this test's,
+  # from the compilation cache.
   _, trainer = _tiny_trainer(tmp_path, jax.devices())
   base = np.random.default_rng(1).normal(size=(8, 2, 4, 4, 4)).astype(np.float32)
   shift = np.array([-2.0, 0.5, 1.0, 3.0], np.float32)
   batch = {"label": np.arange(8, dtype=np.int32) % 4, "fps": np.full(8, 8.0, np.float32)}
-  _, plain = trainer.step(trainer.initial_state(2.0, 4), {**batch, "latent": base / 2.0})
-  _, shifted = trainer.step(trainer.initial_state(2.0, 4, shift),
+  _, plain = trainer.step(trainer.initial_state(2.0, 0), {**batch, "latent": base / 2.0})
+  _, shifted = trainer.step(trainer.initial_state(2.0, 0, shift),
                             {**batch, "latent": base / 2.0 + shift})
-  _, unshifted = trainer.step(trainer.initial_state(2.0, 4),
+  _, unshifted = trainer.step(trainer.initial_state(2.0, 0),
                               {**batch, "latent": base / 2.0 + shift})
   trainer.checkpointer.close()
   # (base / 2 + shift - shift) * 2 = base / 2 * 2: the model saw the same z_0 either way.

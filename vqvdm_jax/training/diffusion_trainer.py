@@ -114,8 +114,8 @@ class DiffusionTrainer:
     abstract = jax.eval_shape(functools.partial(self._init_state, 1.0, self._zero_shift(), 0))
     self.state_sharding = sharding.state_shardings(
         abstract, self.mesh, config.mesh.param_sharding, config.mesh.fsdp_min_size)
-    self._init = jax.jit(self._init_state, static_argnums=(2,),
-                         out_shardings=self.state_sharding)
+    # The tokenizer step is an argument, not a constant: one compiled init serves every step.
+    self._init = jax.jit(self._init_state, out_shardings=self.state_sharding)
     self.train_step = jax.jit(
         make_train_step(config, self.unet, self.schedule, self.tx),
         in_shardings=(self.state_sharding, sharding.batch_sharding(self.mesh)),
