@@ -108,7 +108,8 @@ class TokenTrainer:
     abstract = jax.eval_shape(functools.partial(self._init_state, 0))
     self.state_sharding = sharding.state_shardings(
         abstract, self.mesh, config.mesh.param_sharding, config.mesh.fsdp_min_size)
-    self._init = jax.jit(self._init_state, static_argnums=(0,), out_shardings=self.state_sharding)
+    # The tokenizer step is an argument, not a constant: one compiled init serves every step.
+    self._init = jax.jit(self._init_state, out_shardings=self.state_sharding)
     self.train_step = jax.jit(
         make_train_step(config, self.model, self.tx),
         in_shardings=(self.state_sharding, sharding.batch_sharding(self.mesh)),
