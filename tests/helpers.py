@@ -4,7 +4,6 @@ the reference of the I3D and C3D protocols."""
 
 import contextlib
 import importlib.util
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +21,6 @@ def load_config(name: str, arg: str | None = None):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
-
-
-def fast_compile_xla_flags() -> str:
-  """conftest.py's XLA flags without its 8 simulated devices: for subprocesses that need one."""
-  return " ".join(flag for flag in os.environ.get("XLA_FLAGS", "").split()
-                  if not flag.startswith("--xla_force_host_platform_device_count"))
 
 
 def compile_for_many_steps(jitted: Any, *args: Any) -> Any:

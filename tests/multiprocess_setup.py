@@ -6,11 +6,11 @@ and the workers import it before anything that imports JAX.
 
 import os
 
+from xla_flags import fast_compile_xla_flags
+
 # Compile fast, as in conftest.py (the tests are compile-bound): its flags, with 2 devices.
-os.environ["XLA_FLAGS"] = " ".join(
-    ["--xla_force_host_platform_device_count=2"]
-    + [flag for flag in os.environ.get("XLA_FLAGS", "").split()
-       if not flag.startswith("--xla_force_host_platform_device_count")])
+os.environ["XLA_FLAGS"] = " ".join(["--xla_force_host_platform_device_count=2",
+                                    fast_compile_xla_flags()])
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

@@ -8,7 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from helpers import fast_compile_xla_flags
+from xla_flags import fast_compile_xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 

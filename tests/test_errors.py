@@ -8,7 +8,8 @@ from pathlib import Path
 
 import jax
 import pytest
-from helpers import fast_compile_xla_flags, load_config, untrained_checkpoints
+from helpers import load_config, untrained_checkpoints
+from xla_flags import fast_compile_xla_flags
 
 from vqvdm_jax import workdir as workdir_lib
 
