@@ -124,9 +124,9 @@ def generate_batches(model, labels: np.ndarray, fps: np.ndarray, seed: int,
   video depends on the seed, its position and the batch it is drawn in: ``sample.batch_size``
   rounded up to the data-parallel devices. The same seed and batch size give the same videos on
   1 or 4 devices, but 4 videos on 8 devices are drawn in a padded batch of 8 (other noise) and
-  differ from 4 on one. Streaming lets evaluation score thousands of
-  videos without holding them all. On several processes every process passes the same labels and
-  FPS and receives every video. ``config`` (default: the model's) sets the sampler.
+  differ from 4 on one. Streaming lets evaluation score thousands of videos without holding
+  them all. On several processes every process passes the same labels and FPS and receives
+  every video. ``config`` (default: the model's) sets the sampler.
   """
   config = model.config if config is None else config
   mesh = model.mesh

@@ -62,12 +62,13 @@ def make_train_step(config: ml_collections.ConfigDict, model: TokenTransformer,
     codes = batch["codes"].reshape(batch["codes"].shape[0], -1)  # raster (t, h, w) order
     labels = drop_labels(prior_model.conditioning_labels(config, batch["label"]),
                          config.transformer.class_drop_rate, null_label(config), label_rng)
-    if is_masked and model.num_levels == 2:
-      mask, loss_mask = masked.two_level_token_mask(mask_rng, codes.shape[0], model.level_lengths)
-      inputs = jnp.where(mask, model.mask_tokens, codes)
-    elif is_masked:
-      mask = loss_mask = masked.random_token_mask(mask_rng, *codes.shape)
-      inputs = jnp.where(mask, model.mask_token, codes)
+    if is_masked:
+      if model.num_levels == 2:
+        mask, loss_mask = masked.two_level_token_mask(mask_rng, codes.shape[0],
+                                                      model.level_lengths)
+      else:
+        mask = loss_mask = masked.random_token_mask(mask_rng, *codes.shape)
+      inputs = jnp.where(mask, model.mask_tokens, codes)  # each level's [MASK]
     else:
       mask, inputs = None, codes
 
