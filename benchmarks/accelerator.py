@@ -82,11 +82,11 @@ def table3(config, steps: int, batches: tuple[int, int], runs: int) -> list[list
       start = time.perf_counter()
       sample, params = common.make_ddpm_sampler(config, (batch, *shape), steps, 1.0)
       try:
-        jax.block_until_ready(sample(params, jax.random.PRNGKey(1)))  # compile + warm-up
+        jax.block_until_ready(sample(params, 1))  # compile + warm-up
         times = []
         for run in range(runs if batch == batches[0] else 1):
           tick = time.perf_counter()
-          jax.block_until_ready(sample(params, jax.random.PRNGKey(2 + run)))
+          jax.block_until_ready(sample(params, 2 + run))
           times.append(time.perf_counter() - tick)
         seconds[name, batch] = statistics.median(times)
         result = [f"{seconds[name, batch]:.3f}", f"{batch / seconds[name, batch]:.2f}"]

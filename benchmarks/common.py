@@ -75,9 +75,11 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
 
 
 def make_ddpm_sampler(config, shape: tuple[int, ...], steps: int, guidance_scale: float):
-  """``(jit(params, rng) -> one DDPM sample batch of shape, params)``: the config's U-Net,
-  conditioned as the config says (class 0, 25 fps), ``steps`` strided DDPM steps."""
+  """``(jit(params, seed) -> one DDPM sample batch of shape, params)``: the config's U-Net,
+  conditioned as the config says (class 0, 25 fps), ``steps`` strided DDPM steps; video ``i``
+  from the key ``sampling.generate_batches`` gives it (:func:`row_random.video_keys`)."""
   from vqvdm_jax.diffusion import model as diffusion_model
+  from vqvdm_jax import row_random
   from vqvdm_jax.diffusion import samplers
 
   unet = diffusion_model.make_unet(config)
@@ -90,9 +92,10 @@ def make_ddpm_sampler(config, shape: tuple[int, ...], steps: int, guidance_scale
                                      jnp.zeros((batch,), jnp.int32), fps, labels)["params"])()
 
   @jax.jit
-  def sample(params, rng):
+  def sample(params, seed):
     model_fn = samplers.make_guided_model_fn(apply_fn, params, fps, labels,
                                              diffusion_model.null_label(config), guidance_scale)
-    return samplers.ddpm_sample(model_fn, schedule, shape, rng, num_steps=steps)
+    return samplers.ddpm_sample(model_fn, schedule, shape, row_random.video_keys(seed, 0, batch),
+                                num_steps=steps)
 
   return sample, params

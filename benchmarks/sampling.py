@@ -64,13 +64,12 @@ def main(argv):
   for name, label, shape in cases:
     sample, params = common.make_ddpm_sampler(config, (1, *shape), FLAGS.steps,
                                                config.diffusion.sample.guidance_scale)
-    mean, std = timed_runs(sample, params, jax.random.PRNGKey(1), runs=FLAGS.runs)
+    mean, std = timed_runs(sample, params, 1, runs=FLAGS.runs)
     means[name] = mean
     try:
       big, big_params = common.make_ddpm_sampler(
           config, (FLAGS.large_batch, *shape), FLAGS.steps, config.diffusion.sample.guidance_scale)
-      big_mean, _ = timed_runs(big, big_params, jax.random.PRNGKey(1),
-                               runs=max(1, FLAGS.runs // 3))
+      big_mean, _ = timed_runs(big, big_params, 1, runs=max(1, FLAGS.runs // 3))
       videos_per_second = f"{FLAGS.large_batch / big_mean:.2f}"
     except jax.errors.JaxRuntimeError as error:  # a pixel-space batch can exceed the device
       if "RESOURCE_EXHAUSTED" not in str(error):

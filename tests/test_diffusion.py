@@ -30,8 +30,14 @@ from vqvdm_jax.diffusion.schedule import (
     v_target,
     x0_from_v,
 )
+from vqvdm_jax.row_random import video_keys
 
 SHAPE = (2, 4, 8, 8, 4)  # [B, T, H, W, C] latents
+
+
+def sample_keys(seed: int, batch: int = SHAPE[0], start: int = 0) -> jax.Array:
+  """The keys of videos ``start .. start + batch - 1`` of a request with this seed: one a row."""
+  return video_keys(seed, start, batch)
 
 
 def normal(seed: int, shape=SHAPE) -> jax.Array:
@@ -131,25 +137,25 @@ def test_samplers_with_a_perfect_predictor_recover_x0(sampler, prediction):
   x0 = 0.5 * normal(3)
   model_fn = perfect_model_fn(schedule, x0, prediction)
   run = {
-      "ddpm": lambda rng: ddpm_sample(model_fn, schedule, SHAPE, rng, prediction),
-      "ddpm_strided": lambda rng: ddpm_sample(model_fn, schedule, SHAPE, rng, prediction,
+      "ddpm": lambda keys: ddpm_sample(model_fn, schedule, SHAPE, keys, prediction),
+      "ddpm_strided": lambda keys: ddpm_sample(model_fn, schedule, SHAPE, keys, prediction,
                                               num_steps=20),
-      "ddim": lambda rng: ddim_sample(model_fn, schedule, SHAPE, rng, 20, 0.0, prediction),
-      "ddim_eta1": lambda rng: ddim_sample(model_fn, schedule, SHAPE, rng, 20, 1.0, prediction),
+      "ddim": lambda keys: ddim_sample(model_fn, schedule, SHAPE, keys, 20, 0.0, prediction),
+      "ddim_eta1": lambda keys: ddim_sample(model_fn, schedule, SHAPE, keys, 20, 1.0, prediction),
   }[sampler]
-  z0 = jax.jit(run)(jax.random.PRNGKey(0))
+  z0 = jax.jit(run)(sample_keys(0))
   np.testing.assert_allclose(z0, x0, atol=1e-4)
 
 
 def test_sampling_is_deterministic_for_a_seed():
   schedule = make_schedule("cosine", 50)
   model_fn = lambda z, t: 0.1 * z  # noqa: E731
-  sample = jax.jit(lambda rng: ddpm_sample(model_fn, schedule, SHAPE, rng))
-  first, again = sample(jax.random.PRNGKey(7)), sample(jax.random.PRNGKey(7))
+  sample = jax.jit(lambda keys: ddpm_sample(model_fn, schedule, SHAPE, keys))
+  first, again = sample(sample_keys(7)), sample(sample_keys(7))
   np.testing.assert_array_equal(first, again)
-  assert float(jnp.abs(first - sample(jax.random.PRNGKey(8))).max()) > 1e-3
-  ddim = jax.jit(lambda rng: ddim_sample(model_fn, schedule, SHAPE, rng, 10, eta=0.5))
-  np.testing.assert_array_equal(ddim(jax.random.PRNGKey(7)), ddim(jax.random.PRNGKey(7)))
+  assert float(jnp.abs(first - sample(sample_keys(8))).max()) > 1e-3
+  ddim = jax.jit(lambda keys: ddim_sample(model_fn, schedule, SHAPE, keys, 10, eta=0.5))
+  np.testing.assert_array_equal(ddim(sample_keys(7)), ddim(sample_keys(7)))
 
 
 def test_sampler_traces_the_model_once():
@@ -160,7 +166,7 @@ def test_sampler_traces_the_model_once():
     traces.append(1)  # runs only while tracing
     return 0.1 * z
 
-  jax.jit(lambda rng: ddpm_sample(model_fn, schedule, SHAPE, rng))(jax.random.PRNGKey(0))
+  jax.jit(lambda keys: ddpm_sample(model_fn, schedule, SHAPE, keys))(sample_keys(0))
   assert len(traces) == 1
 
 
@@ -235,9 +241,35 @@ def test_guided_model_fn_drives_a_sampler():
   calls = []
   model_fn = make_guided_model_fn(fake_apply_fn(calls), 0.1, jnp.array([8.0, 8.0]),
                                   jnp.array([0, 1]), 2, 2.0)
-  z0 = jax.jit(lambda rng: ddim_sample(model_fn, schedule, SHAPE, rng, 5))(
-      jax.random.PRNGKey(0))
+  z0 = jax.jit(lambda keys: ddim_sample(model_fn, schedule, SHAPE, keys, 5))(sample_keys(0))
   assert z0.shape == SHAPE and np.all(np.isfinite(np.asarray(z0)))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim_eta1"])
+def test_a_rows_sample_does_not_depend_on_the_other_rows_of_its_batch(sampler):
+  # Every row draws its noise from its own key: appending rows (a larger batch, or the padding
+  # of a last batch) leaves the first rows as they were, and a row's sample is that of its
+  # video index whatever batch it is drawn in.
+  schedule = make_schedule("linear", 100)
+  model_fn = lambda z, t: 0.3 * jnp.tanh(z)  # noqa: E731 (row-wise, like the U-Net)
+
+  @jax.jit
+  def run(keys):
+    shape = (keys.shape[0], *SHAPE[1:])
+    if sampler == "ddpm":
+      return ddpm_sample(model_fn, schedule, shape, keys, num_steps=10)
+    return ddim_sample(model_fn, schedule, shape, keys, 10, eta=1.0)
+
+  five = np.asarray(run(sample_keys(3, batch=5)))
+  np.testing.assert_allclose(np.asarray(run(sample_keys(3, batch=2))), five[:2], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(run(sample_keys(3, batch=3, start=2))), five[2:],
+                             rtol=0, atol=1e-6)
+  assert np.abs(five[0] - five[1]).max() > 0.1  # the rows do differ
+
+
+def test_samplers_need_one_key_per_sample():
+  with pytest.raises(ValueError, match="One key per sample: 1 keys"):
+    ddpm_sample(lambda z, t: z, make_schedule("linear", 10), SHAPE, sample_keys(0, batch=1))
 
 
 def test_ddim_with_eta_one_is_strided_ddpm():
@@ -245,9 +277,9 @@ def test_ddim_with_eta_one_is_strided_ddpm():
   # draw the same noise for a seed, so the chains coincide.
   schedule = make_schedule("linear", 100)
   model_fn = lambda z, t: 0.3 * jnp.tanh(z)  # noqa: E731
-  rng = jax.random.PRNGKey(4)
-  ddpm = jax.jit(lambda: ddpm_sample(model_fn, schedule, SHAPE, rng, num_steps=10))()
-  ddim = jax.jit(lambda: ddim_sample(model_fn, schedule, SHAPE, rng, 10, eta=1.0))()
+  keys = sample_keys(4)
+  ddpm = jax.jit(lambda: ddpm_sample(model_fn, schedule, SHAPE, keys, num_steps=10))()
+  ddim = jax.jit(lambda: ddim_sample(model_fn, schedule, SHAPE, keys, 10, eta=1.0))()
   np.testing.assert_allclose(ddim, ddpm, rtol=1e-4, atol=1e-4)
 
 
@@ -304,7 +336,7 @@ def linear_alpha_bar_64(num_steps: int) -> np.ndarray:
 
 def visited_states(run, states):
   """Runs the jitted sampler; returns its output and the states it visited, t descending."""
-  z0 = np.asarray(jax.jit(run)(jax.random.PRNGKey(0)), np.float64)
+  z0 = np.asarray(jax.jit(run)(sample_keys(0)), np.float64)
   jax.effects_barrier()
   return z0, sorted(states, key=lambda state: -state[0])
 
@@ -320,7 +352,7 @@ def test_ddim_states_follow_the_closed_form_marginal(prediction, num_steps):
   states = []
   model_fn = recording_model_fn(perfect_model_fn(schedule, x0, prediction), states)
   z0, states = visited_states(
-      lambda rng: ddim_sample(model_fn, schedule, SHAPE, rng, num_steps, 0.0, prediction), states)
+      lambda keys: ddim_sample(model_fn, schedule, SHAPE, keys, num_steps, 0.0, prediction), states)
   expected_timesteps = np.linspace(0, 199, num_steps).round().astype(int)[::-1]
   assert [t for t, _ in states] == list(expected_timesteps)
   x0_64 = np.asarray(x0, np.float64)
@@ -347,7 +379,7 @@ def test_ddpm_steps_are_the_posterior_mean_plus_state_independent_noise(num_step
     states = []
     model_fn = recording_model_fn(perfect_model_fn(schedule, x0), states)
     z0, states = visited_states(
-        lambda rng, model_fn=model_fn: ddpm_sample(model_fn, schedule, SHAPE, rng,
+        lambda keys, model_fn=model_fn: ddpm_sample(model_fn, schedule, SHAPE, keys,
                                                    num_steps=num_steps), states)
     chains.append((np.asarray(x0, np.float64), states + [(-1, z0)]))
   expected_timesteps = (np.arange(199, -1, -1) if num_steps is None

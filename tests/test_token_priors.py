@@ -12,6 +12,7 @@ import pytest
 from helpers import load_config
 
 from vqvdm_jax.models.transformer import TokenTransformer
+from vqvdm_jax.row_random import video_keys
 from vqvdm_jax.priors import autoregressive, masked
 from vqvdm_jax.priors import model as prior_model
 from vqvdm_jax.training import token_trainer
@@ -97,12 +98,12 @@ def test_cached_decoding_gives_the_full_forward_logits_at_every_position(ar):
 
 @functools.cache
 def _ar_sampler(**settings):
-  return jax.jit(lambda params, labels, fps, rng, prompt: autoregressive.sample(
-      _model(True, decode=True), params, labels, fps, rng, null=NULL, prompt=prompt, **settings))
+  return jax.jit(lambda params, labels, fps, keys, prompt: autoregressive.sample(
+      _model(True, decode=True), params, labels, fps, keys, null=NULL, prompt=prompt, **settings))
 
 
 def _ar_sample(params, labels, fps, seed, prompt=None, **settings):
-  return np.asarray(_ar_sampler(**settings)(params, labels, fps, jax.random.PRNGKey(seed),
+  return np.asarray(_ar_sampler(**settings)(params, labels, fps, video_keys(seed, 0, len(labels)),
                                             prompt))
 
 
@@ -133,10 +134,10 @@ def test_a_sliding_window_extends_greedy_decoding_past_the_trained_frames(ar):
   model, params, _, labels, fps = ar
   greedy = _ar_sampler(top_k=1)
   continue_greedy = _ar_sampler(top_k=1, num_prompt_codes=6)
-  rng = jax.random.PRNGKey(0)
-  first = greedy(params, labels, fps, rng, None).reshape(2, *GRID)
+  keys = video_keys(0, 0, 2)
+  first = greedy(params, labels, fps, keys, None).reshape(2, *GRID)
   video = np.asarray(jax.jit(lambda first: prior_model.extend_by_sliding_window(
-      lambda window, index: continue_greedy(params, labels, fps, rng, window), first, 5))(first))
+      lambda window, index: continue_greedy(params, labels, fps, keys, window), first, 5))(first))
   assert video.shape == (2, 5, 2, 3)
   np.testing.assert_array_equal(video[:, :2], first)
   for k in range(2, 5):
@@ -166,7 +167,7 @@ def test_factorised_codes_are_the_quantizers_channel_digits():
                  for i, block in enumerate(blocks))
   np.testing.assert_allclose(prior_model.code_log_probability(logits, codes, levels), expected,
                              rtol=1e-6)
-  greedy = prior_model.sample_codes(jax.random.PRNGKey(0), logits, 0.0, factors=levels)
+  greedy = prior_model.sample_codes(video_keys(0, 0, 3), logits, 0.0, factors=levels)
   np.testing.assert_array_equal(
       code_digits(greedy, levels), jnp.stack([b.argmax(-1) for b in blocks], axis=-1))
 
@@ -228,10 +229,10 @@ def test_masked_decoding_follows_the_schedule_and_never_changes_given_codes(mlm)
   model, params, labels, fps = mlm
   prompt = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, LENGTH)), jnp.int32)
   fixed = 6
-  draw = jax.jit(lambda rng: masked.sample(
-      model, params, labels, fps, rng, null=NULL, guidance_scale=2.0, num_steps=4,
+  draw = jax.jit(lambda keys: masked.sample(
+      model, params, labels, fps, keys, null=NULL, guidance_scale=2.0, num_steps=4,
       prompt=prompt, num_prompt_codes=fixed, return_history=True))
-  codes, history = draw(jax.random.PRNGKey(0))
+  codes, history = draw(video_keys(0, 0, 2))
   history = np.asarray(history)  # [N, B, L]
   counts = masked.masked_counts(LENGTH - fixed, 4)
   assert counts.tolist() == [5, 4, 2, 0]
@@ -243,8 +244,28 @@ def test_masked_decoding_follows_the_schedule_and_never_changes_given_codes(mlm)
     np.testing.assert_array_equal(after[chosen], before[chosen])
   assert (history[-1] < VOCAB).all()
   np.testing.assert_array_equal(codes, history[-1])
-  np.testing.assert_array_equal(codes, draw(jax.random.PRNGKey(0))[0])
-  assert not np.array_equal(codes, draw(jax.random.PRNGKey(1))[0])
+  np.testing.assert_array_equal(codes, draw(video_keys(0, 0, 2))[0])
+  assert not np.array_equal(codes, draw(video_keys(1, 0, 2))[0])
+
+
+@pytest.mark.parametrize("prior", ["ar", "mlm"])
+def test_a_videos_codes_do_not_depend_on_the_other_rows_of_its_batch(prior, ar, mlm):
+  """Each row draws from its own key: appending rows (a larger batch, or the padding of a last
+  sampling batch) leaves the first rows' codes as they were."""
+  labels, fps = jnp.array([0, 2, 1, 1]), jnp.array([8.0, 16.0, 8.0, 4.0])
+  if prior == "ar":
+    def draw(batch):
+      return _ar_sample(ar[1], labels[:batch], fps[:batch], 3, top_p=0.9)
+  else:
+    model, params = mlm[:2]
+    sample = jax.jit(lambda labels, fps, keys: masked.sample(
+        model, params, labels, fps, keys, null=NULL, guidance_scale=2.0, num_steps=4))
+
+    def draw(batch):
+      return np.asarray(sample(labels[:batch], fps[:batch], video_keys(3, 0, batch)))
+  four = draw(4)
+  np.testing.assert_array_equal(draw(2), four[:2])
+  assert not np.array_equal(four[2], four[3])  # same class, own keys: other codes
 
 
 def test_mask_counts_fall_by_the_cosine_and_at_least_one_a_step():

@@ -21,6 +21,7 @@ from vqvdm_jax.inference.token_model import TokenModel
 from vqvdm_jax.models.transformer import TokenTransformer, digits_to_codes
 from vqvdm_jax.priors import autoregressive, masked
 from vqvdm_jax.priors import model as prior_model
+from vqvdm_jax.row_random import video_keys
 from vqvdm_jax.training import vqgan_trainer
 
 # The bottom level: a plain 16-code vocabulary; the top: LFQ-like codes of 3 bits, factorised
@@ -122,11 +123,11 @@ def test_guided_greedy_sampling_draws_the_top_then_the_bottom_and_keeps_given_co
   fixes the codes."""
   forward, params = ar
   prompt, given = _codes(2), 2
-  draw = jax.jit(lambda rng: autoregressive.sample(
-      _model(True, decode=True), params, LABELS, FPS, rng, null=NULL, guidance_scale=2.0,
+  draw = jax.jit(lambda keys: autoregressive.sample(
+      _model(True, decode=True), params, LABELS, FPS, keys, null=NULL, guidance_scale=2.0,
       top_k=1, prompt=prompt, num_prompt_codes=given))
-  codes = np.asarray(draw(jax.random.PRNGKey(0)))
-  np.testing.assert_array_equal(codes, draw(jax.random.PRNGKey(1)))  # greedy: no randomness
+  codes = np.asarray(draw(video_keys(0, 0, 2)))
+  np.testing.assert_array_equal(codes, draw(video_keys(1, 0, 2)))  # greedy: no randomness
   np.testing.assert_array_equal(codes[:, :given], prompt[:, :given])
   assert codes[:, :TOP].max() < 8 and codes[:, TOP:].max() < VOCAB
   both = [forward(params, jnp.asarray(codes), labels) for labels in (LABELS, jnp.full(2, NULL))]
@@ -145,10 +146,10 @@ def test_masked_decoding_fixes_the_top_level_before_the_bottom_and_never_changes
   model, num_steps, given = _model(False), 3, 1
   params = _init(model, 2)
   prompt = _codes(3)
-  draw = jax.jit(lambda rng: masked.sample(
-      model, params, LABELS, FPS, rng, null=NULL, guidance_scale=2.0, num_steps=num_steps,
+  draw = jax.jit(lambda keys: masked.sample(
+      model, params, LABELS, FPS, keys, null=NULL, guidance_scale=2.0, num_steps=num_steps,
       prompt=prompt, num_prompt_codes=given, return_history=True))
-  codes, history = draw(jax.random.PRNGKey(0))
+  codes, history = draw(video_keys(0, 0, 2))
   history = np.asarray(history)  # [2N, B, L]
   assert history.shape == (2 * num_steps, 2, LENGTH)
   is_masked = history == np.asarray(model.mask_tokens)
@@ -163,7 +164,7 @@ def test_masked_decoding_fixes_the_top_level_before_the_bottom_and_never_changes
     chosen = before != np.asarray(model.mask_tokens)
     np.testing.assert_array_equal(after[chosen], before[chosen])
   assert codes[:, :TOP].max() < 8 and codes[:, TOP:].max() < VOCAB
-  np.testing.assert_array_equal(codes, draw(jax.random.PRNGKey(0))[0])
+  np.testing.assert_array_equal(codes, draw(video_keys(0, 0, 2))[0])
 
 
 def test_two_level_training_masks_are_the_states_level_by_level_decoding_meets():

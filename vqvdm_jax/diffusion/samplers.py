@@ -2,7 +2,9 @@
 
 A sampler sees the network only through ``model_fn(z_t [B, T, H, W, C], t [B] int32) -> output``,
 a closure the caller builds (params, FPS, labels and guidance already inside, e.g. with
-:func:`make_guided_model_fn`). Each sampler's loop is a ``jax.lax.fori_loop``, so under
+:func:`make_guided_model_fn`). A sampler takes one key per row (``keys [B]``) and draws each
+row's noise from its key alone (:mod:`vqvdm_jax.row_random`), so a row's sample does not depend
+on the rest of its batch. Each sampler's loop is a ``jax.lax.fori_loop``, so under
 ``jax.jit`` the network is traced and compiled once however many steps are taken.
 """
 
@@ -14,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqvdm_jax import row_random
 from vqvdm_jax.diffusion.schedule import (
     DiffusionSchedule,
     log_alpha_cumprod_at,
@@ -117,20 +120,36 @@ def _previous_timesteps(timesteps: np.ndarray) -> np.ndarray:
   return np.append(timesteps[1:], -1).astype(np.int32)
 
 
+def _row_noise(keys: jax.Array, noise_shape: Sequence[int]
+               ) -> tuple[jax.Array, Callable[[jax.Array, jnp.dtype], jax.Array]]:
+  """``(z_T, noise(index, dtype))``: the initial noise ``noise_shape`` and step ``index``'s, row
+  ``b`` from ``keys[b]`` alone (its initial key and ``fold_in(loop key, index)``)."""
+  if keys.shape[0] != noise_shape[0]:
+    raise ValueError(f"One key per sample: {keys.shape[0]} keys for noise_shape {noise_shape}.")
+  init_keys, loop_keys = row_random.split(keys)
+  row_shape = tuple(noise_shape[1:])
+
+  def noise(index: jax.Array, dtype) -> jax.Array:
+    return row_random.normal(row_random.fold_in(loop_keys, index), row_shape, dtype)
+
+  return row_random.normal(init_keys, row_shape, jnp.float32), noise
+
+
 def ddpm_sample(model_fn: ModelFn, schedule: DiffusionSchedule, noise_shape: Sequence[int],
-                rng: jax.Array, prediction: str = "eps", clip_x0: float | None = None,
+                keys: jax.Array, prediction: str = "eps", clip_x0: float | None = None,
                 num_steps: int | None = None) -> jax.Array:
   """Ho et al. 2020 Algorithm 2: ancestral sampling x_{t-1} ~ N(μ̃(x_t, x̂_0), β̃_t I).
 
   With ``num_steps`` below the schedule's length, steps are strided and the posterior between
   visited steps uses the respaced β' = 1 - ᾱ_t / ᾱ_s (Nichol & Dhariwal 2021 §4); no noise is
-  added on the last step. Returns z_0 ``noise_shape``.
+  added on the last step. ``keys [B]``: one per sample (``noise_shape[0]``), each row's noise
+  drawn from its own. Returns z_0 ``noise_shape``.
   """
   timesteps = sampling_timesteps(schedule.num_steps, num_steps)
   previous = _previous_timesteps(timesteps)
   strided = len(timesteps) != schedule.num_steps
   timesteps, previous = jnp.asarray(timesteps), jnp.asarray(previous)
-  init_rng, loop_rng = jax.random.split(rng)
+  z, noise = _row_noise(keys, noise_shape)
   batch = noise_shape[0]
 
   def step(index: jax.Array, z: jax.Array) -> jax.Array:
@@ -141,12 +160,10 @@ def ddpm_sample(model_fn: ModelFn, schedule: DiffusionSchedule, noise_shape: Seq
       mean, variance = q_posterior_mean_variance_strided(schedule, x0, z, t, t_prev)
     else:
       mean, variance, _ = q_posterior_mean_variance(schedule, x0, z, t)
-    noise = jax.random.normal(jax.random.fold_in(loop_rng, index), z.shape, z.dtype)
     # β̃ is 0 at the last step already; the mask also makes that exact for strided chains.
     is_last = (previous[index] < 0).astype(z.dtype)
-    return mean + (1.0 - is_last) * jnp.sqrt(variance) * noise
+    return mean + (1.0 - is_last) * jnp.sqrt(variance) * noise(index, z.dtype)
 
-  z = jax.random.normal(init_rng, tuple(noise_shape), jnp.float32)
   return jax.lax.fori_loop(0, len(timesteps), step, z)
 
 
@@ -169,17 +186,18 @@ def ddim_sigma(log_alpha_bar: jax.Array, log_alpha_bar_prev: jax.Array,
 
 
 def ddim_sample(model_fn: ModelFn, schedule: DiffusionSchedule, noise_shape: Sequence[int],
-                rng: jax.Array, num_steps: int, eta: float = 0.0, prediction: str = "eps",
+                keys: jax.Array, num_steps: int, eta: float = 0.0, prediction: str = "eps",
                 clip_x0: float | None = None) -> jax.Array:
   """Song et al. 2021 (DDIM) sampling over ``num_steps`` evenly spaced timesteps.
 
   ``eta = 0`` is deterministic given the initial noise; ``eta = 1`` matches DDPM's posterior
-  variance on the strided chain. Returns z_0 ``noise_shape``.
+  variance on the strided chain. ``keys [B]`` as for :func:`ddpm_sample`. Returns z_0
+  ``noise_shape``.
   """
   timesteps = sampling_timesteps(schedule.num_steps, num_steps)
   previous = _previous_timesteps(timesteps)
   timesteps, previous = jnp.asarray(timesteps), jnp.asarray(previous)
-  init_rng, loop_rng = jax.random.split(rng)
+  z, noise = _row_noise(keys, noise_shape)
   batch = noise_shape[0]
 
   def step(index: jax.Array, z: jax.Array) -> jax.Array:
@@ -189,8 +207,6 @@ def ddim_sample(model_fn: ModelFn, schedule: DiffusionSchedule, noise_shape: Seq
     log_alpha_bar = log_alpha_cumprod_at(schedule, t, z.ndim)
     log_alpha_bar_prev = log_alpha_cumprod_at(schedule, t_prev, z.ndim)
     sigma = ddim_sigma(log_alpha_bar, log_alpha_bar_prev, eta)
-    noise = jax.random.normal(jax.random.fold_in(loop_rng, index), z.shape, z.dtype)
-    return ddim_step(x0, eps, log_alpha_bar_prev, sigma, noise)
+    return ddim_step(x0, eps, log_alpha_bar_prev, sigma, noise(index, z.dtype))
 
-  z = jax.random.normal(init_rng, tuple(noise_shape), jnp.float32)
   return jax.lax.fori_loop(0, len(timesteps), step, z)

@@ -72,7 +72,8 @@ class VideoModel:
     ``labels``: one class per video (or one class for ``num_videos`` videos; default: every
     class in turn, ``sample.num_videos`` of them). Other arguments left out take the values of
     ``config.diffusion.sample`` (also ``eta``, ``batch_size``, ``clip_x0``,
-    ``guidance_interval``). The same seed gives the same videos.
+    ``guidance_interval``). The same seed gives the same videos, whatever the batch size or
+    devices: video ``i`` draws its noise from its own key (:func:`sampling.generate_batches`).
     """
     one_class = labels is not None and np.ndim(labels) == 0
     config = sampling.sampling_config(

@@ -21,7 +21,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from vqvdm_jax import config as config_lib
-from vqvdm_jax import fileio, sharding, video_io
+from vqvdm_jax import fileio, row_random, sharding, video_io
 from vqvdm_jax.data import latents as latents_lib
 from vqvdm_jax.diffusion import samplers
 from vqvdm_jax.diffusion.model import apply_unet, null_label
@@ -72,23 +72,23 @@ def resolve_labels(config: ml_collections.ConfigDict, labels: Any = None) -> np.
 
 def make_sample_fn(config: ml_collections.ConfigDict, unet: UNet3D, schedule: DiffusionSchedule,
                    latent_shape: tuple[int, ...]):
-  """``sample_fn(params, labels [B], fps [B], rng) -> scaled latents [B, t, h, w, c]`` with the
-  sampler of ``config.diffusion.sample``."""
+  """``sample_fn(params, labels [B], fps [B], keys [B]) -> scaled latents [B, t, h, w, c]`` with
+  the sampler of ``config.diffusion.sample``; row ``b``'s noise comes from ``keys[b]`` alone."""
   apply_fn = apply_unet(unet, config)
   settings = config.diffusion.sample
   clip_x0 = settings.clip_x0 or None
   interval = tuple(settings.guidance_interval) if settings.guidance_interval else None
 
-  def sample_fn(params, labels, fps, rng):
+  def sample_fn(params, labels, fps, keys):
     model_fn = samplers.make_guided_model_fn(
         apply_fn, params, fps if config.diffusion.use_fps else None,
         labels if config.diffusion.use_class else None, null_label(config),
         settings.guidance_scale, interval)
     shape = (labels.shape[0], *latent_shape)
     if settings.sampler == "ddpm":
-      return samplers.ddpm_sample(model_fn, schedule, shape, rng, config.diffusion.prediction,
+      return samplers.ddpm_sample(model_fn, schedule, shape, keys, config.diffusion.prediction,
                                   clip_x0, settings.num_steps)
-    return samplers.ddim_sample(model_fn, schedule, shape, rng, settings.num_steps,
+    return samplers.ddim_sample(model_fn, schedule, shape, keys, settings.num_steps,
                                 settings.eta, config.diffusion.prediction, clip_x0)
 
   return sample_fn
@@ -102,17 +102,17 @@ def padded_batch_size(batch_size: int, mesh: Mesh) -> int:
 
 def conditioning_batches(mesh: Mesh, labels: np.ndarray, fps: np.ndarray, seed: int,
                          batch_size: int) -> Iterator[tuple[int, jax.Array, jax.Array, jax.Array]]:
-  """``(start, labels [b], fps [b], rng)`` of each sampling batch, placed on ``mesh``: labels and
-  FPS split over the batch axes, the key ``fold_in(seed, start)`` replicated, ``b`` rounded up
-  to the data-parallel devices (the last batch padded; callers drop what is past the end)."""
+  """``(start, labels [b], fps [b], keys [b])`` of each sampling batch, placed on ``mesh`` and
+  split over its batch axes; ``b`` is rounded up to the data-parallel devices (the last batch
+  padded; callers drop what is past the end). Video ``i``'s key is ``fold_in(PRNGKey(seed), i)``
+  (:func:`row_random.video_keys`), whatever batch it falls in."""
   batch_size = padded_batch_size(batch_size, mesh)
-  split, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  split = sharding.batch_sharding(mesh)
   for start in range(0, len(labels), batch_size):
     batch_labels = np.resize(labels[start:start + batch_size], batch_size)  # pad the last batch
     batch_fps = np.resize(fps[start:start + batch_size], batch_size)
-    rng = jax.random.fold_in(jax.random.PRNGKey(seed), start)
-    batch_labels, batch_fps = sharding.from_replicated_host_data((batch_labels, batch_fps), split)
-    yield start, batch_labels, batch_fps, sharding.from_replicated_host_data(rng, replicated)
+    keys = np.asarray(row_random.video_keys(seed, start, batch_size))  # padded rows: i >= N
+    yield (start, *sharding.from_replicated_host_data((batch_labels, batch_fps, keys), split))
 
 
 def generate_batches(model, labels: np.ndarray, fps: np.ndarray, seed: int,
@@ -120,13 +120,12 @@ def generate_batches(model, labels: np.ndarray, fps: np.ndarray, seed: int,
   """uint8 videos ``[b, T, H, W, 3]`` of a :class:`~vqvdm_jax.inference.VideoModel`, one
   sampling batch at a time, for the given labels and FPS.
 
-  The sampler compiles once; batch ``i`` draws its noise from ``fold_in(seed, i * batch)``, so a
-  video depends on the seed, its position and the batch it is drawn in: ``sample.batch_size``
-  rounded up to the data-parallel devices. The same seed and batch size give the same videos on
-  1 or 4 devices, but 4 videos on 8 devices are drawn in a padded batch of 8 (other noise) and
-  differ from 4 on one. Streaming lets evaluation score thousands of videos without holding
-  them all. On several processes every process passes the same labels and FPS and receives
-  every video. ``config`` (default: the model's) sets the sampler.
+  The sampler compiles once. Video ``i`` draws all its noise from its own key
+  ``fold_in(PRNGKey(seed), i)``, so it depends only on the seed, its index, its label and FPS
+  and the sampler settings: not on ``sample.batch_size``, the number of devices or the rows
+  padded onto the last batch (up to float rounding, which may differ with the batch shape).
+  Streaming lets evaluation score thousands of videos without holding them all. On several processes every process passes the same labels and FPS and
+  receives every video. ``config`` (default: the model's) sets the sampler.
   """
   config = model.config if config is None else config
   mesh = model.mesh
@@ -134,12 +133,12 @@ def generate_batches(model, labels: np.ndarray, fps: np.ndarray, seed: int,
   params_sharding = jax.tree.map(lambda leaf: leaf.sharding, model.params)
   sample_fn = jax.jit(
       make_sample_fn(config, model.unet, model.schedule, model.latent_shape),
-      in_shardings=(params_sharding, split, split, replicated), out_shardings=split)
+      in_shardings=(params_sharding, split, split, split), out_shardings=split)
   # Replicated output: on several processes a batch-split array cannot be read whole on one.
   unscale = jax.jit(latents_lib.from_model_space, out_shardings=replicated)
-  for start, batch_labels, batch_fps, rng in conditioning_batches(
+  for start, batch_labels, batch_fps, keys in conditioning_batches(
       mesh, labels, fps, seed, config.diffusion.sample.batch_size):
-    latents = sample_fn(model.params, batch_labels, batch_fps, rng)
+    latents = sample_fn(model.params, batch_labels, batch_fps, keys)
     # Through the host: the tokenizer may live on another mesh than the sampler (it is small).
     unscaled = np.asarray(jax.device_get(unscale(latents, model.latent_shift,
                                                  model.scale_factor)))

@@ -28,7 +28,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from vqvdm_jax import checkpointing, fileio, runtime, sharding
+from vqvdm_jax import checkpointing, fileio, row_random, runtime, sharding
 from vqvdm_jax import config as config_lib
 from vqvdm_jax import workdir as workdir_lib
 from vqvdm_jax.diffusion.model import null_label
@@ -62,8 +62,8 @@ def token_sampling_config(config: ml_collections.ConfigDict, **overrides
 
 
 def make_sample_fn(config: ml_collections.ConfigDict, num_prompt_codes: int = 0):
-  """``sample_fn(params, labels [B], fps [B], rng, prompt [B, L]) -> codes [B, t', h, w]`` with
-  the prior and settings of ``config`` (``transformer.sample``); ``t'`` is
+  """``sample_fn(params, labels [B], fps [B], keys [B], prompt [B, L]) -> codes [B, t', h, w]``
+  with the prior and settings of ``config`` (``transformer.sample``); ``t'`` is
   ``num_latent_frames`` (0: the trained ``t``), reached by a sliding window beyond ``t``. Two
   levels: ``{'top': [B, t', h', w'], 'bottom': [B, t, h, w]}``, the top drawn first."""
   settings = config.transformer.sample
@@ -85,15 +85,15 @@ def make_sample_fn(config: ml_collections.ConfigDict, num_prompt_codes: int = 0)
     draw_next = functools.partial(draw.func, *draw.args,
                                   **{**draw.keywords, "num_prompt_codes": window_prompt})
 
-  def sample_fn(params, labels, fps, rng, prompt):
+  def sample_fn(params, labels, fps, keys, prompt):
     labels = prior_model.conditioning_labels(config, labels)
-    codes = draw(params, labels, fps, rng, prompt=prompt)  # [B, L]: t·h·w (+ the top's)
+    codes = draw(params, labels, fps, keys, prompt=prompt)  # [B, L]: t·h·w (+ the top's)
     if prior_model.num_levels(config) == 2:  # no window: config.validate allows none
       return prior_model.unflatten_levels(codes, config)  # {'top', 'bottom'}
     codes = codes.reshape(codes.shape[0], *grid)
     if num_frames > grid[0]:
       codes = prior_model.extend_by_sliding_window(
-          lambda window, index: draw_next(params, labels, fps, jax.random.fold_in(rng, index),
+          lambda window, index: draw_next(params, labels, fps, row_random.fold_in(keys, index),
                                           prompt=window), codes, num_frames)
     return codes  # [B, frames, h, w]
 
@@ -141,8 +141,9 @@ class TokenModel:
                    config: ml_collections.ConfigDict | None = None,
                    prompt: np.ndarray | None = None) -> Iterator[np.ndarray]:
     """Code indices ``[b, t, h, w]`` (two levels: ``{'top', 'bottom'}`` indices, as the
-    tokenizer's ``encode_to_indices``) one sampling batch at a time; batch ``i``'s key is
-    ``fold_in(seed, i * batch)``. ``prompt [N, t, h, w]`` supplies the first
+    tokenizer's ``encode_to_indices``) one sampling batch at a time; video ``i``'s codes are drawn
+    from its own key ``fold_in(PRNGKey(seed), i)``, whatever the batch size, devices or padding
+    (:func:`sampling.conditioning_batches`). ``prompt [N, t, h, w]`` supplies the first
     ``transformer.sample.prompt_frames`` latent frames of each video."""
     config = self.config if config is None else config
     num_prompt_codes = int(config.transformer.sample.prompt_frames) * self.grid[1] * self.grid[2]
@@ -155,11 +156,11 @@ class TokenModel:
     split = sharding.batch_sharding(self.mesh)
     sample_fn = self._sample_fn(config, num_prompt_codes)
     batch_size = sampling.padded_batch_size(config.diffusion.sample.batch_size, self.mesh)
-    for start, batch_labels, batch_fps, rng in sampling.conditioning_batches(
+    for start, batch_labels, batch_fps, keys in sampling.conditioning_batches(
         self.mesh, labels, fps, seed, config.diffusion.sample.batch_size):
       batch_prompt = sharding.from_replicated_host_data(
           np.resize(prompt[start:start + batch_size], (batch_size, length)), split)
-      codes = sample_fn(self.params, batch_labels, batch_fps, rng, batch_prompt)
+      codes = sample_fn(self.params, batch_labels, batch_fps, keys, batch_prompt)
       yield jax.tree.map(lambda level: np.asarray(level)[:len(labels) - start],
                          jax.device_get(codes))
 
@@ -172,7 +173,7 @@ class TokenModel:
       params_sharding = jax.tree.map(lambda leaf: leaf.sharding, self.params)
       self._sample_fns[key] = jax.jit(
           make_sample_fn(config, num_prompt_codes),
-          in_shardings=(params_sharding, split, split, replicated, split),
+          in_shardings=(params_sharding, split, split, split, split),
           out_shardings=replicated)
     return self._sample_fns[key]
 

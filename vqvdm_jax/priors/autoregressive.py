@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from vqvdm_jax import row_random
 from vqvdm_jax.models.transformer import TokenTransformer
 from vqvdm_jax.priors import model as prior_model
 
@@ -36,7 +37,7 @@ def next_token_loss(logits: jax.Array | tuple[jax.Array, ...], codes: jax.Array,
 
 
 def sample(model: TokenTransformer, params: PyTree, labels: jax.Array, fps: jax.Array,
-           rng: jax.Array, *, null: int, guidance_scale: float = 1.0, temperature: float = 1.0,
+           keys: jax.Array, *, null: int, guidance_scale: float = 1.0, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, prompt: jax.Array | None = None,
            num_prompt_codes: int = 0) -> jax.Array:
   """Codes ``[B, L]`` drawn one at a time: ancestral sampling with a key/value cache.
@@ -44,8 +45,9 @@ def sample(model: TokenTransformer, params: PyTree, labels: jax.Array, fps: jax.
   ``model`` is the ``decode=True`` transformer. The first ``num_prompt_codes`` codes come from
   ``prompt [B, L]`` (the given latent frames, raster order) and are never changed; the class and
   FPS prefix and those codes are cached in one pass, then ``lax.fori_loop`` draws each next code
-  from the guided, temperature-scaled, top-k / top-p filtered logits. Code ``i``'s randomness is
-  ``fold_in(rng, i)``, so the same key gives the same codes.
+  from the guided, temperature-scaled, top-k / top-p filtered logits. Code ``i`` of sample ``b``
+  is drawn from ``fold_in(keys[b], i)``, so the same key gives the same codes, whatever else is
+  in the batch.
   """
   batch, length = labels.shape[0], model.num_codes
   codes = (jnp.zeros((batch, length), jnp.int32) if prompt is None
@@ -63,7 +65,7 @@ def sample(model: TokenTransformer, params: PyTree, labels: jax.Array, fps: jax.
   def draw(level, index, carry):
     codes, cache, logits = carry
     level_logits = logits[level] if model.num_levels > 1 else logits
-    code = prior_model.sample_codes(jax.random.fold_in(rng, index), level_logits, temperature,
+    code = prior_model.sample_codes(row_random.fold_in(keys, index), level_logits, temperature,
                                     top_k, top_p, model.level_factors[level])
     codes = jax.lax.dynamic_update_slice(codes, code[:, None], (0, index))
     logits, variables = model.apply({"params": params, "cache": cache},

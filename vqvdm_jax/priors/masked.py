@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqvdm_jax import row_random
 from vqvdm_jax.models.transformer import TokenTransformer
 from vqvdm_jax.priors import model as prior_model
 
@@ -84,7 +85,7 @@ def masked_counts(num_free: int, num_steps: int) -> np.ndarray:
 
 
 def sample(model: TokenTransformer, params: PyTree, labels: jax.Array, fps: jax.Array,
-           rng: jax.Array, *, null: int, guidance_scale: float = 1.0, temperature: float = 1.0,
+           keys: jax.Array, *, null: int, guidance_scale: float = 1.0, temperature: float = 1.0,
            num_steps: int = 12, choice_temperature: float = 4.5,
            prompt: jax.Array | None = None, num_prompt_codes: int = 0,
            return_history: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -92,6 +93,7 @@ def sample(model: TokenTransformer, params: PyTree, labels: jax.Array, fps: jax.
 
   The first ``num_prompt_codes`` codes are taken from ``prompt [B, L]`` and stay fixed. With
   ``return_history`` also the codes after every step ``[N, B, L]`` (masked = the mask token).
+  Sample ``b``'s draws and choice noise at step ``s`` come from ``fold_in(keys[b], s)`` alone.
 
   Two levels (VQ-VAE-2 Algorithm 2): ``num_steps`` steps decode the top level while the bottom
   stays fully masked, then ``num_steps`` more the bottom level given the whole top (each level
@@ -126,17 +128,17 @@ def sample(model: TokenTransformer, params: PyTree, labels: jax.Array, fps: jax.
     masked = codes == mask_tokens
     logits = model.apply({"params": params}, jnp.tile(codes, (repeats, 1)), labels_in, fps_in)
     logits = prior_model.combine_guided(logits, guidance_scale)
-    sample_rng, choice_rng = jax.random.split(jax.random.fold_in(rng, step))
+    sample_keys, choice_keys = row_random.split(row_random.fold_in(keys, step))
     if model.num_levels == 1:
-      sampled = prior_model.sample_codes(sample_rng, logits, temperature, factors=factors[0])
+      sampled = prior_model.sample_codes(sample_keys, logits, temperature, factors=factors[0])
     else:  # each level from its own head
       sampled = jnp.concatenate([prior_model.sample_codes(
-          jax.random.fold_in(sample_rng, level), level_logits, temperature,
+          row_random.fold_in(sample_keys, level), level_logits, temperature,
           factors=factors[level]) for level, level_logits in enumerate(logits)], axis=1)
     scaled = jax.tree.map(lambda x: x / temperature if temperature > 0 else x, logits)
     log_probability = prior_model.sequence_log_probability(scaled, sampled, factors)
     annealed = choice_temperature * (1.0 - (level_step + 1) / num_steps)
-    confidence = log_probability + annealed * jax.random.gumbel(choice_rng, (batch, length))
+    confidence = log_probability + annealed * row_random.gumbel(choice_keys, (length,))
     decoded = masked & active  # this step's candidates; other levels' masked codes wait
     confidence = jnp.where(decoded, confidence, jnp.inf)  # known codes are never masked again
     ranks = jnp.argsort(jnp.argsort(confidence, axis=-1), axis=-1)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from vqvdm_jax import row_random
 from vqvdm_jax.diffusion.model import null_label
 from vqvdm_jax.models.transformer import TokenTransformer, code_digits, digits_to_codes
 from vqvdm_jax.models.vqgan import latent_shape
@@ -219,10 +220,11 @@ def code_log_probability(logits: jax.Array, codes: jax.Array,
               for i, block in enumerate(split_digits(logits, factors)))
 
 
-def sample_codes(rng: jax.Array, logits: jax.Array, temperature: float, top_k: int = 0,
+def sample_codes(keys: jax.Array, logits: jax.Array, temperature: float, top_k: int = 0,
                  top_p: float = 1.0, factors: tuple[int, ...] | None = None) -> jax.Array:
-  """One code per row of ``[..., Σ factors]`` logits: each digit from softmax(logits /
-  temperature) after filtering; temperature 0 takes the most likely one."""
+  """One code per row of ``[B, ..., Σ factors]`` logits: each digit from softmax(logits /
+  temperature) after filtering; temperature 0 takes the most likely one. Sample ``b``'s codes
+  are drawn from ``keys[b]`` alone (:mod:`vqvdm_jax.row_random`)."""
   factors = factors or (logits.shape[-1],)
   digits = []
   for i, block in enumerate(split_digits(logits, factors)):
@@ -230,8 +232,7 @@ def sample_codes(rng: jax.Array, logits: jax.Array, temperature: float, top_k: i
     if temperature == 0:
       digits.append(jnp.argmax(block, axis=-1))
     else:
-      digits.append(jax.random.categorical(jax.random.fold_in(rng, i), block / temperature,
-                                           axis=-1))
+      digits.append(row_random.categorical(row_random.fold_in(keys, i), block / temperature))
   if len(factors) == 1:
     return digits[0].astype(jnp.int32)
   return digits_to_codes(jnp.stack(digits, axis=-1), factors)
