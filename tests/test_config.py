@@ -60,6 +60,18 @@ def test_level_count_must_match_downsampling_factors():
     config_lib.validate(config)
 
 
+def test_spatial_patch_must_divide_the_spatial_factor_and_counts_in_the_levels():
+  config = load_config("tiny")  # x4 time, x4 space: three levels
+  config.vqgan.model.spatial_patch = 8
+  with pytest.raises(config_lib.ConfigError, match=r"spatial_patch.*divides.*spatial_downsample"):
+    config_lib.validate(config)
+  config.vqgan.model.spatial_patch = 2  # time still needs two x2 steps: three levels
+  config_lib.validate(config)
+  config.vqgan.model.temporal_downsample = 2  # x2 time, x4 space after a 2 x 2 patch: two levels
+  with pytest.raises(config_lib.ConfigError, match=r"channel_multipliers.*folding 2x2.*needs 2"):
+    config_lib.validate(config)
+
+
 @pytest.mark.parametrize("group", ["vqgan.model", "diffusion.unet"])
 def test_too_few_channels_per_groupnorm_group_warns_with_the_fix(group):
   config = load_config("tiny")

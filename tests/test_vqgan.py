@@ -1,10 +1,14 @@
 """The 3D VQGAN tokenizer: shapes, causality, gradients and the MaskGIT tokenizer surface."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from helpers import load_config
 
+from vqvdm_jax import config as config_lib
+from vqvdm_jax.models import autoencoder
 from vqvdm_jax.models.vqgan import VQGAN3D, latent_shape, make_vqgan
 
 
@@ -133,3 +137,36 @@ def test_causal_tokenizer_decoded_frames_before_a_latent_frames_span_ignore_it()
     np.testing.assert_array_equal(np.asarray(changed[:, :span_start]),
                                   np.asarray(decoded[:, :span_start]))
     assert not np.allclose(np.asarray(changed[:, span_start]), np.asarray(decoded[:, span_start]))
+
+
+def test_fold_pixels_puts_each_pixel_block_at_one_position_and_unfold_inverts_it():
+  video = np.arange(1 * 2 * 4 * 6 * 3, dtype=np.float32).reshape(1, 2, 4, 6, 3)
+  folded = np.asarray(autoencoder.fold_pixels(jnp.asarray(video), 2))
+  assert folded.shape == (1, 2, 2, 3, 12)
+  for row, col, dy, dx, channel in itertools.product(range(2), range(3), range(2), range(2),
+                                                     range(3)):
+    assert folded[0, 1, row, col, (dy * 2 + dx) * 3 + channel] == \
+        video[0, 1, 2 * row + dy, 2 * col + dx, channel]
+  np.testing.assert_array_equal(np.asarray(autoencoder.unfold_pixels(jnp.asarray(folded), 2)),
+                                video)
+
+
+def test_spatial_patch_keeps_the_latent_grid_and_the_decoder_unfolds_its_output_channels():
+  config = load_config("tiny")
+  config.vqgan.model.spatial_patch = 2
+  config.vqgan.model.num_res_blocks = 0  # the downsampling convs and the middle blocks only
+  config_lib.validate(config)
+  assert latent_shape(config, batch_size=2) == (2, 2, 4, 4, config.vqgan.model.latent_channels)
+  video = jnp.zeros((1, 8, 16, 16, 3))
+  model, variables = _init(config, video)
+  params = variables["params"]
+  assert params["encoder"]["conv_in"]["kernel"].shape[-2] == 12  # 2 x 2 pixels x RGB
+  # The decoder's pixel (y, x, c) is its output channel ((y % 2) * 2 + x % 2) * 3 + c: with a
+  # zero kernel and the channel index as bias, every pixel shows which channel it came from.
+  out = params["decoder"]["conv_out"]
+  params["decoder"]["conv_out"] = {"kernel": jnp.zeros_like(out["kernel"]),
+                                   "bias": jnp.arange(12, dtype=jnp.float32)}
+  x_hat, _ = model.apply({**variables, "params": params}, video)
+  assert x_hat.shape == video.shape
+  y, x, c = np.meshgrid(np.arange(16), np.arange(16), np.arange(3), indexing="ij")
+  np.testing.assert_array_equal(np.asarray(x_hat[0, 3]), ((y % 2) * 2 + x % 2) * 3 + c)

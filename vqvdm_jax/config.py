@@ -71,6 +71,10 @@ def base_config() -> ml_collections.ConfigDict:
   model.temporal_downsample = 4  # T -> T / 4   (a power of two)
   model.spatial_downsample = 8  # H, W -> H / 8 (a power of two)
   model.latent_channels = 4
+  # Pixels folded into channels before the first conv (space-to-depth; the decoder unfolds them
+  # after its last): p x p pixels are one position of the first level, which then runs at H / p.
+  # Part of spatial_downsample (the convs downsample by spatial_downsample / p). 1: off.
+  model.spatial_patch = 1
   model.attention_at_lowest = True  # self-attention block at the lowest resolution.
   model.attention_heads = 1
   model.num_groups = 16  # GroupNorm groups: 4 channels a group at 64 wide (Taming: 32 at 128).
@@ -418,13 +422,21 @@ def _check(config: ml_collections.ConfigDict) -> None:
     factor = model[axis]
     _require(_is_power_of_two(factor), f"vqgan.model.{axis}",
              f"must be a power of two, got {factor}.")
+  patch = model.spatial_patch
+  _require(_is_power_of_two(patch) and model.spatial_downsample % patch == 0,
+           "vqgan.model.spatial_patch",
+           f"must be a power of two that divides vqgan.model.spatial_downsample="
+           f"{model.spatial_downsample} (the pixels it folds are part of that factor), got {patch}.")
   num_downsamplings = max(int(math.log2(model.temporal_downsample)),
-                          int(math.log2(model.spatial_downsample)))
+                          int(math.log2(model.spatial_downsample // patch)))
+  folded = f" after folding {patch}x{patch} pixels (spatial_patch)" if patch > 1 else ""
   _require(len(model.channel_multipliers) == num_downsamplings + 1,
            "vqgan.model.channel_multipliers",
            f"has {len(model.channel_multipliers)} levels but downsampling by "
-           f"{model.temporal_downsample} (time) and {model.spatial_downsample} (space) needs "
-           f"{num_downsamplings + 1} (one level per factor of two, plus one).")
+           f"{model.temporal_downsample} (time) and {model.spatial_downsample} (space){folded} "
+           f"needs {num_downsamplings + 1} (one level per factor of two, plus one).")
+  _require(model.num_res_blocks >= 0, "vqgan.model.num_res_blocks",
+           f"must be >= 0, got {model.num_res_blocks}.")
   _require(data.resolution % model.spatial_downsample == 0, "data.resolution",
            f"{data.resolution} is not divisible by vqgan.model.spatial_downsample="
            f"{model.spatial_downsample}; pick a multiple of it.")

@@ -10,6 +10,7 @@ import itertools
 import math
 from typing import Any
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,17 @@ def downsampling_plan(temporal_factor: int, spatial_factor: int) -> list[tuple[b
   """(time?, space?) for each x2 downsampling between levels, time and space halved first."""
   time_steps, space_steps = int(math.log2(temporal_factor)), int(math.log2(spatial_factor))
   return [(i < time_steps, i < space_steps) for i in range(max(time_steps, space_steps))]
+
+
+def fold_pixels(video: jax.Array, patch: int) -> jax.Array:
+  """Space-to-depth: ``[B, T, H, W, C]`` -> ``[B, T, H / p, W / p, p * p * C]``, each p x p block
+  of pixels one position (row-major within the block, then channel)."""
+  return einops.rearrange(video, "b t (h p) (w q) c -> b t h w (p q c)", p=patch, q=patch)
+
+
+def unfold_pixels(folded: jax.Array, patch: int) -> jax.Array:
+  """The inverse of :func:`fold_pixels`: ``[B, T, h, w, p * p * C]`` -> ``[B, T, h p, w p, C]``."""
+  return einops.rearrange(folded, "b t h w (p q c) -> b t (h p) (w q) c", p=patch, q=patch)
 
 
 def _res_block_factory(module: nn.Module):
@@ -43,7 +55,12 @@ def _res_block_factory(module: nn.Module):
 
 
 class Encoder3D(nn.Module):
-  """x ``[B, T, H, W, 3]`` -> z_e ``[B, T / ft, H / fs, W / fs, latent_channels]``."""
+  """x ``[B, T, H, W, 3]`` -> z_e ``[B, T / ft, H / fs, W / fs, latent_channels]``.
+
+  ``spatial_patch`` p > 1 folds each p x p block of pixels into one position before the first
+  convolution (:func:`fold_pixels`), so the first level runs at ``H / p``; it is part of ``fs``
+  (the convolutions downsample by ``fs / p``).
+  """
 
   channels: int
   channel_multipliers: tuple[int, ...]
@@ -59,13 +76,15 @@ class Encoder3D(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   attention_impl: str = "xla"
+  spatial_patch: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     res_block = _res_block_factory(self)
-    plan = downsampling_plan(self.temporal_downsample, self.spatial_downsample)
+    plan = downsampling_plan(self.temporal_downsample,
+                             self.spatial_downsample // self.spatial_patch)
     h = layers.Conv3D(self.channels, causal=self.causal, conv_impl=self.conv_impl,
-                      dtype=self.dtype, name="conv_in")(x)
+                      dtype=self.dtype, name="conv_in")(fold_pixels(x, self.spatial_patch))
     for level, multiplier in enumerate(self.channel_multipliers):
       features = self.channels * multiplier
       for _ in range(self.num_res_blocks):
@@ -89,7 +108,8 @@ class Decoder3D(nn.Module):
   """z_q ``[B, t, h, w, latent_channels]`` -> x_hat ``[B, T, H, W, 3]``; mirrors the encoder.
 
   The output convolution is named ``conv_out``: Taming's adaptive GAN weight takes gradient
-  norms at its kernel, ``params['decoder']['conv_out']['kernel']``.
+  norms at its kernel, ``params['decoder']['conv_out']['kernel']``. With ``spatial_patch`` p > 1
+  it gives p * p * ``out_channels`` channels, unfolded into p x p pixels (:func:`unfold_pixels`).
   """
 
   channels: int
@@ -106,11 +126,13 @@ class Decoder3D(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   attention_impl: str = "xla"
+  spatial_patch: int = 1
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
     res_block = _res_block_factory(self)
-    plan = downsampling_plan(self.temporal_downsample, self.spatial_downsample)
+    plan = downsampling_plan(self.temporal_downsample,
+                             self.spatial_downsample // self.spatial_patch)
     features = self.channels * self.channel_multipliers[-1]
     h = layers.Conv3D(features, causal=self.causal, conv_impl=self.conv_impl, dtype=self.dtype,
                       name="conv_in")(z)
@@ -128,5 +150,6 @@ class Decoder3D(nn.Module):
         h = layers.Upsample(features, time, space, causal=self.causal,
                             conv_impl=self.conv_impl, dtype=self.dtype)(h)
     h = nn.silu(layers.Normalize(self.num_groups, self.causal)(h))
-    return layers.Conv3D(self.out_channels, causal=self.causal, conv_impl=self.conv_impl,
-                         dtype=self.dtype, name="conv_out")(h).astype(jnp.float32)
+    out = layers.Conv3D(self.out_channels * self.spatial_patch**2, causal=self.causal,
+                        conv_impl=self.conv_impl, dtype=self.dtype, name="conv_out")(h)
+    return unfold_pixels(out, self.spatial_patch).astype(jnp.float32)

@@ -94,7 +94,8 @@ class HierarchicalVQGAN3D(nn.Module):
               "channel_multipliers": tuple(model.channel_multipliers),
               "num_res_blocks": model.num_res_blocks,
               "temporal_downsample": model.temporal_downsample,
-              "spatial_downsample": model.spatial_downsample, **common}
+              "spatial_downsample": model.spatial_downsample,
+              "spatial_patch": model.spatial_patch, **common}
     # The top encoder and decoder: F wide throughout, one level per x2 step between the grids.
     steps = max(hierarchy.temporal_downsample, hierarchy.spatial_downsample).bit_length() - 1
     top = {"channels": features, "channel_multipliers": (1,) * (steps + 1),
