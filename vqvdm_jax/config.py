@@ -426,7 +426,8 @@ def _check(config: ml_collections.ConfigDict) -> None:
   _require(_is_power_of_two(patch) and model.spatial_downsample % patch == 0,
            "vqgan.model.spatial_patch",
            f"must be a power of two that divides vqgan.model.spatial_downsample="
-           f"{model.spatial_downsample} (the pixels it folds are part of that factor), got {patch}.")
+           f"{model.spatial_downsample} (the pixels it folds are part of that factor), "
+           f"got {patch}.")
   num_downsamplings = max(int(math.log2(model.temporal_downsample)),
                           int(math.log2(model.spatial_downsample // patch)))
   folded = f" after folding {patch}x{patch} pixels (spatial_patch)" if patch > 1 else ""

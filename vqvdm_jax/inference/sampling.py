@@ -124,8 +124,9 @@ def generate_batches(model, labels: np.ndarray, fps: np.ndarray, seed: int,
   ``fold_in(PRNGKey(seed), i)``, so it depends only on the seed, its index, its label and FPS
   and the sampler settings: not on ``sample.batch_size``, the number of devices or the rows
   padded onto the last batch (up to float rounding, which may differ with the batch shape).
-  Streaming lets evaluation score thousands of videos without holding them all. On several processes every process passes the same labels and FPS and
-  receives every video. ``config`` (default: the model's) sets the sampler.
+  Streaming lets evaluation score thousands of videos without holding them all. On several
+  processes every process passes the same labels and FPS and receives every video. ``config``
+  (default: the model's) sets the sampler.
   """
   config = model.config if config is None else config
   mesh = model.mesh
