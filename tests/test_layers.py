@@ -1,4 +1,6 @@
-"""3D convolution building blocks: replicate padding, causality, and the two conv forms."""
+"""3D convolution building blocks: replicate padding, causality, and the conv forms."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +45,65 @@ def test_taps_and_im2col_convs_equal_the_native_conv_and_their_gradients(causal,
     for got, want in zip(jax.tree.leaves(value_and_grads(form)), jax.tree.leaves(expected),
                          strict=True):
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=5e-5, rtol=1e-5)
+
+
+def _xla_conv3d(x, kernel, strides):
+  """XLA's own strided conv, differentiated by JAX's rules: the reference of every form."""
+  return jax.lax.conv_general_dilated(x, kernel, strides, "VALID",
+                                      dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+
+@pytest.mark.parametrize("kernel_size, strides", [
+    ((3, 3, 3), (1, 1, 1)), ((4, 4, 4), (2, 2, 2)), ((4, 4, 4), (1, 2, 2)),
+    ((2, 4, 4), (2, 2, 1)), ((3, 3, 3), (2, 2, 2))])
+@pytest.mark.parametrize("form", ["native", "taps", "im2col"])
+def test_canonical_gradients_equal_xlas_conv_and_its_autodiff_gradients(form, kernel_size,
+                                                                        strides):
+  # With canonical_gradients, on CPU a kernel that is a multiple of its stride runs folded
+  # space-to-depth as a stride-1 conv, and stride-1 convs have hand-written gradients
+  # (layers._unit_stride_conv): values and both gradients must equal XLA's strided conv
+  # differentiated by JAX.
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 11, 10, 3))
+  conv = layers.Conv3D(5, kernel_size, strides, conv_impl=form, canonical_gradients=True)
+  params = conv.init(jax.random.PRNGKey(1), x)
+  pads = layers.conv_padding(kernel_size, strides, causal=False)
+
+  def reference(p, x):
+    kernel, bias = p["params"]["kernel"], p["params"]["bias"]
+    return _xla_conv3d(layers.replicate_pad(x, pads), kernel, strides) + bias
+
+  assert layers.folds_strides(kernel_size, strides) == (kernel_size[1] == 4)
+  for apply in (conv.apply, reference):
+    assert apply(params, x).shape == reference(params, x).shape
+  loss = lambda apply: lambda p, x: jnp.sum(jnp.sin(apply(p, x)))  # noqa: E731
+  got = conv.apply(params, x), jax.grad(loss(conv.apply), argnums=(0, 1))(params, x)
+  want = reference(params, x), jax.grad(loss(reference), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["native", "taps"])
+def test_canonical_gradients_inside_a_cond_are_canonical_convolutions(form):
+  # XLA:CPU runs a convolution in its Eigen kernels only in the canonical layout; it rewrites
+  # autodiff's gradient convs into it in the entry computation only, so inside a lax.cond (the
+  # discriminator's) they ran in its generic loop emitter, 50-400x slower. Every convolution of
+  # a gradient through a strided and a plain conv inside a cond must be canonical.
+  spatial = 3 if form == "native" else 2
+  canonical = {3: "b012f_012io->b012f", 2: "b01f_01io->b01f"}[spatial]
+  first = layers.Conv3D(4, (4, 4, 4), (2, 2, 2), conv_impl=form, canonical_gradients=True)
+  second = layers.Conv3D(3, (3, 3, 3), conv_impl=form, canonical_gradients=True)
+  x = jnp.ones((1, 8, 8, 8, 3))
+  params = [first.init(jax.random.PRNGKey(0), x),
+            second.init(jax.random.PRNGKey(1), jnp.ones((1, 4, 4, 4, 4)))]
+
+  def loss(params, x, on):
+    stack = lambda: jnp.sum(second.apply(params[1], first.apply(params[0], x)) ** 2)  # noqa: E731
+    return jax.lax.cond(on, stack, lambda: 0.0)
+
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x, True).compile().as_text()
+  labels = re.findall(r" convolution\(.*dim_labels=([^,]+),", hlo)
+  assert len(labels) >= 6, hlo  # two forward convs, each with two gradient convs
+  assert set(labels) == {canonical}, labels
 
 
 @pytest.mark.parametrize("strides", [(1, 1, 1), (2, 2, 2)])

@@ -37,7 +37,9 @@ class Discriminator3D(nn.Module):
 
   ``features`` holds the activation after each of the ``num_layers`` downsampling layers
   (``[B, T/2^i, H/2^i, W/2^i, C_i]``), the D⁽ⁱ⁾ of VQ-VDM's feature-matching term. Logits are
-  returned in float32 so the GAN losses are computed at full precision under bfloat16.
+  returned in float32 so the GAN losses are computed at full precision under bfloat16. Its convs
+  have canonical gradients (``layers.Conv3D``): the trainer differentiates it inside a
+  ``lax.cond``, where XLA:CPU would otherwise run their gradients in its generic loop emitter.
   """
 
   channels: int
@@ -58,12 +60,12 @@ class Discriminator3D(nn.Module):
       strides = tuple(_stride(size) for size in h.shape[1:4])
       h = Conv3D(width, (_KERNEL_SIZE,) * 3, strides, conv_impl=self.conv_impl,
                  use_bias=layer == 0,  # the GroupNorm that follows has its own bias.
-                 dtype=self.dtype, name=f"conv_{layer}")(h)
+                 dtype=self.dtype, canonical_gradients=True, name=f"conv_{layer}")(h)
       if layer > 0:
         # No norm on the first layer (pix2pix): it would wash out the input's colour statistics.
         h = Normalize(self.num_groups, name=f"norm_{layer}")(h)
       h = nn.leaky_relu(h, _LEAKY_SLOPE)
       features.append(h)
     logits = Conv3D(1, (_LOGIT_KERNEL_SIZE,) * 3, conv_impl=self.conv_impl, dtype=self.dtype,
-                    name="logits")(h)
+                    canonical_gradients=True, name="logits")(h)
     return logits.astype(jnp.float32), features

@@ -88,13 +88,68 @@ def replicate_pad(x: jax.Array, pads: Pads) -> jax.Array:
   return jnp.pad(x, ((0, 0), *pads, (0, 0)), mode="edge")
 
 
-def _native_conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int]) -> jax.Array:
-  return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=tuple(strides), padding="VALID",
-      dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+_CHANNEL_LAST = {2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}
 
 
-def _conv2d(frames: jax.Array, kernel: jax.Array, strides: Sequence[int]) -> jax.Array:
+def _lax_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Any = "VALID"
+              ) -> jax.Array:
+  return jax.lax.conv_general_dilated(x, kernel, window_strides=tuple(strides), padding=padding,
+                                      dimension_numbers=_CHANNEL_LAST[kernel.ndim - 2])
+
+
+@jax.custom_vjp
+def _unit_stride_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """VALID stride-1 conv (2D or 3D, channel-last) whose gradients are themselves convolutions in
+  XLA:CPU's canonical layout."""
+  return _lax_conv(x, kernel, (1,) * (kernel.ndim - 2))
+
+
+def _unit_stride_conv_forward(x, kernel):
+  return _unit_stride_conv(x, kernel), (x, kernel)
+
+
+def _unit_stride_conv_backward(residuals, dy):
+  x, kernel = residuals
+  spatial = kernel.ndim - 2
+  window = kernel.shape[:spatial]
+  # dx: the 'full' conv of dy with the kernel flipped in space and its features swapped.
+  flipped = jnp.swapaxes(jnp.flip(kernel, tuple(range(spatial))), -1, -2)
+  dx = _lax_conv(dy, flipped, (1,) * spatial, [(k - 1, k - 1) for k in window])
+  # dkernel[k, i, o] = sum_{b, s} x[b, s + k, i] dy[b, s, o]: a conv with x's features as its
+  # batch, x's batch as its features and dy as its kernel.
+  dkernel = _lax_conv(jnp.moveaxis(x, (0, -1), (-1, 0)), jnp.moveaxis(dy, 0, -2),
+                      (1,) * spatial)
+  return dx, jnp.moveaxis(dkernel, 0, -2)
+
+
+_unit_stride_conv.defvjp(_unit_stride_conv_forward, _unit_stride_conv_backward)
+
+
+def _conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+          canonical_gradients: bool = False) -> jax.Array:
+  """VALID conv, channel-last; with ``canonical_gradients``, a stride-1 conv on CPU is
+  :func:`_unit_stride_conv`.
+
+  XLA:CPU runs a convolution in its Eigen kernels only in the canonical layout (batch first,
+  features last, kernel ``[..., in, out]``). Autodiff's gradient convolutions have other layouts,
+  which XLA:CPU transposes into the canonical one in the entry computation only: inside a
+  ``lax.cond`` (the discriminator's, off before ``disc_start``) they ran in its generic loop
+  emitter, 200-470 ms each on the tests' tiny discriminator, 60 % of the stage-1 step
+  (benchmarks/RESULTS.md, "Convolutions differentiated inside lax.cond"). Elsewhere XLA's own
+  gradients are kept: they run as fast or faster (the U-Net's step ~30 % faster at level 0).
+  """
+  if canonical_gradients and jax.default_backend() == "cpu" and all(s == 1 for s in strides):
+    return _unit_stride_conv(x, kernel)
+  return _lax_conv(x, kernel, strides)
+
+
+def _native_conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                   canonical_gradients: bool = False) -> jax.Array:
+  return _conv(x, kernel, strides, canonical_gradients)
+
+
+def _conv2d(frames: jax.Array, kernel: jax.Array, strides: Sequence[int],
+            canonical_gradients: bool = False) -> jax.Array:
   """VALID 2D conv of ``frames [N, H, W, C]``, in chunks of frames of at most
   ``TAPS_CHUNK_ELEMENTS`` input plus output elements; each chunk is an independent conv."""
   frames_total, height, width, in_features = frames.shape
@@ -102,16 +157,15 @@ def _conv2d(frames: jax.Array, kernel: jax.Array, strides: Sequence[int]) -> jax
   per_frame = (height * width * in_features + _output_size(height, kh, strides[0])
                * _output_size(width, kw, strides[1]) * out_features)
   chunk = max(1, TAPS_CHUNK_ELEMENTS // per_frame)
-  conv = lambda f: jax.lax.conv_general_dilated(  # noqa: E731
-      f, kernel, window_strides=tuple(strides), padding="VALID",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv = lambda f: _conv(f, kernel, strides, canonical_gradients)  # noqa: E731
   if chunk >= frames_total:
     return conv(frames)
   return jnp.concatenate([conv(frames[start: start + chunk])
                           for start in range(0, frames_total, chunk)])
 
 
-def _temporal_taps_conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int]) -> jax.Array:
+def _temporal_taps_conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                          canonical_gradients: bool = False) -> jax.Array:
   """The 3D conv as sum_k conv2d(x[t*s + k], kernel[k]), each 2D conv batched over B*T frames
   (in cache-sized chunks of frames: :func:`_conv2d`)."""
   batch, padded_frames = x.shape[:2]
@@ -122,7 +176,7 @@ def _temporal_taps_conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int
   for tap in range(kt):
     frames = x[:, tap: tap + (out_frames - 1) * st + 1: st]
     frames = einops.rearrange(frames, "b t h w c -> (b t) h w c")
-    term = _conv2d(frames, kernel[tap], strides[1:])
+    term = _conv2d(frames, kernel[tap], strides[1:], canonical_gradients)
     out = term if out is None else out + term
   return einops.rearrange(out, "(b t) h w c -> b t h w c", b=batch)
 
@@ -131,9 +185,12 @@ def _output_size(size: int, kernel: int, stride: int) -> int:
   return (size - kernel) // stride + 1
 
 
-def _im2col_conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int]) -> jax.Array:
+def _im2col_conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                   canonical_gradients: bool = False) -> jax.Array:
   """The 3D conv as one matmul: ``[positions, taps * C_in] @ [taps * C_in, C_out]``, the patch
-  matrix's columns ordered like the kernel's flattened ``(kt, kh, kw, C_in)``."""
+  matrix's columns ordered like the kernel's flattened ``(kt, kh, kw, C_in)``. Its gradients are
+  matmuls wherever they run (``canonical_gradients`` has nothing to change)."""
+  del canonical_gradients
   kt, kh, kw, in_features, out_features = kernel.shape
   out_t, out_h, out_w = (_output_size(size, k, s) for size, k, s in
                          zip(x.shape[1:4], (kt, kh, kw), strides))
@@ -150,8 +207,41 @@ _CONV_FORMS = {"native": "_native_conv3d", "taps": "_temporal_taps_conv3d",
                "im2col": "_im2col_conv3d"}
 
 
+def folds_strides(kernel_size: Sequence[int], strides: Sequence[int]) -> bool:
+  """Whether a strided conv with canonical gradients runs as :func:`fold_strided_conv`'s
+  stride-1 conv: on CPU, when every kernel axis is a multiple of its stride (the discriminator's
+  kernel 4, stride 2), so that :func:`_conv` can give it canonical gradients too. Accelerators
+  keep the strided conv."""
+  return (jax.default_backend() == "cpu" and any(s > 1 for s in strides)
+          and all(k % s == 0 for k, s in zip(kernel_size, strides)))
+
+
+def fold_strided_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int]
+                      ) -> tuple[jax.Array, jax.Array]:
+  """A VALID conv of stride ``s`` as an equal stride-1 conv: ``(x, kernel)`` folded space to depth.
+
+  With every kernel axis ``k`` a multiple of its stride, output ``t`` reads input ``t*s + q*s + r``
+  through tap ``q*s + r`` (``q < k/s``, ``r < s``): a stride-1 conv, kernel ``k/s``, over the input
+  whose ``s x s x s`` blocks are folded into channels, against the kernel folded the same way.
+  Returns the folded input (cropped to the positions the conv reads) and kernel; the parameter
+  keeps its ``[kt, kh, kw, C_in, C_out]`` shape.
+  """
+  (st, sh, sw), (kt, kh, kw) = strides, kernel.shape[:3]
+  read = [(_output_size(size, k, s) - 1) * s + k
+          for size, k, s in zip(x.shape[1:4], (kt, kh, kw), (st, sh, sw))]
+  x = einops.rearrange(x[:, :read[0], :read[1], :read[2]],
+                       "b (t st) (h sh) (w sw) c -> b t h w (st sh sw c)", st=st, sh=sh, sw=sw)
+  kernel = einops.rearrange(kernel, "(kt st) (kh sh) (kw sw) i o -> kt kh kw (st sh sw i) o",
+                            st=st, sh=sh, sw=sw)
+  return x, kernel
+
+
 class Conv3D(nn.Module):
-  """3D convolution with replicate padding (optionally causal in time). ``[B,T,H,W,C]`` in/out."""
+  """3D convolution with replicate padding (optionally causal in time). ``[B,T,H,W,C]`` in/out.
+
+  ``canonical_gradients``: for a conv differentiated inside ``lax.cond`` (the discriminator),
+  gradients XLA:CPU runs in its conv kernels (:func:`_conv`); numerically the same conv.
+  """
 
   features: int
   kernel_size: tuple[int, int, int] = (3, 3, 3)
@@ -160,20 +250,25 @@ class Conv3D(nn.Module):
   conv_impl: str = "auto"
   use_bias: bool = True
   dtype: Dtype = jnp.float32
+  canonical_gradients: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    in_features = x.shape[-1]
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (*self.kernel_size, in_features, self.features), jnp.float32)
+                        (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
     x = replicate_pad(x.astype(self.dtype), conv_padding(self.kernel_size, self.strides, self.causal))
     kernel = kernel.astype(self.dtype)
+    strides = self.strides
+    if self.canonical_gradients and folds_strides(self.kernel_size, strides):
+      x, kernel = fold_strided_conv(x, kernel, strides)
+      strides = (1, 1, 1)
+    kernel_size, in_features = kernel.shape[:3], kernel.shape[3]
     positions = x.shape[0] * math.prod(_output_size(size, k, s) for size, k, s in
-                                       zip(x.shape[1:4], self.kernel_size, self.strides))
+                                       zip(x.shape[1:4], kernel_size, strides))
     form = resolve_conv_impl(self.conv_impl, in_features,
-                             positions * math.prod(self.kernel_size) * in_features)
+                             positions * math.prod(kernel_size) * in_features)
     # Looked up by name at call time, so tests can watch which form ran.
-    y = globals()[_CONV_FORMS[form]](x, kernel, self.strides)
+    y = globals()[_CONV_FORMS[form]](x, kernel, strides, self.canonical_gradients)
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)
