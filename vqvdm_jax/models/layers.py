@@ -134,7 +134,7 @@ def _conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   features last, kernel ``[..., in, out]``). Autodiff's gradient convolutions have other layouts,
   which XLA:CPU transposes into the canonical one in the entry computation only: inside a
   ``lax.cond`` (the discriminator's, off before ``disc_start``) they ran in its generic loop
-  emitter, 200-470 ms each on the tests' tiny discriminator, 60 % of the stage-1 step
+  emitter, 200-470 ms each on the tests' tiny discriminator, most of the stage-1 step
   (benchmarks/RESULTS.md, "Convolutions differentiated inside lax.cond"). Elsewhere XLA's own
   gradients are kept: they run as fast or faster (the U-Net's step ~30 % faster at level 0).
   """

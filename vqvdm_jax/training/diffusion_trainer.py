@@ -114,6 +114,8 @@ class DiffusionTrainer:
     abstract = jax.eval_shape(functools.partial(self._init_state, 1.0, self._zero_shift(), 0))
     self.state_sharding = sharding.state_shardings(
         abstract, self.mesh, config.mesh.param_sharding, config.mesh.fsdp_min_size)
+    # Traced once: restoring needs the shapes, and tracing the init again costs ~0.7 s of CPU.
+    self._abstract_state = sharding.abstract_with_shardings(abstract, self.state_sharding)
     # The tokenizer step is an argument, not a constant: one compiled init serves every step.
     self._init = jax.jit(self._init_state, out_shardings=self.state_sharding)
     self.train_step = jax.jit(
@@ -142,8 +144,7 @@ class DiffusionTrainer:
     return self._init(scale_factor, latent_shift, tokenizer_step)
 
   def abstract_state(self) -> DiffusionTrainState:
-    abstract = jax.eval_shape(functools.partial(self._init_state, 1.0, self._zero_shift(), 0))
-    return sharding.abstract_with_shardings(abstract, self.state_sharding)
+    return self._abstract_state
 
   def restore(self, data_iterator: Any | None = None) -> DiffusionTrainState | None:
     return self.checkpointer.restore(self.abstract_state(), data_iterator)
