@@ -65,4 +65,3 @@ assert not _unknown, f"tests/conftest.py orders test files that do not exist: {_
 def pytest_collection_modifyitems(items):
   rank = {name: position for position, name in enumerate(_HEAVIEST_FILES_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files keep order
-
