@@ -57,7 +57,7 @@ def test_priors_side_by_side_trains_and_measures_each_prior(tmp_path):
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
   done = subprocess.run(
       [sys.executable, str(ROOT / "benchmarks/priors.py"), f"--config={ROOT}/configs/tiny.py",
-       f"--workdir={tmp_path}", "--budget_s=5", "--warmup_steps=2", "--num_videos=4",
+       f"--workdir={tmp_path}", "--budget_s=2", "--warmup_steps=2", "--num_videos=4",
        "--repeats=1", "--probe_videos=4", "--probe_clips=16", "--probe_steps=2", "--num_fvd=0"],
       env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert done.returncode == 0, done.stderr[-3000:]

@@ -103,3 +103,37 @@ def test_bad_optimizer_and_loss_weighting_values_name_the_field(field, value, me
   node[leaf] = value
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(config)
+
+
+def test_per_config_computes_once_per_config_content_and_hands_out_copies():
+  calls = []
+
+  @config_lib.per_config
+  def shapes(config, batch_size=1):
+    calls.append(batch_size)
+    return {"latent": [batch_size, config.data.num_frames]}
+
+  config = load_config("tiny")
+  first = shapes(config)
+  first["latent"].append("edited by a caller")
+  assert shapes(load_config("tiny")) == {"latent": [1, 8]}  # an equal config: the cached result
+  assert calls == [1]
+  assert shapes(config, batch_size=2) == {"latent": [2, 8]}  # other arguments: a new entry
+  config.data.num_frames = 16
+  assert shapes(config) == {"latent": [1, 16]}  # an edited config: a new entry
+  assert calls == [1, 2, 1]
+
+
+def test_shape_evaluations_follow_the_config():
+  from vqvdm_jax.models.vqgan import latent_shape
+  from vqvdm_jax.training import diffusion_trainer
+
+  config = load_config("tiny")
+  assert latent_shape(config) == (1, 2, 4, 4, 4)
+  config.vqgan.model.latent_channels = 6
+  assert latent_shape(config) == (1, 2, 4, 4, 6)
+  config.diffusion.unet.channels = 16
+  state = diffusion_trainer.abstract_state(config, (2, 4, 4, 6))
+  kernel = state.params["input_conv"]["kernel"]
+  assert kernel.shape[-2:] == (6, 16)
+  assert state.opt_state[1][0].mu["input_conv"]["kernel"] == kernel  # Adam's moments alike

@@ -25,32 +25,35 @@ def _free_port():
     return probe.getsockname()[1]
 
 
-def _run_two_workers(script: str, workdir) -> None:
-  """``python SCRIPT PORT PROCESS_ID WORKDIR`` as processes 0 and 1; fails with their output."""
+@pytest.fixture(scope="module")
+def cluster_runs(tmp_path_factory):
+  """``multiprocess_worker.py`` as processes 0 and 1: the training run's workdir and the
+  evaluated one (untrained checkpoints of both tiny stages, then the workers' results)."""
+  trained, evaluated = (tmp_path_factory.mktemp(name) for name in ("trained", "evaluated"))
+  untrained_checkpoints(load_config("tiny"), evaluated, jax.devices()[:1], EVALUATED_STEP)
   port = _free_port()
   environment = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
   workers = [subprocess.Popen(
-      [sys.executable, str(TESTS / script), str(port), str(index), str(workdir)],
-      env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for index in range(2)]
-  outputs = [worker.communicate(timeout=400)[0] for worker in workers]
+      [sys.executable, str(TESTS / "multiprocess_worker.py"), str(port), str(index), str(trained),
+       str(evaluated)], env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True) for index in range(2)]
+  outputs = [worker.communicate(timeout=500)[0] for worker in workers]
   for worker, output in zip(workers, outputs):
     assert worker.returncode == 0, output[-3000:]
+  return trained, evaluated
 
 
-def test_two_processes_end_with_the_parameters_of_one_device(tmp_path):
-  _run_two_workers("multiprocess_worker.py", tmp_path / "two_processes")
-
+def test_two_processes_end_with_the_parameters_of_one_device(cluster_runs, tmp_path):
   # The reference is the plain computation on one device (the tiny step other tests compile too,
   # so it often comes from the compilation cache).
-  single = make_trainer(tmp_path / "one_process", jax.devices()[:1])
+  single = make_trainer(tmp_path, jax.devices()[:1])
   state = single.initial_state(1.5, 0)
   for step in range(NUM_STEPS):
     state, _ = single.step(state, global_batch(step))
   single.checkpointer.close()
 
-  reader = make_trainer(tmp_path / "two_processes", jax.devices()[:4])
+  reader = make_trainer(cluster_runs[0], jax.devices()[:4])
   restored = reader.restore()
   reader.checkpointer.close()
   assert int(restored.step) == NUM_STEPS
@@ -67,19 +70,18 @@ def test_two_processes_end_with_the_parameters_of_one_device(tmp_path):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
-def test_two_processes_evaluate_like_one_process_with_four_devices(tmp_path):
-  untrained_checkpoints(load_config("tiny"), tmp_path, jax.devices()[:1], EVALUATED_STEP)
-  _run_two_workers("multiprocess_evaluate_worker.py", tmp_path)
-  returned = [json.loads((tmp_path / f"process_{index}.json").read_text()) for index in range(2)]
-  written = {"evaluate": json.loads((tmp_path / "eval" / "000" / "results.json").read_text()),
-             "evaluate_vqgan": json.loads((tmp_path / "vqgan" / "eval" / "000" / "eval.json").read_text())}
+def test_two_processes_evaluate_like_one_process_with_four_devices(cluster_runs):
+  workdir = cluster_runs[1]
+  returned = [json.loads((workdir / f"process_{index}.json").read_text()) for index in range(2)]
+  written = {"evaluate": json.loads((workdir / "eval" / "000" / "results.json").read_text()),
+             "evaluate_vqgan": json.loads((workdir / "vqgan" / "eval" / "000" / "eval.json").read_text())}
   # Process 0 alone wrote the reference cache, once.
-  assert len(list((tmp_path / "reference_two_processes").iterdir())) == 1
+  assert len(list((workdir / "reference_two_processes").iterdir())) == 1
 
-  config = evaluation_config(tmp_path, "one_process")  # its own reference features
+  config = evaluation_config(workdir, "one_process")  # its own reference features
   with cheap_i3d():  # as the workers': both sides compute the same thing, cheaper
-    single = {"evaluate": evaluate.evaluate(config, tmp_path, devices=jax.devices()[:4]),
-              "evaluate_vqgan": evaluate_vqgan.evaluate_vqgan(config, tmp_path,
+    single = {"evaluate": evaluate.evaluate(config, workdir, devices=jax.devices()[:4]),
+              "evaluate_vqgan": evaluate_vqgan.evaluate_vqgan(config, workdir,
                                                               devices=jax.devices()[:4])}
   compared = {"evaluate": ("fvd", "kvd"),
               "evaluate_vqgan": ("psnr", "ssim", "lpips", "rfvd", "codebook_usage",

@@ -49,6 +49,15 @@ def init_unet_params(config: ml_collections.ConfigDict, unet: UNet3D,
   return unet.init(rng, z, t, fps, labels)["params"]
 
 
+@config_lib.per_config
+def abstract_unet_params(config: ml_collections.ConfigDict, latent_shape: tuple[int, ...]
+                         ) -> PyTree:
+  """The shapes of :func:`init_unet_params`, traced once per config and latent shape."""
+  unet = make_unet(config)
+  return jax.eval_shape(lambda: init_unet_params(config, unet, latent_shape,
+                                                 jax.random.PRNGKey(0)))
+
+
 class VideoModel:
   """A trained tokenizer and diffusion U-Net (its EMA weights), on a device mesh."""
 
@@ -121,8 +130,7 @@ def load(workdir: fileio.PathLike, step: int | None = None,
   mesh = sharding.make_mesh(config.mesh, devices)
   unet = make_unet(config)
   latent_shape = vqgan_latent_shape(config)[1:]
-  abstract_params = jax.eval_shape(
-      lambda: init_unet_params(config, unet, latent_shape, jax.random.PRNGKey(0)))
+  abstract_params = abstract_unet_params(config, latent_shape)
   scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)  # noqa: E731
   wanted = {"ema_params": abstract_params, "step": scalar(jnp.int32),
             "scale_factor": scalar(jnp.float32), "tokenizer_step": scalar(jnp.int32),

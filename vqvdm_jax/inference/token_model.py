@@ -213,8 +213,7 @@ def load_token_model(workdir: fileio.PathLike, step: int | None = None,
   config = resolve_config(workdir, config)
   mesh = sharding.make_mesh(config.mesh, devices)
   transformer = prior_model.make_transformer(config)
-  abstract_params = jax.eval_shape(
-      lambda: prior_model.init_transformer_params(transformer, jax.random.PRNGKey(0)))
+  abstract_params = prior_model.abstract_transformer_params(config)
   wanted = {"ema_params": abstract_params, "step": jax.ShapeDtypeStruct((), jnp.int32),
             "tokenizer_step": jax.ShapeDtypeStruct((), jnp.int32)}
   shardings = sharding.state_shardings(wanted, mesh, config.mesh.param_sharding,

@@ -43,6 +43,13 @@ def init_variables(config: ml_collections.ConfigDict, model: nn.Module, rng: jax
           "quantizer_state": variables.get("quantizer_state", {})}
 
 
+@config_lib.per_config
+def abstract_variables(config: ml_collections.ConfigDict) -> PyTree:
+  """The shapes of :func:`init_variables`, traced once per config."""
+  model = make_vqgan(config)
+  return jax.eval_shape(lambda: init_variables(config, model, jax.random.PRNGKey(0)))
+
+
 class Tokenizer:
   """Stage 1 for users and for stage 2. Videos are uint8 ``[B, T, H, W, 3]``.
 
@@ -153,7 +160,7 @@ def load_tokenizer(workdir: fileio.PathLike, step: int | None = None,
     kept = checkpointing.checkpoint_steps(workdir_lib.vqgan_dir(workdir) / "checkpoints")
     step = trained_on if trained_on in kept else None
   model = make_vqgan(config)
-  abstract = jax.eval_shape(lambda: init_variables(config, model, jax.random.PRNGKey(0)))
+  abstract = abstract_variables(config)
   field = weights_field(config)
   replicated = sharding.replicated(sharding.make_mesh(config.mesh, devices))
   wanted = {field: abstract["params"], "step": jax.ShapeDtypeStruct((), jnp.int32)}

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vqvdm_jax import config as config_lib
 from vqvdm_jax.models.autoencoder import Decoder3D, Encoder3D
 from vqvdm_jax.models.hierarchy import HierarchicalVQGAN3D
 from vqvdm_jax.models.quantizers import QuantizerOutput, make_quantizer
@@ -68,9 +69,10 @@ class VQGAN3D(nn.Module):
     return self.decoder(quantized.quantized), quantized
 
 
+@config_lib.per_config
 def latent_shape(config: ml_collections.ConfigDict, batch_size: int = 1) -> tuple[int, ...]:
   """The latent ``[B, t, h, w, c]`` a clip of ``config.data`` encodes to, by shape evaluation
-  (two levels: the packed ``c + c_top`` channels stage 2 models)."""
+  (two levels: the packed ``c + c_top`` channels stage 2 models), once per config."""
   model = make_vqgan(config)
   video = jax.ShapeDtypeStruct(
       (batch_size, config.data.num_frames, config.data.resolution, config.data.resolution, 3),

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from vqvdm_jax import config as config_lib
 from vqvdm_jax import row_random
 from vqvdm_jax.diffusion.model import null_label
 from vqvdm_jax.models.transformer import TokenTransformer, code_digits, digits_to_codes
@@ -134,6 +135,14 @@ def top_level(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def init_transformer_params(model: TokenTransformer, rng: jax.Array) -> PyTree:
   codes = jnp.zeros((1, model.num_codes), jnp.int32)
   return model.init(rng, codes, jnp.zeros((1,), jnp.int32), jnp.ones((1,), jnp.float32))["params"]
+
+
+@config_lib.per_config
+def abstract_transformer_params(config: ml_collections.ConfigDict) -> PyTree:
+  """The shapes of :func:`init_transformer_params` for ``config.stage2``'s transformer, traced
+  once per config."""
+  return jax.eval_shape(lambda: init_transformer_params(make_transformer(config),
+                                                        jax.random.PRNGKey(0)))
 
 
 def conditioning_labels(config: ml_collections.ConfigDict, labels: jax.Array) -> jax.Array:

@@ -89,6 +89,34 @@ def make_train_step(config: ml_collections.ConfigDict, unet: UNet3D,
   return train_step
 
 
+def make_stage2_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  optim = config.diffusion.optim
+  return make_optimizer(optim.learning_rate, optim, config.diffusion.train.num_steps)
+
+
+def init_state(config: ml_collections.ConfigDict, unet: UNet3D, tx: optax.GradientTransformation,
+               latent_shape: tuple[int, ...], scale_factor, latent_shift, tokenizer_step: int
+               ) -> DiffusionTrainState:
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed + 1))
+  params = init_unet_params(config, unet, latent_shape, init_rng)
+  return DiffusionTrainState(
+      step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+      opt_state=tx.init(params), rng=state_rng,
+      scale_factor=jnp.asarray(scale_factor, jnp.float32),
+      latent_shift=jnp.asarray(latent_shift, jnp.float32),
+      tokenizer_step=jnp.asarray(tokenizer_step, jnp.int32),
+      nonfinite_streak=jnp.zeros((), jnp.int32))
+
+
+@config_lib.per_config
+def abstract_state(config: ml_collections.ConfigDict, latent_shape: tuple[int, ...]
+                   ) -> DiffusionTrainState:
+  """The shapes of a fresh stage-2 state, traced once per config and latent shape."""
+  return jax.eval_shape(functools.partial(
+      init_state, config, make_unet(config), make_stage2_optimizer(config), latent_shape, 1.0,
+      np.zeros(latent_shape[-1], np.float32), 0))
+
+
 class DiffusionTrainer:
   """Model, optimizer, mesh, jitted step and checkpointer of a stage-2 run."""
 
@@ -103,18 +131,15 @@ class DiffusionTrainer:
                               "diffusion.train.batch_size")
     self.unet = make_unet(config)
     self.schedule = make_schedule(config)
-    optim = config.diffusion.optim
-    self.tx = make_optimizer(optim.learning_rate, optim,
-                                           config.diffusion.train.num_steps)
+    self.tx = make_stage2_optimizer(config)
     self.replicated = sharding.replicated(self.mesh)
     train = config.diffusion.train
     self.checkpointer = checkpointing.Checkpointer(
         self.workdir / "checkpoints", train.checkpoint_every, train.keep_checkpoints,
         config.run.async_checkpoints)
-    abstract = jax.eval_shape(functools.partial(self._init_state, 1.0, self._zero_shift(), 0))
+    abstract = abstract_state(config, self.latent_shape)
     self.state_sharding = sharding.state_shardings(
         abstract, self.mesh, config.mesh.param_sharding, config.mesh.fsdp_min_size)
-    # Traced once: restoring needs the shapes, and tracing the init again costs ~0.7 s of CPU.
     self._abstract_state = sharding.abstract_with_shardings(abstract, self.state_sharding)
     # The tokenizer step is an argument, not a constant: one compiled init serves every step.
     self._init = jax.jit(self._init_state, out_shardings=self.state_sharding)
@@ -127,15 +152,8 @@ class DiffusionTrainer:
     return np.zeros(self.latent_shape[-1], np.float32)
 
   def _init_state(self, scale_factor, latent_shift, tokenizer_step: int) -> DiffusionTrainState:
-    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(self.config.seed + 1))
-    params = init_unet_params(self.config, self.unet, self.latent_shape, init_rng)
-    return DiffusionTrainState(
-        step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-        opt_state=self.tx.init(params), rng=state_rng,
-        scale_factor=jnp.asarray(scale_factor, jnp.float32),
-        latent_shift=jnp.asarray(latent_shift, jnp.float32),
-        tokenizer_step=jnp.asarray(tokenizer_step, jnp.int32),
-        nonfinite_streak=jnp.zeros((), jnp.int32))
+    return init_state(self.config, self.unet, self.tx, self.latent_shape, scale_factor,
+                      latent_shift, tokenizer_step)
 
   def initial_state(self, scale_factor: float, tokenizer_step: int,
                     latent_shift: np.ndarray | None = None) -> DiffusionTrainState:

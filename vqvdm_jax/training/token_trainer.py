@@ -90,6 +90,29 @@ def make_train_step(config: ml_collections.ConfigDict, model: TokenTransformer,
   return train_step
 
 
+def make_prior_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  train, optim = config.transformer.train, config.transformer.optim
+  return make_optimizer(optim.learning_rate, optim, train.num_steps)
+
+
+def init_state(config: ml_collections.ConfigDict, model: TokenTransformer,
+               tx: optax.GradientTransformation, tokenizer_step: int) -> TokenTrainState:
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed + 2))
+  params = prior_model.init_transformer_params(model, init_rng)
+  return TokenTrainState(
+      step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+      opt_state=tx.init(params), rng=state_rng,
+      tokenizer_step=jnp.asarray(tokenizer_step, jnp.int32),
+      nonfinite_streak=jnp.zeros((), jnp.int32))
+
+
+@config_lib.per_config
+def abstract_state(config: ml_collections.ConfigDict) -> TokenTrainState:
+  """The shapes of a fresh token-prior state, traced once per config."""
+  return jax.eval_shape(functools.partial(init_state, config, prior_model.make_transformer(config),
+                                          make_prior_optimizer(config), 0))
+
+
 class TokenTrainer:
   """Transformer, optimizer, mesh, jitted step and checkpointer of a token-prior run."""
 
@@ -99,17 +122,16 @@ class TokenTrainer:
     self.config = config
     self.workdir = workdir_lib.stage2_dir(workdir, config.stage2)
     self.mesh = sharding.make_mesh(config.mesh, devices)
-    train, optim = config.transformer.train, config.transformer.optim
+    train = config.transformer.train
     sharding.check_batch_size(train.batch_size, self.mesh, "transformer.train.batch_size")
     self.model = prior_model.make_transformer(config)
-    self.tx = make_optimizer(optim.learning_rate, optim, train.num_steps)
+    self.tx = make_prior_optimizer(config)
     self.checkpointer = checkpointing.Checkpointer(
         self.workdir / "checkpoints", train.checkpoint_every, train.keep_checkpoints,
         config.run.async_checkpoints)
-    abstract = jax.eval_shape(functools.partial(self._init_state, 0))
+    abstract = abstract_state(config)
     self.state_sharding = sharding.state_shardings(
         abstract, self.mesh, config.mesh.param_sharding, config.mesh.fsdp_min_size)
-    # Traced once: restoring needs the shapes, and tracing the init again costs ~0.5 s of CPU.
     self._abstract_state = sharding.abstract_with_shardings(abstract, self.state_sharding)
     # The tokenizer step is an argument, not a constant: one compiled init serves every step.
     self._init = jax.jit(self._init_state, out_shardings=self.state_sharding)
@@ -119,13 +141,7 @@ class TokenTrainer:
         out_shardings=(self.state_sharding, sharding.replicated(self.mesh)), donate_argnums=(0,))
 
   def _init_state(self, tokenizer_step: int) -> TokenTrainState:
-    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(self.config.seed + 2))
-    params = prior_model.init_transformer_params(self.model, init_rng)
-    return TokenTrainState(
-        step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-        opt_state=self.tx.init(params), rng=state_rng,
-        tokenizer_step=jnp.asarray(tokenizer_step, jnp.int32),
-        nonfinite_streak=jnp.zeros((), jnp.int32))
+    return init_state(self.config, self.model, self.tx, tokenizer_step)
 
   def initial_state(self, tokenizer_step: int) -> TokenTrainState:
     return self._init(tokenizer_step)

@@ -79,6 +79,22 @@ def init_train_state(config: ml_collections.ConfigDict, model: nn.Module,
       rng=state_rng, nonfinite_streak=jnp.zeros((), jnp.int32))
 
 
+def make_stage1_optimizers(config: ml_collections.ConfigDict
+                           ) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+  """The generator's and the discriminator's optimizers."""
+  optim, num_steps = config.vqgan.optim, config.vqgan.train.num_steps
+  return (make_optimizer(optim.learning_rate, optim, num_steps),
+          make_optimizer(optim.disc_learning_rate, optim, num_steps))
+
+
+@config_lib.per_config
+def abstract_train_state(config: ml_collections.ConfigDict) -> VQGANTrainState:
+  """The shapes of :func:`init_train_state`, traced once per config."""
+  return jax.eval_shape(functools.partial(init_train_state, config, make_vqgan(config),
+                                          make_discriminator(config),
+                                          *make_stage1_optimizers(config)))
+
+
 def uses_lpips(config: ml_collections.ConfigDict) -> bool:
   """Whether the generator loss has an LPIPS term; without one, VGG is never loaded or run."""
   return config.vqgan.loss.lpips_weight != 0
@@ -238,9 +254,7 @@ class VQGANTrainer:
     sharding.check_batch_size(config.vqgan.train.batch_size, self.mesh, "vqgan.train.batch_size")
     self.model = make_vqgan(config)
     self.discriminator = make_discriminator(config)
-    optim = config.vqgan.optim
-    self.gen_tx = make_optimizer(optim.learning_rate, optim, config.vqgan.train.num_steps)
-    self.disc_tx = make_optimizer(optim.disc_learning_rate, optim, config.vqgan.train.num_steps)
+    self.gen_tx, self.disc_tx = make_stage1_optimizers(config)
     # The VGG weights (~60 MB) only when the loss reads them; else an empty tree.
     self.lpips_module, lpips_params = losses.load_lpips() if uses_lpips(config) else (None, {})
     self.replicated = sharding.replicated(self.mesh)
@@ -251,9 +265,10 @@ class VQGANTrainer:
 
     init = functools.partial(init_train_state, config, self.model, self.discriminator,
                              self.gen_tx, self.disc_tx)
-    abstract = jax.eval_shape(init)
+    abstract = abstract_train_state(config)
     self.state_sharding = sharding.state_shardings(
         abstract, self.mesh, config.mesh.param_sharding, config.mesh.fsdp_min_size)
+    self._abstract_state = sharding.abstract_with_shardings(abstract, self.state_sharding)
     self._init = jax.jit(init, out_shardings=self.state_sharding)
     batch_spec = sharding.batch_sharding(self.mesh)
     step = make_train_step(config, self.model, self.discriminator, self.gen_tx, self.disc_tx,
@@ -266,7 +281,7 @@ class VQGANTrainer:
     return self._init()
 
   def abstract_state(self) -> VQGANTrainState:
-    return sharding.abstract_with_shardings(jax.eval_shape(self._init), self.state_sharding)
+    return self._abstract_state
 
   def restore_or_init(self, data_iterator: Any | None = None) -> VQGANTrainState:
     """The latest checkpoint of the workdir (moving the iterator along), else a fresh state."""
