@@ -9,7 +9,7 @@ program (``cost_analysis``), used for both frameworks. Our conv forms and PyTorc
 are interleaved (the machine's speed drifts) and the medians reported, beside this run's float32
 2048² matmul rate. PyTorch is the ``bench`` extra: ``pip install -e '.[bench]'``.
 
-  python benchmarks/vs_pytorch.py                               # both shapes, ~4 min on 2 cores
+  python benchmarks/vs_pytorch.py                               # both shapes, ~15 min on 2 cores
   python benchmarks/vs_pytorch.py --shapes=paper --models=tokenizer --sweep   # XLA:CPU options
 
 ``--sweep`` times only our tokenizer at the paper shape, once per XLA:CPU option / conv form,
@@ -44,7 +44,8 @@ from vqvdm_jax.models.vqgan import VQGAN3D, latent_shape, make_vqgan
 
 flags.DEFINE_list("shapes", ["demo", "paper"], "Shapes to measure: demo, paper.")
 flags.DEFINE_list("models", ["tokenizer", "unet"], "Models to measure.")
-flags.DEFINE_list("conv_impls", ["native", "taps"], "Our 3D conv forms to time.")
+flags.DEFINE_list("conv_impls", ["auto", "taps"],
+                  "Our 3D conv forms to time ('auto': the configs' default, chosen per layer).")
 flags.DEFINE_list("passes", [], "Only these passes (default: all).")
 flags.DEFINE_integer("repeats", 5, "Interleaved timed calls per pass (median reported).")
 flags.DEFINE_bool("torch", True, "Time the PyTorch peer (needs the bench extra).")
