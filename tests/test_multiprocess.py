@@ -74,7 +74,8 @@ def test_two_processes_evaluate_like_one_process_with_four_devices(cluster_runs)
   workdir = cluster_runs[1]
   returned = [json.loads((workdir / f"process_{index}.json").read_text()) for index in range(2)]
   written = {"evaluate": json.loads((workdir / "eval" / "000" / "results.json").read_text()),
-             "evaluate_vqgan": json.loads((workdir / "vqgan" / "eval" / "000" / "eval.json").read_text())}
+             "evaluate_vqgan": json.loads(
+                 (workdir / "vqgan" / "eval" / "000" / "eval.json").read_text())}
   # Process 0 alone wrote the reference cache, once.
   assert len(list((workdir / "reference_two_processes").iterdir())) == 1
 
