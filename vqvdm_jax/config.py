@@ -446,7 +446,6 @@ def per_config(function: Callable[..., T]) -> Callable[..., T]:
     key = config.to_json_best_effort(sort_keys=True)
     return copy.deepcopy(cached(key, _Unkeyed(config), *args, **kwargs))
 
-  wrapper.cache_clear = cached.cache_clear
   return wrapper
 
 

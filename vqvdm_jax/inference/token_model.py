@@ -212,7 +212,6 @@ def load_token_model(workdir: fileio.PathLike, step: int | None = None,
   runtime.configure_jax()
   config = resolve_config(workdir, config)
   mesh = sharding.make_mesh(config.mesh, devices)
-  transformer = prior_model.make_transformer(config)
   abstract_params = prior_model.abstract_transformer_params(config)
   wanted = {"ema_params": abstract_params, "step": jax.ShapeDtypeStruct((), jnp.int32),
             "tokenizer_step": jax.ShapeDtypeStruct((), jnp.int32)}
