@@ -26,10 +26,12 @@ os.environ["XLA_FLAGS"] = " ".join([_flags] + [f"{name}={value}" for name, value
                                                TEST_XLA_FLAGS.items() if name not in _flags]).strip()
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
 
+from vqvdm_jax import config as config_lib  # noqa: E402
 from vqvdm_jax import runtime  # noqa: E402
 
 runtime.configure_jax()
@@ -65,3 +67,16 @@ assert not _unknown, f"tests/conftest.py orders test files that do not exist: {_
 def pytest_collection_modifyitems(items):
   rank = {name: position for position, name in enumerate(_HEAVIEST_FILES_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files keep order
+
+
+@pytest.fixture(autouse=True)
+def fresh_programs_when_patching(request):
+  """Trainers of one config share their compiled programs within a process
+  (`config.per_config`). A test that monkeypatches a function those programs trace would
+  otherwise run an earlier test's program, or leave its patched one to later tests."""
+  patches = "monkeypatch" in request.fixturenames
+  if patches:
+    config_lib.clear_per_config_caches()
+  yield
+  if patches:
+    config_lib.clear_per_config_caches()

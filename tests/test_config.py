@@ -1,5 +1,6 @@
 """Config validation: bad values fail at start-up, naming the field."""
 
+import jax
 import pytest
 from helpers import load_config
 
@@ -137,3 +138,31 @@ def test_shape_evaluations_follow_the_config():
   kernel = state.params["input_conv"]["kernel"]
   assert kernel.shape[-2:] == (6, 16)
   assert state.opt_state[1][0].mu["input_conv"]["kernel"] == kernel  # Adam's moments alike
+
+
+def test_trainers_of_one_config_share_their_compiled_programs_until_cleared(tmp_path):
+  from vqvdm_jax.training import diffusion_trainer, token_trainer, vqgan_trainer
+
+  config = load_config("tiny")
+  devices = jax.devices()[:1]
+  first = vqgan_trainer.VQGANTrainer(config, tmp_path / "a", devices)
+  second = vqgan_trainer.VQGANTrainer(load_config("tiny"), tmp_path / "b", devices)
+  assert second.train_step is first.train_step and second._init is first._init
+  assert second.abstract_state() is first.abstract_state()
+  other_mesh = vqgan_trainer.VQGANTrainer(config, tmp_path / "c", jax.devices()[:2])
+  assert other_mesh.train_step is not first.train_step
+  config.vqgan.loss.disc_start = 3  # traced into the step: an edited config is a new program
+  edited = vqgan_trainer.VQGANTrainer(config, tmp_path / "d", devices)
+  assert edited.train_step is not first.train_step
+  prior = load_config("tiny")
+  prior.stage2 = "masked"
+  assert (token_trainer.TokenTrainer(prior, tmp_path / "e", devices).train_step
+          is token_trainer.TokenTrainer(prior, tmp_path / "f", devices).train_step)
+  stage2 = [diffusion_trainer.DiffusionTrainer(load_config("tiny"), tmp_path / name, (2, 4, 4, 4),
+                                               devices) for name in ("h", "i")]
+  assert stage2[0].train_step is stage2[1].train_step
+  config_lib.clear_per_config_caches()
+  again = vqgan_trainer.VQGANTrainer(load_config("tiny"), tmp_path / "g", devices)
+  assert again.train_step is not first.train_step
+  for trainer in (first, second, other_mesh, edited, again, *stage2):
+    trainer.checkpointer.close()

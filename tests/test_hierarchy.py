@@ -219,6 +219,7 @@ def trainer_and_step(tmp_path_factory):
       return function(*args, **kwargs)
     return wrapper
 
+  config_lib.clear_per_config_caches()  # the counts are taken while the step is traced
   with pytest.MonkeyPatch.context() as patch:
     for name in vgg_calls:
       patch.setattr(vqgan_trainer.losses, name, counted(name, getattr(vqgan_trainer.losses, name)))
@@ -227,6 +228,7 @@ def trainer_and_step(tmp_path_factory):
         jax.random.PRNGKey(3), (2, 8, 16, 16, 3), 0, 256), np.uint8)}
     initial = jax.device_get(trainer.initial_state())
     state, metrics = trainer.step(trainer.initial_state(), batch)
+  config_lib.clear_per_config_caches()  # later trainers trace without the counting wrappers
   saved = jax.device_get(state)
   trainer.checkpointer.save(1, state, force=True)
   trainer.checkpointer.wait_until_finished()

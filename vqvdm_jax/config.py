@@ -428,25 +428,45 @@ class _Unkeyed:
     return isinstance(other, _Unkeyed)
 
 
-def per_config(function: Callable[..., T]) -> Callable[..., T]:
+_PER_CONFIG_CACHES: list = []
+
+
+def per_config(function: Callable[..., T] | None = None, *, copies: bool = True):
   """``function(config, *args)``, computed once per process for each config content and args.
 
-  For shape evaluations: ``jax.eval_shape`` of a model's init traces the whole model (~0.3-1 s
-  of CPU for a small one), and a loader, a trainer, a latent cache and a sampler of one config
-  all ask for the same shapes. The key is the config's JSON (an edited config is a new entry)
-  and the other arguments (hashable). Each caller gets its own copy of the result.
+  For what a config alone determines and costs seconds to build. Shape evaluations:
+  ``jax.eval_shape`` of a model's init traces the whole model (~0.3-1 s of CPU for a small
+  one), and a loader, a trainer, a latent cache and a sampler of one config all ask for the same
+  shapes. Jitted programs (``copies=False``): a second trainer or sampler of a config reuses the
+  first one's compiled step instead of tracing, lowering and compiling (or loading) it again,
+  5-30 s on a CPU. The key is the config's JSON (an edited config is a new entry) and the other
+  arguments (hashable: a mesh, a shape, a module). With ``copies`` each caller gets its own
+  deep copy of the result; without, every caller shares it (for immutable results).
   """
+  if function is None:
+    return functools.partial(per_config, copies=copies)
+
   @functools.lru_cache(maxsize=64)
   def cached(key: str, config: _Unkeyed, *args, **kwargs):
     del key
     return function(config.value, *args, **kwargs)
 
+  _PER_CONFIG_CACHES.append(cached)
+
   @functools.wraps(function)
   def wrapper(config: ml_collections.ConfigDict, *args, **kwargs):
     key = config.to_json_best_effort(sort_keys=True)
-    return copy.deepcopy(cached(key, _Unkeyed(config), *args, **kwargs))
+    result = cached(key, _Unkeyed(config), *args, **kwargs)
+    return copy.deepcopy(result) if copies else result
 
   return wrapper
+
+
+def clear_per_config_caches() -> None:
+  """Forgets every :func:`per_config` result, for code that swaps out a function the cached
+  programs were traced with (tests that monkeypatch a loss, say)."""
+  for cached in _PER_CONFIG_CACHES:
+    cached.cache_clear()
 
 
 def _check(config: ml_collections.ConfigDict) -> None:

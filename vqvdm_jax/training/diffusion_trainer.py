@@ -117,6 +117,27 @@ def abstract_state(config: ml_collections.ConfigDict, latent_shape: tuple[int, .
       np.zeros(latent_shape[-1], np.float32), 0))
 
 
+@config_lib.per_config(copies=False)
+def compiled_programs(config: ml_collections.ConfigDict, latent_shape: tuple[int, ...],
+                      mesh: jax.sharding.Mesh) -> loop.CompiledRun:
+  """The jitted init and train step of a stage-2 run on ``mesh``, built once per process for
+  each config and latent shape (every trainer of the config shares them)."""
+  unet, tx = make_unet(config), make_stage2_optimizer(config)
+  abstract = abstract_state(config, latent_shape)
+  state_sharding = sharding.state_shardings(abstract, mesh, config.mesh.param_sharding,
+                                            config.mesh.fsdp_min_size)
+  # The tokenizer step is an argument, not a constant: one compiled init serves every step.
+  init = functools.partial(init_state, config, unet, tx, latent_shape)
+  return loop.CompiledRun(
+      state_sharding=state_sharding,
+      abstract_state=sharding.abstract_with_shardings(abstract, state_sharding),
+      init=jax.jit(init, out_shardings=state_sharding),
+      train_step=jax.jit(make_train_step(config, unet, make_schedule(config), tx),
+                         in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                         out_shardings=(state_sharding, sharding.replicated(mesh)),
+                         donate_argnums=(0,)))
+
+
 class DiffusionTrainer:
   """Model, optimizer, mesh, jitted step and checkpointer of a stage-2 run."""
 
@@ -137,23 +158,14 @@ class DiffusionTrainer:
     self.checkpointer = checkpointing.Checkpointer(
         self.workdir / "checkpoints", train.checkpoint_every, train.keep_checkpoints,
         config.run.async_checkpoints)
-    abstract = abstract_state(config, self.latent_shape)
-    self.state_sharding = sharding.state_shardings(
-        abstract, self.mesh, config.mesh.param_sharding, config.mesh.fsdp_min_size)
-    self._abstract_state = sharding.abstract_with_shardings(abstract, self.state_sharding)
-    # The tokenizer step is an argument, not a constant: one compiled init serves every step.
-    self._init = jax.jit(self._init_state, out_shardings=self.state_sharding)
-    self.train_step = jax.jit(
-        make_train_step(config, self.unet, self.schedule, self.tx),
-        in_shardings=(self.state_sharding, sharding.batch_sharding(self.mesh)),
-        out_shardings=(self.state_sharding, self.replicated), donate_argnums=(0,))
+    programs = compiled_programs(config, self.latent_shape, self.mesh)
+    self.state_sharding = programs.state_sharding
+    self._abstract_state = programs.abstract_state
+    self._init = programs.init
+    self.train_step = programs.train_step
 
   def _zero_shift(self) -> np.ndarray:
     return np.zeros(self.latent_shape[-1], np.float32)
-
-  def _init_state(self, scale_factor, latent_shift, tokenizer_step: int) -> DiffusionTrainState:
-    return init_state(self.config, self.unet, self.tx, self.latent_shape, scale_factor,
-                      latent_shift, tokenizer_step)
 
   def initial_state(self, scale_factor: float, tokenizer_step: int,
                     latent_shift: np.ndarray | None = None) -> DiffusionTrainState:

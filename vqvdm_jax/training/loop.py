@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,17 @@ from vqvdm_jax.training import reporting
 
 class NonFiniteUpdates(FloatingPointError):
   """Too many consecutive steps had a non-finite loss or gradient (all of them were skipped)."""
+
+
+class CompiledRun(NamedTuple):
+  """What a trainer compiles for a config and a mesh (shared by every trainer of the config in a
+  process: :func:`vqvdm_jax.config.per_config`)."""
+
+  state_sharding: Any  # the train state's shardings on the mesh
+  abstract_state: Any  # the train state's shapes, dtypes and shardings (what restores target)
+  init: Callable[..., Any]  # jitted: a fresh train state
+  train_step: Callable[..., Any]  # jitted: (state, batch, ...) -> (state, metrics)
+  reconstruct: Callable[..., Any] | None = None  # jitted (stage 1): eval-mode reconstructions
 
 
 class PreemptionGuard:

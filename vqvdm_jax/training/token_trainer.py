@@ -113,6 +113,27 @@ def abstract_state(config: ml_collections.ConfigDict) -> TokenTrainState:
                                           make_prior_optimizer(config), 0))
 
 
+@config_lib.per_config(copies=False)
+def compiled_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+                      ) -> loop.CompiledRun:
+  """The jitted init and train step of a token-prior run on ``mesh``, built once per process
+  for each config (every trainer of the config shares them)."""
+  model, tx = prior_model.make_transformer(config), make_prior_optimizer(config)
+  abstract = abstract_state(config)
+  state_sharding = sharding.state_shardings(abstract, mesh, config.mesh.param_sharding,
+                                            config.mesh.fsdp_min_size)
+  # The tokenizer step is an argument, not a constant: one compiled init serves every step.
+  return loop.CompiledRun(
+      state_sharding=state_sharding,
+      abstract_state=sharding.abstract_with_shardings(abstract, state_sharding),
+      init=jax.jit(functools.partial(init_state, config, model, tx),
+                   out_shardings=state_sharding),
+      train_step=jax.jit(make_train_step(config, model, tx),
+                         in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                         out_shardings=(state_sharding, sharding.replicated(mesh)),
+                         donate_argnums=(0,)))
+
+
 class TokenTrainer:
   """Transformer, optimizer, mesh, jitted step and checkpointer of a token-prior run."""
 
@@ -129,19 +150,11 @@ class TokenTrainer:
     self.checkpointer = checkpointing.Checkpointer(
         self.workdir / "checkpoints", train.checkpoint_every, train.keep_checkpoints,
         config.run.async_checkpoints)
-    abstract = abstract_state(config)
-    self.state_sharding = sharding.state_shardings(
-        abstract, self.mesh, config.mesh.param_sharding, config.mesh.fsdp_min_size)
-    self._abstract_state = sharding.abstract_with_shardings(abstract, self.state_sharding)
-    # The tokenizer step is an argument, not a constant: one compiled init serves every step.
-    self._init = jax.jit(self._init_state, out_shardings=self.state_sharding)
-    self.train_step = jax.jit(
-        make_train_step(config, self.model, self.tx),
-        in_shardings=(self.state_sharding, sharding.batch_sharding(self.mesh)),
-        out_shardings=(self.state_sharding, sharding.replicated(self.mesh)), donate_argnums=(0,))
-
-  def _init_state(self, tokenizer_step: int) -> TokenTrainState:
-    return init_state(self.config, self.model, self.tx, tokenizer_step)
+    programs = compiled_programs(config, self.mesh)
+    self.state_sharding = programs.state_sharding
+    self._abstract_state = programs.abstract_state
+    self._init = programs.init
+    self.train_step = programs.train_step
 
   def initial_state(self, tokenizer_step: int) -> TokenTrainState:
     return self._init(tokenizer_step)

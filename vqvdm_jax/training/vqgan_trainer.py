@@ -242,6 +242,34 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
   return train_step
 
 
+@config_lib.per_config(copies=False)
+def compiled_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                      lpips_module: nn.Module | None) -> loop.CompiledRun:
+  """The jitted init, train step and reconstruction of a stage-1 run on ``mesh``, built once
+  per process for each config (every trainer of the config shares them)."""
+  model, discriminator = make_vqgan(config), make_discriminator(config)
+  gen_tx, disc_tx = make_stage1_optimizers(config)
+  abstract = abstract_train_state(config)
+  state_sharding = sharding.state_shardings(abstract, mesh, config.mesh.param_sharding,
+                                            config.mesh.fsdp_min_size)
+  replicated = sharding.replicated(mesh)
+  init = functools.partial(init_train_state, config, model, discriminator, gen_tx, disc_tx)
+  step = make_train_step(config, model, discriminator, gen_tx, disc_tx, lpips_module)
+
+  def reconstruct(params, quantizer_state, video_uint8):
+    return model.apply({"params": params, "quantizer_state": quantizer_state},
+                       pipeline.to_model_input(video_uint8), train=False)
+
+  return loop.CompiledRun(
+      state_sharding=state_sharding,
+      abstract_state=sharding.abstract_with_shardings(abstract, state_sharding),
+      init=jax.jit(init, out_shardings=state_sharding),
+      train_step=jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharding(mesh),
+                                             replicated),
+                         out_shardings=(state_sharding, replicated), donate_argnums=(0,)),
+      reconstruct=jax.jit(reconstruct))
+
+
 class VQGANTrainer:
   """Builds the model, optimizers, mesh, jitted step and checkpointer of a stage-1 run."""
 
@@ -253,8 +281,6 @@ class VQGANTrainer:
     self.mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch_size(config.vqgan.train.batch_size, self.mesh, "vqgan.train.batch_size")
     self.model = make_vqgan(config)
-    self.discriminator = make_discriminator(config)
-    self.gen_tx, self.disc_tx = make_stage1_optimizers(config)
     # The VGG weights (~60 MB) only when the loss reads them; else an empty tree.
     self.lpips_module, lpips_params = losses.load_lpips() if uses_lpips(config) else (None, {})
     self.replicated = sharding.replicated(self.mesh)
@@ -263,19 +289,12 @@ class VQGANTrainer:
         self.workdir / "checkpoints", config.vqgan.train.checkpoint_every,
         config.vqgan.train.keep_checkpoints, config.run.async_checkpoints)
 
-    init = functools.partial(init_train_state, config, self.model, self.discriminator,
-                             self.gen_tx, self.disc_tx)
-    abstract = abstract_train_state(config)
-    self.state_sharding = sharding.state_shardings(
-        abstract, self.mesh, config.mesh.param_sharding, config.mesh.fsdp_min_size)
-    self._abstract_state = sharding.abstract_with_shardings(abstract, self.state_sharding)
-    self._init = jax.jit(init, out_shardings=self.state_sharding)
-    batch_spec = sharding.batch_sharding(self.mesh)
-    step = make_train_step(config, self.model, self.discriminator, self.gen_tx, self.disc_tx,
-                           self.lpips_module)
-    self.train_step = jax.jit(
-        step, in_shardings=(self.state_sharding, batch_spec, self.replicated),
-        out_shardings=(self.state_sharding, self.replicated), donate_argnums=(0,))
+    programs = compiled_programs(config, self.mesh, self.lpips_module)
+    self.state_sharding = programs.state_sharding
+    self._abstract_state = programs.abstract_state
+    self._init = programs.init
+    self.train_step = programs.train_step
+    self._reconstruct = programs.reconstruct
 
   def initial_state(self) -> VQGANTrainState:
     return self._init()
@@ -297,11 +316,6 @@ class VQGANTrainer:
     """uint8 clips -> uint8 reconstructions through the quantizer (eval mode)."""
     x_hat, _ = self._reconstruct(params, quantizer_state, jnp.asarray(video_uint8))
     return np.asarray(jax.device_get(pipeline.to_uint8(x_hat)))
-
-  @functools.partial(jax.jit, static_argnums=0)
-  def _reconstruct(self, params, quantizer_state, video_uint8):
-    return self.model.apply({"params": params, "quantizer_state": quantizer_state},
-                            pipeline.to_model_input(video_uint8), train=False)
 
 
 def eval_params(state: VQGANTrainState, config: ml_collections.ConfigDict) -> PyTree:
