@@ -21,6 +21,7 @@ from vqvdm_jax import recorded_config
 from vqvdm_jax import workdir as workdir_lib
 from vqvdm_jax.data import pipeline
 from vqvdm_jax.evaluation.evaluate_vqgan import evaluate_vqgan
+from vqvdm_jax.inference import sampling
 from vqvdm_jax.training import diffusion_trainer, optimizers, vqgan_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,12 +95,18 @@ def test_load_builds_no_optimizer_and_no_trainer(workdir, monkeypatch):
                       (diffusion_trainer.DiffusionTrainer, "__init__"),
                       (vqgan_trainer, "make_discriminator")):
     monkeypatch.setattr(owner, name, forbidden)
+  compiled, compile_sampler = [], sampling.compile_sampler
+  monkeypatch.setattr(sampling, "compile_sampler", lambda *args: compiled.append(args[1])
+                      or compile_sampler(*args))
   model = vqvdm_jax.load(workdir, step=3)
   assert model.step == 3 and model.tokenizer.step == 3  # the tokenizer it was trained on
   videos = model.sample(labels=[1, 2], guidance_scale=3.0, sampler="ddim", num_steps=3, seed=4)
   assert videos.shape == (2, 8, 16, 16, 3) and videos.dtype == np.uint8
   np.testing.assert_array_equal(videos, model.sample(labels=[1, 2], guidance_scale=3.0,
                                                      sampler="ddim", num_steps=3, seed=4))
+  assert len(compiled) == 1  # sampling again with the same settings reuses the sampler
+  model.sample(labels=[1, 2], guidance_scale=2.0, sampler="ddim", num_steps=3, seed=4)
+  assert [config.diffusion.sample.guidance_scale for config in compiled] == [3.0, 2.0]
 
 
 def test_sampling_arguments_are_checked_with_the_configs_rules(workdir):

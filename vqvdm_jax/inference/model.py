@@ -71,6 +71,7 @@ class VideoModel:
     self.unet = make_unet(config) if unet is None else unet
     self.schedule = make_schedule(config) if schedule is None else schedule
     self.latent_shape = vqgan_latent_shape(config)[1:]
+    self._samplers = {}  # config JSON -> compiled sampler: repeated sampling compiles once
 
   def sample(self, labels: Sequence[int] | int | None = None, fps: float | None = None,
              guidance_scale: float | None = None, sampler: str | None = None,
@@ -98,6 +99,14 @@ class VideoModel:
                        config: ml_collections.ConfigDict | None = None) -> Iterator[np.ndarray]:
     """uint8 videos, one sampling batch at a time (:func:`sampling.generate_batches`)."""
     return sampling.generate_batches(self, labels, fps, seed, config)
+
+  def sampler(self, config: ml_collections.ConfigDict):
+    """The jitted sampler of ``config``'s settings and its unscaling, compiled once per model
+    and settings (:func:`sampling.compile_sampler`)."""
+    key = config.to_json_best_effort(sort_keys=True)
+    if key not in self._samplers:
+      self._samplers[key] = sampling.compile_sampler(self, config)
+    return self._samplers[key]
 
   def sampling_settings(self) -> dict[str, Any]:
     """How this model samples, for results files."""

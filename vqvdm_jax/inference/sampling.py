@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -94,6 +94,18 @@ def make_sample_fn(config: ml_collections.ConfigDict, unet: UNet3D, schedule: Di
   return sample_fn
 
 
+def compile_sampler(model, config: ml_collections.ConfigDict
+                    ) -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:
+  """``model``'s jitted sampler of ``config.diffusion.sample`` (:func:`make_sample_fn`) and the
+  jitted map of its output back to the tokenizer's latent space."""
+  split, replicated = sharding.batch_sharding(model.mesh), sharding.replicated(model.mesh)
+  params_sharding = jax.tree.map(lambda leaf: leaf.sharding, model.params)
+  sample_fn = jax.jit(make_sample_fn(config, model.unet, model.schedule, model.latent_shape),
+                      in_shardings=(params_sharding, split, split, split), out_shardings=split)
+  # Replicated output: on several processes a batch-split array cannot be read whole on one.
+  return sample_fn, jax.jit(latents_lib.from_model_space, out_shardings=replicated)
+
+
 def padded_batch_size(batch_size: int, mesh: Mesh) -> int:
   """``batch_size`` rounded up to a multiple of the mesh's data-parallel devices."""
   devices = sharding.data_parallel_size(mesh)
@@ -130,13 +142,7 @@ def generate_batches(model, labels: np.ndarray, fps: np.ndarray, seed: int,
   """
   config = model.config if config is None else config
   mesh = model.mesh
-  split, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  params_sharding = jax.tree.map(lambda leaf: leaf.sharding, model.params)
-  sample_fn = jax.jit(
-      make_sample_fn(config, model.unet, model.schedule, model.latent_shape),
-      in_shardings=(params_sharding, split, split, split), out_shardings=split)
-  # Replicated output: on several processes a batch-split array cannot be read whole on one.
-  unscale = jax.jit(latents_lib.from_model_space, out_shardings=replicated)
+  sample_fn, unscale = model.sampler(config)
   for start, batch_labels, batch_fps, keys in conditioning_batches(
       mesh, labels, fps, seed, config.diffusion.sample.batch_size):
     latents = sample_fn(model.params, batch_labels, batch_fps, keys)

@@ -81,8 +81,14 @@ class PreemptionGuard:
 
 
 def keep_if(condition: jax.Array, new: Any, old: Any) -> Any:
-  """Inside a step: ``new`` where the scalar ``condition`` holds, else ``old`` (leaf by leaf)."""
-  return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
+  """Inside a step: ``new`` if the scalar ``condition`` holds, else ``old`` (whole pytrees).
+
+  One conditional, not a select per leaf: a train state has hundreds of leaves (weights, EMA,
+  Adam's moments), and a select and a broadcast each made the tiny stage-1 step's compile ~12 %
+  slower (default optimisation level: the tiny stage-2 step 28 s against 24 s), for the same
+  values and step time.
+  """
+  return jax.lax.cond(condition, lambda: new, lambda: old)
 
 
 def skip_nonfinite_update(finite: jax.Array, new_state: Any, old_state: Any) -> Any:
