@@ -1,6 +1,10 @@
 """Config validation: bad values fail at start-up, naming the field."""
 
+import copy
+
 import jax
+import ml_collections
+import numpy as np
 import pytest
 from helpers import load_config
 
@@ -166,3 +170,74 @@ def test_trainers_of_one_config_share_their_compiled_programs_until_cleared(tmp_
   assert again.train_step is not first.train_step
   for trainer in (first, second, other_mesh, edited, again, *stage2):
     trainer.checkpointer.close()
+
+
+def _perturbed(config, paths):
+  """``config`` with every number and flag under each dotted path changed (strings and tuples
+  are left: they have no generic other valid value)."""
+  config = copy.deepcopy(config)
+
+  def change(node, name):
+    value = node[name]
+    if isinstance(value, ml_collections.ConfigDict):
+      for child in list(value.keys()):
+        change(value, child)
+    elif isinstance(value, bool):
+      node[name] = not value
+    elif isinstance(value, int):
+      node[name] = value + 3
+    elif isinstance(value, float):
+      node[name] = value * 1.5 + 0.25
+
+  for path in paths:
+    *parents, leaf = path.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    change(node, leaf)
+  return config
+
+
+def _program_texts(stage, config):
+  """The lowered init and train step of ``stage``'s programs for ``config``, built afresh."""
+  from vqvdm_jax.training import diffusion_trainer, token_trainer, vqgan_trainer
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  spec = jax.ShapeDtypeStruct
+  if stage == "vqgan":
+    programs = vqgan_trainer.compiled_programs.__wrapped__(config, mesh, None)
+    init_args, batch = (), {"video": spec((8, 8, 16, 16, 3), np.uint8)}
+    extra = ({},)
+  elif stage == "diffusion":
+    programs = diffusion_trainer.compiled_programs.__wrapped__(config, (2, 4, 4, 4), mesh)
+    init_args = (1.0, np.zeros(4, np.float32), 0)
+    batch = {"latent": spec((8, 2, 4, 4, 4), np.float32), "label": spec((8,), np.int32),
+             "fps": spec((8,), np.float32)}
+    extra = ()
+  else:
+    programs = token_trainer.compiled_programs.__wrapped__(config, mesh)
+    init_args = (0,)
+    batch = {"codes": spec((8, 2, 4, 4), np.int32), "label": spec((8,), np.int32),
+             "fps": spec((8,), np.float32)}
+    extra = ()
+  return (programs.init.lower(*init_args).as_text(),
+          programs.train_step.lower(programs.abstract_state, batch, *extra).as_text())
+
+
+@pytest.mark.parametrize("stage", ["vqgan", "diffusion", "masked"])
+def test_fields_a_stages_programs_ignore_leave_them_unchanged(stage):
+  """Each trainer shares its compiled programs between configs that differ only in the fields
+  its PROGRAM_IGNORES names; here every number and flag there changes, and the lowered init and
+  train step stay the same text (a field the programs read changes it: with all of `diffusion`
+  ignored, the token priors' use_fps changed their parameter tree, and this test failed)."""
+  from vqvdm_jax.training import diffusion_trainer, token_trainer, vqgan_trainer
+
+  config = load_config("tiny")
+  if stage == "masked":
+    config.stage2 = "masked"
+  ignores = {"vqgan": vqgan_trainer, "diffusion": diffusion_trainer,
+             "masked": token_trainer}[stage].PROGRAM_IGNORES
+  perturbed = _perturbed(config, ignores)
+  assert config_lib.config_key(perturbed) != config_lib.config_key(config)
+  assert config_lib.config_key(perturbed, ignores) == config_lib.config_key(config, ignores)
+  assert _program_texts(stage, perturbed) == _program_texts(stage, config)

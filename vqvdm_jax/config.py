@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import math
 import warnings
 from collections.abc import Callable
@@ -406,7 +407,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   Every entry point calls it (the CLI, the trainers, loading); each distinct config is checked
   and warned about once per process.
   """
-  key = config.to_json_best_effort(sort_keys=True)
+  key = config_key(config)
   if key in _VALIDATED:
     return
   _check(config)
@@ -431,7 +432,8 @@ class _Unkeyed:
 _PER_CONFIG_CACHES: list = []
 
 
-def per_config(function: Callable[..., T] | None = None, *, copies: bool = True):
+def per_config(function: Callable[..., T] | None = None, *, copies: bool = True,
+               ignoring: tuple[str, ...] = ()):
   """``function(config, *args)``, computed once per process for each config content and args.
 
   For what a config alone determines and costs seconds to build. Shape evaluations:
@@ -439,12 +441,14 @@ def per_config(function: Callable[..., T] | None = None, *, copies: bool = True)
   one), and a loader, a trainer, a latent cache and a sampler of one config all ask for the same
   shapes. Jitted programs (``copies=False``): a second trainer or sampler of a config reuses the
   first one's compiled step instead of tracing, lowering and compiling (or loading) it again,
-  5-30 s on a CPU. The key is the config's JSON (an edited config is a new entry) and the other
-  arguments (hashable: a mesh, a shape, a module). With ``copies`` each caller gets its own
-  deep copy of the result; without, every caller shares it (for immutable results).
+  5-30 s on a CPU. The key is the config's JSON (an edited config is a new entry) less the
+  dotted fields or sections in ``ignoring`` (fields ``function`` never reads: a config that
+  differs only there gets the first one's result), and the other arguments (hashable: a mesh, a
+  shape, a module). With ``copies`` each caller gets its own deep copy of the result; without,
+  every caller shares it (for immutable results).
   """
   if function is None:
-    return functools.partial(per_config, copies=copies)
+    return functools.partial(per_config, copies=copies, ignoring=ignoring)
 
   @functools.lru_cache(maxsize=64)
   def cached(key: str, config: _Unkeyed, *args, **kwargs):
@@ -455,11 +459,23 @@ def per_config(function: Callable[..., T] | None = None, *, copies: bool = True)
 
   @functools.wraps(function)
   def wrapper(config: ml_collections.ConfigDict, *args, **kwargs):
-    key = config.to_json_best_effort(sort_keys=True)
-    result = cached(key, _Unkeyed(config), *args, **kwargs)
+    result = cached(config_key(config, ignoring), _Unkeyed(config), *args, **kwargs)
     return copy.deepcopy(result) if copies else result
 
   return wrapper
+
+
+def config_key(config: ml_collections.ConfigDict, ignoring: tuple[str, ...] = ()) -> str:
+  """The config's content as sorted JSON, without the dotted fields or sections ``ignoring``
+  names (each must exist: a renamed field would otherwise silently stop being ignored)."""
+  content = json.loads(config.to_json_best_effort())
+  for path in ignoring:
+    *parents, leaf = path.split(".")
+    node = content
+    for parent in parents:
+      node = node[parent]
+    del node[leaf]
+  return json.dumps(content, sort_keys=True)
 
 
 def clear_per_config_caches() -> None:

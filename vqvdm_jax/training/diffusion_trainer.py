@@ -108,7 +108,14 @@ def init_state(config: ml_collections.ConfigDict, unet: UNet3D, tx: optax.Gradie
       nonfinite_streak=jnp.zeros((), jnp.int32))
 
 
-@config_lib.per_config
+# What no stage-2 program reads: the loop's cadence, sampling, the latent cache (the step sees
+# latents, shift and scale as values), the tokenizer's training and the token priors.
+PROGRAM_IGNORES = loop.loop_only_fields(
+    "diffusion.train", "diffusion.train.sample_every", "diffusion.sample", "diffusion.latents",
+    "vqgan", "transformer", "stage2")
+
+
+@config_lib.per_config(ignoring=PROGRAM_IGNORES)
 def abstract_state(config: ml_collections.ConfigDict, latent_shape: tuple[int, ...]
                    ) -> DiffusionTrainState:
   """The shapes of a fresh stage-2 state, traced once per config and latent shape."""
@@ -117,7 +124,7 @@ def abstract_state(config: ml_collections.ConfigDict, latent_shape: tuple[int, .
       np.zeros(latent_shape[-1], np.float32), 0))
 
 
-@config_lib.per_config(copies=False)
+@config_lib.per_config(copies=False, ignoring=PROGRAM_IGNORES)
 def compiled_programs(config: ml_collections.ConfigDict, latent_shape: tuple[int, ...],
                       mesh: jax.sharding.Mesh) -> loop.CompiledRun:
   """The jitted init and train step of a stage-2 run on ``mesh``, built once per process for

@@ -29,6 +29,15 @@ class NonFiniteUpdates(FloatingPointError):
   """Too many consecutive steps had a non-finite loss or gradient (all of them were skipped)."""
 
 
+def loop_only_fields(section: str, *more: str) -> tuple[str, ...]:
+  """Config fields that only the host loop reads (how often it logs and saves, evaluation, the
+  run's policies), under the train section ``section`` and ``more``: a train step or init never
+  reads them, so :func:`vqvdm_jax.config.per_config` may ignore them when it keys programs
+  (tests/test_config.py proves each stage's programs unchanged when they change)."""
+  return (*(f"{section}.{name}" for name in ("log_every", "checkpoint_every", "keep_checkpoints")),
+          *more, "evaluation", "run")
+
+
 class CompiledRun(NamedTuple):
   """What a trainer compiles for a config and a mesh (shared by every trainer of the config in a
   process: :func:`vqvdm_jax.config.per_config`)."""

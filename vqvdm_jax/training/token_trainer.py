@@ -106,14 +106,24 @@ def init_state(config: ml_collections.ConfigDict, model: TokenTransformer,
       nonfinite_streak=jnp.zeros((), jnp.int32))
 
 
-@config_lib.per_config
+# What no token-prior program reads: the loop's cadence, sampling, the tokenizer's training (its
+# model and quantizer set the code grid and vocabulary, so they count) and the latent diffusion
+# model (its conditioning fields, use_class, use_fps and class_drop_rate, are the priors' too).
+PROGRAM_IGNORES = loop.loop_only_fields(
+    "transformer.train", "transformer.sample", "vqgan.train", "vqgan.eval", "vqgan.loss",
+    "vqgan.optim", "vqgan.discriminator", *(f"diffusion.{name}" for name in (
+        "unet", "schedule", "sample", "latents", "optim", "train", "prediction",
+        "loss_weighting", "min_snr_gamma")))
+
+
+@config_lib.per_config(ignoring=PROGRAM_IGNORES)
 def abstract_state(config: ml_collections.ConfigDict) -> TokenTrainState:
   """The shapes of a fresh token-prior state, traced once per config."""
   return jax.eval_shape(functools.partial(init_state, config, prior_model.make_transformer(config),
                                           make_prior_optimizer(config), 0))
 
 
-@config_lib.per_config(copies=False)
+@config_lib.per_config(copies=False, ignoring=PROGRAM_IGNORES)
 def compiled_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
                       ) -> loop.CompiledRun:
   """The jitted init and train step of a token-prior run on ``mesh``, built once per process

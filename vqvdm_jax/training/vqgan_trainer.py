@@ -87,7 +87,13 @@ def make_stage1_optimizers(config: ml_collections.ConfigDict
           make_optimizer(optim.disc_learning_rate, optim, num_steps))
 
 
-@config_lib.per_config
+# What no stage-1 program reads: the loop's cadence, evaluation and the later stages.
+PROGRAM_IGNORES = loop.loop_only_fields(
+    "vqgan.train", "vqgan.train.eval_every", "vqgan.train.num_eval_videos", "vqgan.eval",
+    "diffusion", "transformer", "stage2")
+
+
+@config_lib.per_config(ignoring=PROGRAM_IGNORES)
 def abstract_train_state(config: ml_collections.ConfigDict) -> VQGANTrainState:
   """The shapes of :func:`init_train_state`, traced once per config."""
   return jax.eval_shape(functools.partial(init_train_state, config, make_vqgan(config),
@@ -242,7 +248,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
   return train_step
 
 
-@config_lib.per_config(copies=False)
+@config_lib.per_config(copies=False, ignoring=PROGRAM_IGNORES)
 def compiled_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                       lpips_module: nn.Module | None) -> loop.CompiledRun:
   """The jitted init, train step and reconstruction of a stage-1 run on ``mesh``, built once
