@@ -165,6 +165,11 @@ def test_trainers_of_one_config_share_their_compiled_programs_until_cleared(tmp_
   stage2 = [diffusion_trainer.DiffusionTrainer(load_config("tiny"), tmp_path / name, (2, 4, 4, 4),
                                                devices) for name in ("h", "i")]
   assert stage2[0].train_step is stage2[1].train_step
+  from vqvdm_jax.inference.tokenizer import Tokenizer, abstract_variables
+  shapes = abstract_variables(load_config("tiny"))  # programs build lazily: shapes will do
+  tokenizers = [Tokenizer(load_config("tiny"), shapes["params"], shapes["quantizer_state"], step)
+                for step in (1, 2)]
+  assert tokenizers[0]._decode_indices is tokenizers[1]._decode_indices
   config_lib.clear_per_config_caches()
   again = vqgan_trainer.VQGANTrainer(load_config("tiny"), tmp_path / "g", devices)
   assert again.train_step is not first.train_step
@@ -199,7 +204,8 @@ def _perturbed(config, paths):
 
 
 def _program_texts(stage, config):
-  """The lowered init and train step of ``stage``'s programs for ``config``, built afresh."""
+  """The lowered programs of ``stage`` (a trainer's init and train step, or the tokenizer's
+  encoders and decoders) for ``config``, built afresh."""
   from vqvdm_jax.training import diffusion_trainer, token_trainer, vqgan_trainer
 
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
@@ -214,6 +220,16 @@ def _program_texts(stage, config):
     batch = {"latent": spec((8, 2, 4, 4, 4), np.float32), "label": spec((8,), np.int32),
              "fps": spec((8,), np.float32)}
     extra = ()
+  elif stage == "tokenizer":
+    from vqvdm_jax.inference import tokenizer
+    programs = tokenizer.compiled_programs.__wrapped__(config)
+    variables = tokenizer.abstract_variables(config)
+    video = spec((2, 8, 16, 16, 3), np.uint8)
+    return tuple(function.lower(variables, argument).as_text() for function, argument in (
+        (programs.encode, video), (programs.for_diffusion, video),
+        (programs.decode_latents, spec((2, 2, 4, 4, 4), np.float32)),
+        (programs.encode_indices, video),
+        (programs.decode_indices, spec((2, 2, 4, 4), np.int32))))
   else:
     programs = token_trainer.compiled_programs.__wrapped__(config, mesh)
     init_args = (0,)
@@ -224,19 +240,20 @@ def _program_texts(stage, config):
           programs.train_step.lower(programs.abstract_state, batch, *extra).as_text())
 
 
-@pytest.mark.parametrize("stage", ["vqgan", "diffusion", "masked"])
+@pytest.mark.parametrize("stage", ["vqgan", "diffusion", "masked", "tokenizer"])
 def test_fields_a_stages_programs_ignore_leave_them_unchanged(stage):
-  """Each trainer shares its compiled programs between configs that differ only in the fields
-  its PROGRAM_IGNORES names; here every number and flag there changes, and the lowered init and
-  train step stay the same text (a field the programs read changes it: with all of `diffusion`
+  """Each trainer (and the tokenizer) shares its compiled programs between configs that differ
+  only in the fields its PROGRAM_IGNORES names; here every number and flag there changes, and
+  the lowered programs stay the same text (a field the programs read changes it: with all of `diffusion`
   ignored, the token priors' use_fps changed their parameter tree, and this test failed)."""
   from vqvdm_jax.training import diffusion_trainer, token_trainer, vqgan_trainer
 
   config = load_config("tiny")
   if stage == "masked":
     config.stage2 = "masked"
-  ignores = {"vqgan": vqgan_trainer, "diffusion": diffusion_trainer,
-             "masked": token_trainer}[stage].PROGRAM_IGNORES
+  from vqvdm_jax.inference import tokenizer
+  ignores = {"vqgan": vqgan_trainer, "diffusion": diffusion_trainer, "masked": token_trainer,
+             "tokenizer": tokenizer}[stage].PROGRAM_IGNORES
   perturbed = _perturbed(config, ignores)
   assert config_lib.config_key(perturbed) != config_lib.config_key(config)
   assert config_lib.config_key(perturbed, ignores) == config_lib.config_key(config, ignores)

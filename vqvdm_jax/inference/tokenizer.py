@@ -7,7 +7,8 @@ chosen) checkpoint: no discriminator, no optimizer, no trainer.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -50,12 +51,74 @@ def abstract_variables(config: ml_collections.ConfigDict) -> PyTree:
   return jax.eval_shape(lambda: init_variables(config, model, jax.random.PRNGKey(0)))
 
 
+# What no tokenizer program reads: stage 1's training and evaluation, and the later stages (of
+# the diffusion section only the latents' source counts).
+PROGRAM_IGNORES = (
+    "vqgan.train", "vqgan.eval", "vqgan.loss", "vqgan.optim", "vqgan.discriminator",
+    *(f"diffusion.{name}" for name in (
+        "unet", "schedule", "sample", "optim", "train", "prediction", "loss_weighting",
+        "min_snr_gamma", "class_drop_rate", "use_class", "use_fps", "latents.encode_batch_size",
+        "latents.scale_estimate_clips", "latents.center")),
+    "transformer", "stage2", "evaluation", "run", "mesh", "seed")
+
+
+class TokenizerPrograms(NamedTuple):
+  """A tokenizer's jitted functions of ``(variables, input)``."""
+
+  encode: Callable[..., jax.Array]  # uint8 videos -> quantized latents
+  for_diffusion: Callable[..., jax.Array]  # uint8 videos -> the latents stage 2 learns
+  decode_latents: Callable[..., jax.Array]  # latents -> uint8 videos
+  encode_indices: Callable[..., Any]  # uint8 videos -> code indices
+  decode_indices: Callable[..., jax.Array]  # code indices -> uint8 videos
+
+
+@config_lib.per_config(copies=False, ignoring=PROGRAM_IGNORES)
+def compiled_programs(config: ml_collections.ConfigDict) -> TokenizerPrograms:
+  """The config's tokenizer's jitted encoders and decoders, built once per process for each
+  config (every tokenizer of the config shares them, whatever its weights)."""
+  return build_programs(config, make_vqgan(config))
+
+
+def build_programs(config: ml_collections.ConfigDict, model: nn.Module) -> TokenizerPrograms:
+  """``model``'s jitted encoders and decoders (``config`` sets which latents stage 2 learns)."""
+  quantize_latents = config.diffusion.latents.source == "quantized"
+
+  def quantize(variables, latent):
+    return model.apply(variables, latent, method="quantize").quantized
+
+  def to_video(variables, quantized):
+    return pipeline.to_uint8(model.apply(variables, quantized, method="decode"))
+
+  def encoder_latent(variables, video_uint8):
+    return model.apply(variables, pipeline.to_model_input(video_uint8), method="encode")
+
+  def for_diffusion(variables, video_uint8):
+    latent = encoder_latent(variables, video_uint8)
+    return quantize(variables, latent) if quantize_latents else latent
+
+  def snap(variables, latent):
+    # Quantized latents (a sample of them) lie in code space: snap to the nearest code. For
+    # 'vq' that is also what quantize does; FSQ's quantize would tanh-bound them again.
+    return model.apply(variables, latent, method="nearest_codes")
+
+  return TokenizerPrograms(
+      encode=jax.jit(lambda v, x: quantize(v, encoder_latent(v, x))),
+      for_diffusion=jax.jit(for_diffusion),
+      decode_latents=jax.jit(lambda v, z: to_video(
+          v, snap(v, z) if quantize_latents else quantize(v, z))),
+      encode_indices=jax.jit(lambda v, x: model.apply(
+          v, pipeline.to_model_input(x), method="encode_to_indices")),
+      decode_indices=jax.jit(lambda v, i: pipeline.to_uint8(model.apply(
+          v, i, method="decode_from_indices"))))
+
+
 class Tokenizer:
   """Stage 1 for users and for stage 2. Videos are uint8 ``[B, T, H, W, 3]``.
 
   ``encode`` -> quantized latents ``[B, t, h, w, c]``, ``decode`` <- quantized latents (or any
   latents: they are quantized first) or code indices ``[B, t, h, w]``; ``reconstruct`` is
-  both. The jitted functions compile once per input shape.
+  both. The jitted functions compile once per input shape, shared by every tokenizer of the
+  config in the process (:func:`compiled_programs`).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, params: PyTree,
@@ -63,34 +126,13 @@ class Tokenizer:
     self.config, self.step = config, step
     self.model = make_vqgan(config) if model is None else model
     self.variables = {"params": params, "quantizer_state": quantizer_state}
-    model, quantize_latents = self.model, config.diffusion.latents.source == "quantized"
-
-    def quantize(variables, latent):
-      return model.apply(variables, latent, method="quantize").quantized
-
-    def to_video(variables, quantized):
-      return pipeline.to_uint8(model.apply(variables, quantized, method="decode"))
-
-    def encoder_latent(variables, video_uint8):
-      return model.apply(variables, pipeline.to_model_input(video_uint8), method="encode")
-
-    def for_diffusion(variables, video_uint8):
-      latent = encoder_latent(variables, video_uint8)
-      return quantize(variables, latent) if quantize_latents else latent
-
-    self._encode = jax.jit(lambda v, x: quantize(v, encoder_latent(v, x)))
-    self._for_diffusion = jax.jit(for_diffusion)
-    def snap(variables, latent):
-      # Quantized latents (a sample of them) lie in code space: snap to the nearest code. For
-      # 'vq' that is also what quantize does; FSQ's quantize would tanh-bound them again.
-      return model.apply(variables, latent, method="nearest_codes")
-
-    self._decode_latents = jax.jit(lambda v, z: to_video(
-        v, snap(v, z) if quantize_latents else quantize(v, z)))
-    self._encode_indices = jax.jit(lambda v, x: model.apply(
-        v, pipeline.to_model_input(x), method="encode_to_indices"))
-    self._decode_indices = jax.jit(lambda v, i: pipeline.to_uint8(model.apply(
-        v, i, method="decode_from_indices")))
+    # A model built from the config shares the config's programs (modules holding a
+    # ConfigDict cannot be a cache key); any other model gets its own.
+    programs = (compiled_programs(config) if self.model == make_vqgan(config)
+                else build_programs(config, self.model))
+    self._encode, self._for_diffusion, self._decode_latents = (
+        programs.encode, programs.for_diffusion, programs.decode_latents)
+    self._encode_indices, self._decode_indices = programs.encode_indices, programs.decode_indices
 
   def encode(self, videos: np.ndarray) -> np.ndarray:
     """uint8 videos ``[B, T, H, W, 3]`` -> quantized latents ``[B, t, h, w, c]`` float32."""
