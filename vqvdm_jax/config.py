@@ -433,7 +433,8 @@ _PER_CONFIG_CACHES: list = []
 
 
 def per_config(function: Callable[..., T] | None = None, *, copies: bool = True,
-               ignoring: tuple[str, ...] = ()):
+               ignoring: tuple[str, ...] | Callable[[ml_collections.ConfigDict],
+                                                     tuple[str, ...]] = ()):
   """``function(config, *args)``, computed once per process for each config content and args.
 
   For what a config alone determines and costs seconds to build. Shape evaluations:
@@ -443,7 +444,8 @@ def per_config(function: Callable[..., T] | None = None, *, copies: bool = True,
   first one's compiled step instead of tracing, lowering and compiling (or loading) it again,
   5-30 s on a CPU. The key is the config's JSON (an edited config is a new entry) less the
   dotted fields or sections in ``ignoring`` (fields ``function`` never reads: a config that
-  differs only there gets the first one's result), and the other arguments (hashable: a mesh, a
+  differs only there gets the first one's result; or a function of the config that names
+  them), and the other arguments (hashable: a mesh, a
   shape, a module). With ``copies`` each caller gets its own deep copy of the result; without,
   every caller shares it (for immutable results).
   """
@@ -459,7 +461,8 @@ def per_config(function: Callable[..., T] | None = None, *, copies: bool = True,
 
   @functools.wraps(function)
   def wrapper(config: ml_collections.ConfigDict, *args, **kwargs):
-    result = cached(config_key(config, ignoring), _Unkeyed(config), *args, **kwargs)
+    fields = ignoring(config) if callable(ignoring) else ignoring
+    result = cached(config_key(config, fields), _Unkeyed(config), *args, **kwargs)
     return copy.deepcopy(result) if copies else result
 
   return wrapper

@@ -115,7 +115,12 @@ PROGRAM_IGNORES = loop.loop_only_fields(
     "vqgan", "transformer", "stage2")
 
 
-@config_lib.per_config(ignoring=PROGRAM_IGNORES)
+def program_ignores(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """PROGRAM_IGNORES, and the run's length when the learning rate does not decay."""
+  return PROGRAM_IGNORES + loop.unread_run_length(config, "diffusion")
+
+
+@config_lib.per_config(ignoring=program_ignores)
 def abstract_state(config: ml_collections.ConfigDict, latent_shape: tuple[int, ...]
                    ) -> DiffusionTrainState:
   """The shapes of a fresh stage-2 state, traced once per config and latent shape."""
@@ -124,7 +129,7 @@ def abstract_state(config: ml_collections.ConfigDict, latent_shape: tuple[int, .
       np.zeros(latent_shape[-1], np.float32), 0))
 
 
-@config_lib.per_config(copies=False, ignoring=PROGRAM_IGNORES)
+@config_lib.per_config(copies=False, ignoring=program_ignores)
 def compiled_programs(config: ml_collections.ConfigDict, latent_shape: tuple[int, ...],
                       mesh: jax.sharding.Mesh) -> loop.CompiledRun:
   """The jitted init and train step of a stage-2 run on ``mesh``, built once per process for

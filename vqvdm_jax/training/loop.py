@@ -38,6 +38,13 @@ def loop_only_fields(section: str, *more: str) -> tuple[str, ...]:
           *more, "evaluation", "run")
 
 
+def unread_run_length(config: Any, *sections: str) -> tuple[str, ...]:
+  """``{section}.train.num_steps`` of each section whose learning rate does not decay: only a
+  decay schedule reads the run's length, so a longer run of such a config is the same program."""
+  return tuple(f"{section}.train.num_steps" for section in sections
+               if config[section].optim.lr_decay == "constant")
+
+
 class CompiledRun(NamedTuple):
   """What a trainer compiles for a config and a mesh (shared by every trainer of the config in a
   process: :func:`vqvdm_jax.config.per_config`)."""

@@ -116,14 +116,19 @@ PROGRAM_IGNORES = loop.loop_only_fields(
         "loss_weighting", "min_snr_gamma")))
 
 
-@config_lib.per_config(ignoring=PROGRAM_IGNORES)
+def program_ignores(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """PROGRAM_IGNORES, and the run's length when the learning rate does not decay."""
+  return PROGRAM_IGNORES + loop.unread_run_length(config, "transformer")
+
+
+@config_lib.per_config(ignoring=program_ignores)
 def abstract_state(config: ml_collections.ConfigDict) -> TokenTrainState:
   """The shapes of a fresh token-prior state, traced once per config."""
   return jax.eval_shape(functools.partial(init_state, config, prior_model.make_transformer(config),
                                           make_prior_optimizer(config), 0))
 
 
-@config_lib.per_config(copies=False, ignoring=PROGRAM_IGNORES)
+@config_lib.per_config(copies=False, ignoring=program_ignores)
 def compiled_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
                       ) -> loop.CompiledRun:
   """The jitted init and train step of a token-prior run on ``mesh``, built once per process

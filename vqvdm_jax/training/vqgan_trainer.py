@@ -93,7 +93,12 @@ PROGRAM_IGNORES = loop.loop_only_fields(
     "diffusion", "transformer", "stage2")
 
 
-@config_lib.per_config(ignoring=PROGRAM_IGNORES)
+def program_ignores(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """PROGRAM_IGNORES, and the run's length when the learning rate does not decay."""
+  return PROGRAM_IGNORES + loop.unread_run_length(config, "vqgan")
+
+
+@config_lib.per_config(ignoring=program_ignores)
 def abstract_train_state(config: ml_collections.ConfigDict) -> VQGANTrainState:
   """The shapes of :func:`init_train_state`, traced once per config."""
   return jax.eval_shape(functools.partial(init_train_state, config, make_vqgan(config),
@@ -248,7 +253,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
   return train_step
 
 
-@config_lib.per_config(copies=False, ignoring=PROGRAM_IGNORES)
+@config_lib.per_config(copies=False, ignoring=program_ignores)
 def compiled_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                       lpips_module: nn.Module | None) -> loop.CompiledRun:
   """The jitted init, train step and reconstruction of a stage-1 run on ``mesh``, built once
