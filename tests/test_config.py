@@ -243,10 +243,10 @@ def _program_texts(stage, config):
 @pytest.mark.parametrize("stage", ["vqgan", "diffusion", "masked", "tokenizer"])
 def test_fields_a_stages_programs_ignore_leave_them_unchanged(stage):
   """Each trainer (and the tokenizer) shares its compiled programs between configs that differ
-  only in the fields its `program_ignores` (`PROGRAM_IGNORES`) names; here every number and
-  flag there changes, and the lowered programs stay the same text (a field the programs read
-  changes it: with all of `diffusion` ignored, the token priors' use_fps changed their
-  parameter tree, and this test failed)."""
+  only in the fields its `program_ignores` (tokenizer: `PROGRAM_IGNORES`) names; here every
+  number and flag there changes, and the lowered programs stay the same text (a field the
+  programs read changes it: with all of `diffusion` ignored, the token priors' use_fps changed
+  their parameter tree, and this test failed)."""
   from vqvdm_jax.training import diffusion_trainer, token_trainer, vqgan_trainer
 
   config = load_config("tiny")

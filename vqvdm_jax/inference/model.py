@@ -103,7 +103,7 @@ class VideoModel:
   def sampler(self, config: ml_collections.ConfigDict):
     """The jitted sampler of ``config``'s settings and its unscaling, compiled once per model
     and settings (:func:`sampling.compile_sampler`)."""
-    key = config.to_json_best_effort(sort_keys=True)
+    key = config_lib.config_key(config)
     if key not in self._samplers:
       self._samplers[key] = sampling.compile_sampler(self, config)
     return self._samplers[key]

@@ -108,16 +108,13 @@ def init_state(config: ml_collections.ConfigDict, unet: UNet3D, tx: optax.Gradie
       nonfinite_streak=jnp.zeros((), jnp.int32))
 
 
-# What no stage-2 program reads: the loop's cadence, sampling, the latent cache (the step sees
-# latents, shift and scale as values), the tokenizer's training and the token priors.
-PROGRAM_IGNORES = loop.loop_only_fields(
-    "diffusion.train", "diffusion.train.sample_every", "diffusion.sample", "diffusion.latents",
-    "vqgan", "transformer", "stage2")
-
-
 def program_ignores(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """PROGRAM_IGNORES, and the run's length when the learning rate does not decay."""
-  return PROGRAM_IGNORES + loop.unread_run_length(config, "diffusion")
+  """What no stage-2 program reads: the loop's (:func:`loop.unread_fields`), sampling, the
+  latent cache (the step sees latents, shift and scale as values), the tokenizer's training and
+  the token priors."""
+  return loop.unread_fields(config, "diffusion", "diffusion.train.sample_every",
+                            "diffusion.sample", "diffusion.latents", "vqgan", "transformer",
+                            "stage2")
 
 
 @config_lib.per_config(ignoring=program_ignores)
@@ -135,19 +132,10 @@ def compiled_programs(config: ml_collections.ConfigDict, latent_shape: tuple[int
   """The jitted init and train step of a stage-2 run on ``mesh``, built once per process for
   each config and latent shape (every trainer of the config shares them)."""
   unet, tx = make_unet(config), make_stage2_optimizer(config)
-  abstract = abstract_state(config, latent_shape)
-  state_sharding = sharding.state_shardings(abstract, mesh, config.mesh.param_sharding,
-                                            config.mesh.fsdp_min_size)
   # The tokenizer step is an argument, not a constant: one compiled init serves every step.
-  init = functools.partial(init_state, config, unet, tx, latent_shape)
-  return loop.CompiledRun(
-      state_sharding=state_sharding,
-      abstract_state=sharding.abstract_with_shardings(abstract, state_sharding),
-      init=jax.jit(init, out_shardings=state_sharding),
-      train_step=jax.jit(make_train_step(config, unet, make_schedule(config), tx),
-                         in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                         out_shardings=(state_sharding, sharding.replicated(mesh)),
-                         donate_argnums=(0,)))
+  return loop.compile_run(config, mesh, abstract_state(config, latent_shape),
+                          functools.partial(init_state, config, unet, tx, latent_shape),
+                          make_train_step(config, unet, make_schedule(config), tx))
 
 
 class DiffusionTrainer:
@@ -164,8 +152,6 @@ class DiffusionTrainer:
                               "diffusion.train.batch_size")
     self.unet = make_unet(config)
     self.schedule = make_schedule(config)
-    self.tx = make_stage2_optimizer(config)
-    self.replicated = sharding.replicated(self.mesh)
     train = config.diffusion.train
     self.checkpointer = checkpointing.Checkpointer(
         self.workdir / "checkpoints", train.checkpoint_every, train.keep_checkpoints,

@@ -20,7 +20,7 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from vqvdm_jax import checkpointing
+from vqvdm_jax import checkpointing, sharding
 from vqvdm_jax.runtime import Preempted
 from vqvdm_jax.training import reporting
 
@@ -29,20 +29,18 @@ class NonFiniteUpdates(FloatingPointError):
   """Too many consecutive steps had a non-finite loss or gradient (all of them were skipped)."""
 
 
-def loop_only_fields(section: str, *more: str) -> tuple[str, ...]:
-  """Config fields that only the host loop reads (how often it logs and saves, evaluation, the
-  run's policies), under the train section ``section`` and ``more``: a train step or init never
-  reads them, so :func:`vqvdm_jax.config.per_config` may ignore them when it keys programs
+def unread_fields(config: Any, stage: str, *more: str) -> tuple[str, ...]:
+  """Config fields no program of the ``stage`` trainer reads: the host loop's own (how often it
+  logs and saves under ``{stage}.train``, evaluation, the run's policies), ``more``, and
+  ``{stage}.train.num_steps`` when the learning rate does not decay (only a decay schedule
+  reads the run's length, so a longer run is the same program).
+  :func:`vqvdm_jax.config.per_config` leaves them out of the key of the stage's programs
   (tests/test_config.py proves each stage's programs unchanged when they change)."""
-  return (*(f"{section}.{name}" for name in ("log_every", "checkpoint_every", "keep_checkpoints")),
-          *more, "evaluation", "run")
-
-
-def unread_run_length(config: Any, *sections: str) -> tuple[str, ...]:
-  """``{section}.train.num_steps`` of each section whose learning rate does not decay: only a
-  decay schedule reads the run's length, so a longer run of such a config is the same program."""
-  return tuple(f"{section}.train.num_steps" for section in sections
-               if config[section].optim.lr_decay == "constant")
+  loop_cadence = tuple(f"{stage}.train.{name}"
+                       for name in ("log_every", "checkpoint_every", "keep_checkpoints"))
+  run_length = ((f"{stage}.train.num_steps",) if config[stage].optim.lr_decay == "constant"
+                else ())
+  return (*loop_cadence, *more, "evaluation", "run", *run_length)
 
 
 class CompiledRun(NamedTuple):
@@ -54,6 +52,27 @@ class CompiledRun(NamedTuple):
   init: Callable[..., Any]  # jitted: a fresh train state
   train_step: Callable[..., Any]  # jitted: (state, batch, ...) -> (state, metrics)
   reconstruct: Callable[..., Any] | None = None  # jitted (stage 1): eval-mode reconstructions
+
+
+def compile_run(config: Any, mesh: jax.sharding.Mesh, abstract_state: Any,
+                init: Callable[..., Any], train_step: Callable[..., Any],
+                replicated_step_args: int = 0,
+                reconstruct: Callable[..., Any] | None = None) -> CompiledRun:
+  """A trainer's programs on ``mesh``: the state's shardings (``config.mesh``'s parameter
+  sharding), ``init`` jitted to them, and ``train_step(state, batch, *replicated) -> (state,
+  metrics)`` jitted with the state donated, the batch split over the data axis and
+  ``replicated_step_args`` more arguments replicated."""
+  state_sharding = sharding.state_shardings(abstract_state, mesh, config.mesh.param_sharding,
+                                            config.mesh.fsdp_min_size)
+  replicated = sharding.replicated(mesh)
+  return CompiledRun(
+      state_sharding=state_sharding,
+      abstract_state=sharding.abstract_with_shardings(abstract_state, state_sharding),
+      init=jax.jit(init, out_shardings=state_sharding),
+      train_step=jax.jit(train_step, in_shardings=(
+          state_sharding, sharding.batch_sharding(mesh), *[replicated] * replicated_step_args),
+                         out_shardings=(state_sharding, replicated), donate_argnums=(0,)),
+      reconstruct=reconstruct)
 
 
 class PreemptionGuard:

@@ -106,19 +106,16 @@ def init_state(config: ml_collections.ConfigDict, model: TokenTransformer,
       nonfinite_streak=jnp.zeros((), jnp.int32))
 
 
-# What no token-prior program reads: the loop's cadence, sampling, the tokenizer's training (its
-# model and quantizer set the code grid and vocabulary, so they count) and the latent diffusion
-# model (its conditioning fields, use_class, use_fps and class_drop_rate, are the priors' too).
-PROGRAM_IGNORES = loop.loop_only_fields(
-    "transformer.train", "transformer.sample", "vqgan.train", "vqgan.eval", "vqgan.loss",
-    "vqgan.optim", "vqgan.discriminator", *(f"diffusion.{name}" for name in (
-        "unet", "schedule", "sample", "latents", "optim", "train", "prediction",
-        "loss_weighting", "min_snr_gamma")))
-
-
 def program_ignores(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """PROGRAM_IGNORES, and the run's length when the learning rate does not decay."""
-  return PROGRAM_IGNORES + loop.unread_run_length(config, "transformer")
+  """What no token-prior program reads: the loop's (:func:`loop.unread_fields`), sampling, the
+  tokenizer's training (its model and quantizer set the code grid and vocabulary, so they
+  count) and the latent diffusion model (its conditioning fields, use_class, use_fps and
+  class_drop_rate, are the priors' too)."""
+  return loop.unread_fields(
+      config, "transformer", "transformer.sample", "vqgan.train", "vqgan.eval", "vqgan.loss",
+      "vqgan.optim", "vqgan.discriminator", *(f"diffusion.{name}" for name in (
+          "unet", "schedule", "sample", "latents", "optim", "train", "prediction",
+          "loss_weighting", "min_snr_gamma")))
 
 
 @config_lib.per_config(ignoring=program_ignores)
@@ -134,19 +131,10 @@ def compiled_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   """The jitted init and train step of a token-prior run on ``mesh``, built once per process
   for each config (every trainer of the config shares them)."""
   model, tx = prior_model.make_transformer(config), make_prior_optimizer(config)
-  abstract = abstract_state(config)
-  state_sharding = sharding.state_shardings(abstract, mesh, config.mesh.param_sharding,
-                                            config.mesh.fsdp_min_size)
   # The tokenizer step is an argument, not a constant: one compiled init serves every step.
-  return loop.CompiledRun(
-      state_sharding=state_sharding,
-      abstract_state=sharding.abstract_with_shardings(abstract, state_sharding),
-      init=jax.jit(functools.partial(init_state, config, model, tx),
-                   out_shardings=state_sharding),
-      train_step=jax.jit(make_train_step(config, model, tx),
-                         in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                         out_shardings=(state_sharding, sharding.replicated(mesh)),
-                         donate_argnums=(0,)))
+  return loop.compile_run(config, mesh, abstract_state(config),
+                          functools.partial(init_state, config, model, tx),
+                          make_train_step(config, model, tx))
 
 
 class TokenTrainer:
@@ -161,7 +149,6 @@ class TokenTrainer:
     train = config.transformer.train
     sharding.check_batch_size(train.batch_size, self.mesh, "transformer.train.batch_size")
     self.model = prior_model.make_transformer(config)
-    self.tx = make_prior_optimizer(config)
     self.checkpointer = checkpointing.Checkpointer(
         self.workdir / "checkpoints", train.checkpoint_every, train.keep_checkpoints,
         config.run.async_checkpoints)

@@ -87,15 +87,12 @@ def make_stage1_optimizers(config: ml_collections.ConfigDict
           make_optimizer(optim.disc_learning_rate, optim, num_steps))
 
 
-# What no stage-1 program reads: the loop's cadence, evaluation and the later stages.
-PROGRAM_IGNORES = loop.loop_only_fields(
-    "vqgan.train", "vqgan.train.eval_every", "vqgan.train.num_eval_videos", "vqgan.eval",
-    "diffusion", "transformer", "stage2")
-
-
 def program_ignores(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """PROGRAM_IGNORES, and the run's length when the learning rate does not decay."""
-  return PROGRAM_IGNORES + loop.unread_run_length(config, "vqgan")
+  """What no stage-1 program reads: the loop's (:func:`loop.unread_fields`), evaluation and the
+  later stages."""
+  return loop.unread_fields(config, "vqgan", "vqgan.train.eval_every",
+                            "vqgan.train.num_eval_videos", "vqgan.eval", "diffusion",
+                            "transformer", "stage2")
 
 
 @config_lib.per_config(ignoring=program_ignores)
@@ -260,25 +257,16 @@ def compiled_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   per process for each config (every trainer of the config shares them)."""
   model, discriminator = make_vqgan(config), make_discriminator(config)
   gen_tx, disc_tx = make_stage1_optimizers(config)
-  abstract = abstract_train_state(config)
-  state_sharding = sharding.state_shardings(abstract, mesh, config.mesh.param_sharding,
-                                            config.mesh.fsdp_min_size)
-  replicated = sharding.replicated(mesh)
-  init = functools.partial(init_train_state, config, model, discriminator, gen_tx, disc_tx)
-  step = make_train_step(config, model, discriminator, gen_tx, disc_tx, lpips_module)
 
   def reconstruct(params, quantizer_state, video_uint8):
     return model.apply({"params": params, "quantizer_state": quantizer_state},
                        pipeline.to_model_input(video_uint8), train=False)
 
-  return loop.CompiledRun(
-      state_sharding=state_sharding,
-      abstract_state=sharding.abstract_with_shardings(abstract, state_sharding),
-      init=jax.jit(init, out_shardings=state_sharding),
-      train_step=jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharding(mesh),
-                                             replicated),
-                         out_shardings=(state_sharding, replicated), donate_argnums=(0,)),
-      reconstruct=jax.jit(reconstruct))
+  return loop.compile_run(
+      config, mesh, abstract_train_state(config),
+      functools.partial(init_train_state, config, model, discriminator, gen_tx, disc_tx),
+      make_train_step(config, model, discriminator, gen_tx, disc_tx, lpips_module),
+      replicated_step_args=1, reconstruct=jax.jit(reconstruct))
 
 
 class VQGANTrainer:
