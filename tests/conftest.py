@@ -14,7 +14,6 @@ say) compile it once per session instead of once per test.
 """
 
 import os
-import tempfile
 from pathlib import Path
 
 TEST_XLA_FLAGS = {"--xla_force_host_platform_device_count": "8",
@@ -27,6 +26,7 @@ os.environ["XLA_FLAGS"] = " ".join([_flags] + [f"{name}={value}" for name, value
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from xla_flags import CACHE_MIN_COMPILE_TIME_SECS, COMPILATION_CACHE_DIR  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
@@ -35,9 +35,8 @@ from vqvdm_jax import config as config_lib  # noqa: E402
 from vqvdm_jax import runtime  # noqa: E402
 
 runtime.configure_jax()
-jax.config.update("jax_compilation_cache_dir",
-                  os.path.join(tempfile.gettempdir(), f"vqvdm_jax_test_cache_{os.getuid()}"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_TIME_SECS)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 # The heaviest files first (seconds of worker time in a cold run of the suite, 2-core CPU,

@@ -5,10 +5,9 @@ benchmarks/priors.py on the tiny config."""
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from xla_flags import fast_compile_xla_flags
+from xla_flags import compilation_cache_environment, fast_compile_xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,9 +18,7 @@ def test_accelerator_script_dry_run_prints_every_row():
   # are (conftest.py): a dry run checks paths, not speed.
   env["XLA_FLAGS"] = fast_compile_xla_flags()
   # The suite's compilation cache (tests/conftest.py): a rerun compiles little.
-  env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(tempfile.gettempdir(),
-                                                  f"vqvdm_jax_test_cache_{os.getuid()}")
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
+  env.update(compilation_cache_environment())
   done = subprocess.run(["bash", str(ROOT / "benchmarks/accelerator.sh")], env=env, cwd=ROOT,
                         capture_output=True, text=True, timeout=300, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
@@ -53,10 +50,7 @@ def test_priors_side_by_side_trains_and_measures_each_prior(tmp_path):
       pipeline.train_iterator(config.data, config.vqgan.train.batch_size, config.seed),
       force=True)
   trainer.checkpointer.close()
-  env = dict(os.environ, XLA_FLAGS=fast_compile_xla_flags(),
-             JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(),
-                                                    f"vqvdm_jax_test_cache_{os.getuid()}"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+  env = dict(os.environ, XLA_FLAGS=fast_compile_xla_flags(), **compilation_cache_environment())
   done = subprocess.run(
       [sys.executable, str(ROOT / "benchmarks/priors.py"), f"--config={ROOT}/configs/tiny.py",
        f"--workdir={tmp_path}", "--budget_s=2", "--warmup_steps=2", "--num_videos=4",

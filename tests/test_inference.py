@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 from helpers import load_config, untrained_checkpoints
+from xla_flags import compilation_cache_environment
 
 import vqvdm_jax
 from vqvdm_jax import config as config_lib
@@ -50,9 +51,7 @@ def subprocess_environment() -> dict[str, str]:
   env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
   return {**env, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(jax.device_count()),
           "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-          "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+          **compilation_cache_environment()}
 
 
 def test_recorded_config_rebuilds_every_shipped_config_exactly():

@@ -15,6 +15,7 @@ import jax
 import nbformat
 import pytest
 from helpers import load_config
+from xla_flags import compilation_cache_environment
 from nbclient import NotebookClient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,9 +35,7 @@ def kernel_environment() -> dict[str, str]:
   return {**os.environ, "PYTHONPATH": python_path, "JAX_PLATFORMS": "cpu",
           "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
           "JAX_NUM_CPU_DEVICES": str(jax.device_count()),
-          "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+          **compilation_cache_environment()}
 
 
 def execute(name: str, parameters: dict, cwd: Path) -> nbformat.NotebookNode:

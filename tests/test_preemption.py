@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 from helpers import load_config
+from xla_flags import compilation_cache_environment
 
 from vqvdm_jax import checkpointing, runtime
 from vqvdm_jax.training import diffusion_trainer, loop, vqgan_trainer
@@ -36,11 +37,8 @@ def _command(workdir, num_steps, checkpoint_every=2):
 
 def _environment():
   environment = dict(os.environ)
-  environment.update(
-      JAX_PLATFORMS="cpu",  # XLA_FLAGS: conftest.py's (8 devices, fast compilation)
-      JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  # XLA_FLAGS: conftest.py's (8 devices, fast compilation)
+  environment.update(JAX_PLATFORMS="cpu", **compilation_cache_environment())
   return environment
 
 
