@@ -40,21 +40,22 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPIL
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 # The heaviest files first (seconds of worker time in a cold run of the suite, 2-core CPU,
-# 2026-12-01). `--dist loadfile` runs each file on one worker, and xdist's default order (files with
+# 2026-12-02). `--dist loadfile` runs each file on one worker, and xdist's default order (files with
 # the most tests first; pyproject.toml turns it off) left few-test heavy files such as the
 # two-process runs and the priors dry run to run alone at the end while the other worker idled.
 _HEAVIEST_FILES_FIRST = (
-    "test_diffusion_training.py",  # ~300 s
-    "test_vqgan_training.py",  # ~200 s
-    "test_benchmarks.py",  # ~190 s
-    "test_preemption.py",  # ~180 s
-    "test_claims.py",  # ~155 s
-    "test_hierarchy.py",  # ~150 s
-    "test_multiprocess.py",  # ~135 s
-    "test_token_training.py",  # ~130 s
-    "test_recovery.py",  # ~120 s
-    "test_two_level_priors.py",  # ~95 s
-    "test_inference.py",  # ~80 s
+    "test_diffusion_training.py",  # ~270 s
+    "test_vqgan_training.py",  # ~210 s
+    "test_hierarchy.py",  # ~175 s
+    "test_multiprocess.py",  # ~170 s
+    "test_benchmarks.py",  # ~160 s
+    "test_claims.py",  # ~140 s
+    "test_preemption.py",  # ~125 s
+    "test_recovery.py",  # ~105 s
+    "test_token_training.py",  # ~95 s
+    "test_inference.py",  # ~85 s
+    "test_errors.py",  # ~80 s
+    "test_two_level_priors.py",  # ~80 s
     "test_notebooks.py",  # ~75 s
 )
 
