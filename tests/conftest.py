@@ -26,7 +26,8 @@ os.environ["XLA_FLAGS"] = " ".join([_flags] + [f"{name}={value}" for name, value
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
-from xla_flags import CACHE_MIN_COMPILE_TIME_SECS, COMPILATION_CACHE_DIR  # noqa: E402
+from xla_flags import (  # noqa: E402
+    CACHE_MAX_SIZE_BYTES, CACHE_MIN_COMPILE_TIME_SECS, COMPILATION_CACHE_DIR)
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
@@ -38,6 +39,7 @@ runtime.configure_jax()
 jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_TIME_SECS)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_SIZE_BYTES)
 
 # The heaviest files first (seconds of worker time in a cold run of the suite, 2-core CPU,
 # 2026-12-02). `--dist loadfile` runs each file on one worker, and xdist's default order (files with

@@ -10,6 +10,10 @@ import tempfile
 COMPILATION_CACHE_DIR = os.path.join(tempfile.gettempdir(), f"vqvdm_jax_test_cache_{os.getuid()}")
 # Programs that compile in at least this many seconds are cached (shorter ones load no faster).
 CACHE_MIN_COMPILE_TIME_SECS = 1.0
+# A size limit turns on JAX's file lock around cache reads and writes. Without it an entry is
+# written in place, unlocked, and another test process can read it half-written while the two
+# xdist workers or a test's subprocess compile the same program. Far above the suite's ~0.5 GB.
+CACHE_MAX_SIZE_BYTES = 8 * 2**30
 
 
 def fast_compile_xla_flags() -> str:
@@ -23,4 +27,5 @@ def compilation_cache_environment() -> dict[str, str]:
   """Environment variables that give a subprocess the suite's persistent compilation cache."""
   return {"JAX_COMPILATION_CACHE_DIR": COMPILATION_CACHE_DIR,
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": str(CACHE_MIN_COMPILE_TIME_SECS),
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+          "JAX_COMPILATION_CACHE_MAX_SIZE": str(CACHE_MAX_SIZE_BYTES)}
