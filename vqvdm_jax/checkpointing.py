@@ -9,8 +9,13 @@ temporary directory and renames), so an interrupted save never corrupts an earli
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import logging as std_logging
+import sys
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -26,11 +31,85 @@ class UnrestorableCheckpointError(config_lib.UserError):
   """Every checkpoint of a directory failed to restore; the message lists why, step by step."""
 
 
-def _short_reason(error: Exception) -> str:
-  """The last line of an Orbax/TensorStore error, which names the file and the problem."""
+def _short_reason(error: BaseException) -> str:
+  """The root cause of an Orbax/TensorStore error, in one line: it names the file and the problem.
+
+  Orbax wraps a failed array read in an ``Exception`` whose text ends in a TensorStore spec
+  (``...})>.``); the error it was raised from says what went wrong (``OUT_OF_RANGE: Error
+  reading "params.../0.0.0" ...: Requested byte range [0, 6424) is not valid for value of size
+  7``).
+  """
+  while error.__cause__ is not None or (error.__context__ is not None
+                                        and not error.__suppress_context__):
+    error = error.__cause__ or error.__context__
   lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-  reason = lines[-1] if lines else type(error).__name__
+  reason = lines[0] if lines else type(error).__name__
   return f"{type(error).__name__}: {reason[:300]}"
+
+
+# Orbax reads a checkpoint's arrays concurrently on an event loop it closes as soon as one read
+# fails. The reads still in flight then end on TensorStore's threads by scheduling onto the
+# closed loop ("RuntimeError: Event loop is closed"), and their coroutines and the future that
+# gathered them are collected later, each reporting the read error again: ~1,200 tracebacks
+# (38,000 lines) on stderr for one truncated checkpoint of the tiny config, after the one
+# warning that says what happened.
+_FAILED_READ_COROUTINE = "_read_array_index_and_device_put"
+_QUIET_AFTER_FAILED_READS_S = 0.5  # no straggler for this long: the failed reads have ended
+_MAX_WAIT_FOR_FAILED_READS_S = 5.0
+
+
+def _is_failed_read_straggler(unraisable: Any) -> bool:
+  error = unraisable.exc_value
+  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    return True
+  code = getattr(unraisable.object, "cr_code", None)
+  return getattr(code, "co_name", None) == _FAILED_READ_COROUTINE
+
+
+class _UnretrievedFutureFilter(std_logging.Filter):
+  """Drops asyncio's "... exception was never retrieved" record of the closed loop's futures."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return "exception was never retrieved" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _failed_reads_kept_quiet() -> Iterator[list[str]]:
+  """Keeps the stragglers of failed Orbax reads off stderr while restoring; every other
+  unraisable exception still reaches the previous hook.
+
+  Yields a list to which the caller appends the reason of each failed restore (a string: the
+  error itself would keep the failed reads' frames, and so their coroutines, alive). If there
+  are any, the exit waits for the failed reads to end (stragglers stop for
+  ``_QUIET_AFTER_FAILED_READS_S``) and collects their coroutines before the previous hook is put
+  back.
+  """
+  previous = sys.unraisablehook
+  last_straggler = [time.monotonic()]
+
+  def hook(unraisable):
+    if _is_failed_read_straggler(unraisable):
+      last_straggler[0] = time.monotonic()
+    else:
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  asyncio_logger, unretrieved = std_logging.getLogger("asyncio"), _UnretrievedFutureFilter()
+  asyncio_logger.addFilter(unretrieved)
+  failures: list[str] = []
+  try:
+    yield failures
+  finally:
+    if failures:
+      last_straggler[0] = time.monotonic()  # a quiet spell from now: reads may be in flight
+      deadline = time.monotonic() + _MAX_WAIT_FOR_FAILED_READS_S
+      while time.monotonic() < deadline:
+        gc.collect()  # the failed reads' coroutines sit in reference cycles
+        if time.monotonic() - last_straggler[0] >= _QUIET_AFTER_FAILED_READS_S:
+          break
+        time.sleep(0.05)
+    asyncio_logger.removeFilter(unretrieved)
+    sys.unraisablehook = previous
 
 
 @functools.cache
@@ -107,16 +186,16 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     if step is not None:
       return self._restore_step(step, items)
-    failures = []
-    for candidate in sorted(self._manager.all_steps(), reverse=True):
-      try:
-        return self._restore_step(candidate, items)
-      except Exception as error:  # noqa: BLE001 -- any failure to read means: try an older one
-        reason = _short_reason(error)
-        failures.append(f"step {candidate}: {reason}")
-        moved = self._move_aside(candidate)
-        logging.warning("The checkpoint of step %d in %s cannot be restored (%s); moved to %s, "
-                        "trying the previous one.", candidate, self.directory, reason, moved)
+    with _failed_reads_kept_quiet() as failures:
+      for candidate in sorted(self._manager.all_steps(), reverse=True):
+        try:
+          return self._restore_step(candidate, items)
+        except Exception as error:  # noqa: BLE001 -- any failure to read: try an older one
+          reason = _short_reason(error)
+          failures.append(f"step {candidate}: {reason}")
+          moved = self._move_aside(candidate)
+          logging.warning("The checkpoint of step %d in %s cannot be restored (%s); moved to "
+                          "%s, trying the previous one.", candidate, self.directory, reason, moved)
     if failures:
       raise UnrestorableCheckpointError(
           f"No checkpoint in {self.directory} can be restored ({'; '.join(failures)}). They are "
@@ -180,14 +259,14 @@ def restore_fields(directory: fileio.PathLike, abstract_fields: dict[str, Any],
   try:
     if step is not None:
       return dict(manager.restore(step, args=args)["state"]), step
-    failures = []
-    for candidate in sorted(steps, reverse=True):  # like Checkpointer.restore, but read-only
-      try:
-        return dict(manager.restore(candidate, args=args)["state"]), candidate
-      except Exception as error:  # noqa: BLE001 -- any failure to read means: try an older one
-        failures.append(f"step {candidate}: {_short_reason(error)}")
-        logging.warning("The checkpoint of step %d in %s cannot be restored (%s); trying the "
-                        "previous one.", candidate, directory, _short_reason(error))
+    with _failed_reads_kept_quiet() as failures:
+      for candidate in sorted(steps, reverse=True):  # like Checkpointer.restore, but read-only
+        try:
+          return dict(manager.restore(candidate, args=args)["state"]), candidate
+        except Exception as error:  # noqa: BLE001 -- any failure to read: try an older one
+          failures.append(f"step {candidate}: {_short_reason(error)}")
+          logging.warning("The checkpoint of step %d in %s cannot be restored (%s); trying the "
+                          "previous one.", candidate, directory, _short_reason(error))
     raise UnrestorableCheckpointError(
         f"No checkpoint in {directory} can be restored ({'; '.join(failures)}).")
   finally:
