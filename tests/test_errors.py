@@ -111,3 +111,16 @@ def test_user_errors_are_one_clear_message(trained, tmp_path, name, arguments, w
     assert word in message, (word, message)
   assert snapshot(trained) == before
   assert not (tmp_path / "new" / "samples").exists()
+
+
+def test_the_trainers_and_inference_import_without_tensorflow():
+  """clu's summary writers import TensorFlow (~4 s); a command that stops on a bad argument, or
+  that loads a model and samples, must not wait for it. Training imports it with its writer."""
+  modules = ["vqvdm_jax.main", "vqvdm_jax.training.vqgan_trainer",
+             "vqvdm_jax.training.diffusion_trainer", "vqvdm_jax.training.token_trainer",
+             "vqvdm_jax.inference.model", "vqvdm_jax.inference.sampling"]
+  probe = (f"import sys; import {', '.join(modules)}; "
+           "print(sorted(m for m in sys.modules if m.partition('.')[0] == 'tensorflow'))")
+  result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120, check=True)
+  assert result.stdout.strip() == "[]", result.stdout[-2000:]

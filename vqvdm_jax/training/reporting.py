@@ -1,19 +1,25 @@
-"""Metric writers (clu) and progress lines: TensorBoard + console on process 0."""
+"""Metric writers (clu) and progress lines: TensorBoard + console on process 0.
+
+clu is imported when a writer is made, not with this module: its writers import TensorFlow
+(~4 s), which a command that stops on a bad argument, or that only samples, never needs.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
-from clu import metric_writers, periodic_actions
 
 from vqvdm_jax import fileio
+
+if TYPE_CHECKING:
+  from clu import metric_writers, periodic_actions
 
 
 def _keep_tensorflow_off_accelerators() -> None:
   """clu writes summaries through TensorFlow; it must never take GPU memory from JAX."""
-  import tensorflow as tf  # clu.metric_writers has imported it already; this is free.
+  import tensorflow as tf  # clu.metric_writers has imported it already: free here.
   tf.config.set_visible_devices([], "GPU")
 
 
@@ -22,6 +28,7 @@ def make_metric_writer(logdir: fileio.PathLike) -> metric_writers.MetricWriter:
 
   TensorFlow writes the event files, so ``logdir`` may be a gs:// URI (passed as a string).
   """
+  from clu import metric_writers  # imports TensorFlow (module docstring)
   _keep_tensorflow_off_accelerators()
   return metric_writers.create_default_writer(
       str(logdir), just_logging=jax.process_index() > 0, asynchronous=False)
@@ -30,6 +37,7 @@ def make_metric_writer(logdir: fileio.PathLike) -> metric_writers.MetricWriter:
 def make_progress_reporter(num_steps: int, writer: metric_writers.MetricWriter,
                            every_steps: int) -> periodic_actions.ReportProgress:
   """steps/s, ETA and % done, written every ``every_steps`` steps."""
+  from clu import periodic_actions  # imports TensorFlow (module docstring)
   return periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                          every_steps=every_steps)
 
