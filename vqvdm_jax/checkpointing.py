@@ -264,9 +264,10 @@ def restore_fields(directory: fileio.PathLike, abstract_fields: dict[str, Any],
         try:
           return dict(manager.restore(candidate, args=args)["state"]), candidate
         except Exception as error:  # noqa: BLE001 -- any failure to read: try an older one
-          failures.append(f"step {candidate}: {_short_reason(error)}")
+          reason = _short_reason(error)
+          failures.append(f"step {candidate}: {reason}")
           logging.warning("The checkpoint of step %d in %s cannot be restored (%s); trying the "
-                          "previous one.", candidate, directory, _short_reason(error))
+                          "previous one.", candidate, directory, reason)
     raise UnrestorableCheckpointError(
         f"No checkpoint in {directory} can be restored ({'; '.join(failures)}).")
   finally:
