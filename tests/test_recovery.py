@@ -116,6 +116,24 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_one(tmp_path
     trainer.checkpointer.close()
     _corrupt(tmp_path / stage / "checkpoints" / "4", how)
 
+  # Loading for inference reads the previous step too, and moves nothing. It reads the fields
+  # it asks for by their given structure, so it needs no _METADATA: intact arrays still read.
+  diffusion_checkpoints = tmp_path / "diffusion" / "checkpoints"
+  with _unraisable_recorded() as escaped:
+    fields, step = checkpointing.restore_fields(diffusion_checkpoints,
+                                                {"params": initial["diffusion"].params})
+  assert not escaped, _described(escaped)
+  assert step == (2 if how == "truncated" else 4) and (diffusion_checkpoints / "4").is_dir()
+  leaves_equal = [np.array_equal(got, want) for got, want in zip(
+      jax.tree.leaves(jax.device_get(fields["params"])),
+      jax.tree.leaves(jax.device_get(initial["diffusion"].params)), strict=True)]
+  assert all(leaves_equal)
+  read_only = [r.getMessage() for r in caplog.records
+               if f"step 4 in {diffusion_checkpoints} cannot be restored" in r.getMessage()]
+  assert len(read_only) == (how == "truncated") and not any("moved" in m for m in read_only), (
+      read_only)
+  caplog.clear()
+
   reopened = {"vqgan": vqgan_trainer.VQGANTrainer(config, tmp_path, devices=jax.devices()[:1]),
               "diffusion": _diffusion_trainer(tmp_path)[1]}
   with _unraisable_recorded() as escaped:
@@ -137,6 +155,8 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_one(tmp_path
     assert len(warnings) == 1, warnings
     if how == "truncated":  # the reason is the read that failed, not Orbax's wrapper around it
       assert f'"{checkpoints / "4" / "state"}/"' in warnings[0], warnings
+    else:  # not Orbax's "pytree structure error": the file that is missing
+      assert f"{checkpoints / '4' / 'state' / '_METADATA'} is missing" in warnings[0], warnings
 
 
 def test_no_restorable_checkpoint_is_one_clear_error(tmp_path):

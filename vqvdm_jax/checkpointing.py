@@ -15,7 +15,7 @@ import gc
 import logging as std_logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import grain
@@ -112,6 +112,43 @@ def _failed_reads_kept_quiet() -> Iterator[list[str]]:
     sys.unraisablehook = previous
 
 
+def _unreadable_reason(step_directory: Any, error: BaseException) -> str:
+  """Why one step's checkpoint failed to restore, in one line that names what is wrong."""
+  metadata = step_directory / "state" / "_METADATA"
+  if (step_directory / "state").exists() and not metadata.exists():
+    # Orbax's own error is a "pytree structure error" that does not say the file is missing.
+    return f"{metadata} is missing: the checkpoint is incomplete (an interrupted copy?)"
+  return _short_reason(error)
+
+
+def _restore_newest_readable(directory: Any, steps: Iterable[int],
+                             restore_step: Callable[[int], Any],
+                             set_aside: Callable[[int], Any] | None = None,
+                             advice: str = "") -> tuple[Any, int] | None:
+  """``(restore_step(step), step)`` for the newest of ``steps`` that can be read; None if there
+  are no steps.
+
+  A step that fails (a truncated file, a missing ``_METADATA``: a disk filled up, a copy
+  interrupted) is reported in one warning, handed to ``set_aside`` if given (which returns where
+  it now is), and the previous step is tried. :class:`UnrestorableCheckpointError`, listing each
+  step's reason and then ``advice``, when none can be read.
+  """
+  with _failed_reads_kept_quiet() as failures:
+    for candidate in sorted(steps, reverse=True):
+      try:
+        return restore_step(candidate), candidate
+      except Exception as error:  # noqa: BLE001 -- any failure to read: try an older one
+        reason = _unreadable_reason(directory / str(candidate), error)
+        failures.append(f"step {candidate}: {reason}")
+        moved = f"; moved to {set_aside(candidate)}" if set_aside is not None else ""
+        logging.warning("The checkpoint of step %d in %s cannot be restored (%s)%s, trying the "
+                        "previous one.", candidate, directory, reason, moved)
+  if failures:
+    raise UnrestorableCheckpointError(
+        f"No checkpoint in {directory} can be restored ({'; '.join(failures)}). {advice}".strip())
+  return None
+
+
 @functools.cache
 def _save_whole_replicas_on_cpu() -> None:
   """On the CPU backend, Orbax writes each replicated array from one replica, whole.
@@ -186,21 +223,11 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     if step is not None:
       return self._restore_step(step, items)
-    with _failed_reads_kept_quiet() as failures:
-      for candidate in sorted(self._manager.all_steps(), reverse=True):
-        try:
-          return self._restore_step(candidate, items)
-        except Exception as error:  # noqa: BLE001 -- any failure to read: try an older one
-          reason = _short_reason(error)
-          failures.append(f"step {candidate}: {reason}")
-          moved = self._move_aside(candidate)
-          logging.warning("The checkpoint of step %d in %s cannot be restored (%s); moved to "
-                          "%s, trying the previous one.", candidate, self.directory, reason, moved)
-    if failures:
-      raise UnrestorableCheckpointError(
-          f"No checkpoint in {self.directory} can be restored ({'; '.join(failures)}). They are "
-          f"kept as <step>.unrestorable; start in a new --workdir or repair them.")
-    return None
+    restored = _restore_newest_readable(
+        self.directory, self._manager.all_steps(), lambda each: self._restore_step(each, items),
+        set_aside=self._move_aside,
+        advice="They are kept as <step>.unrestorable; start in a new --workdir or repair them.")
+    return None if restored is None else restored[0]
 
   def _restore_step(self, step: int, items: dict) -> Any:
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
@@ -259,16 +286,7 @@ def restore_fields(directory: fileio.PathLike, abstract_fields: dict[str, Any],
   try:
     if step is not None:
       return dict(manager.restore(step, args=args)["state"]), step
-    with _failed_reads_kept_quiet() as failures:
-      for candidate in sorted(steps, reverse=True):  # like Checkpointer.restore, but read-only
-        try:
-          return dict(manager.restore(candidate, args=args)["state"]), candidate
-        except Exception as error:  # noqa: BLE001 -- any failure to read: try an older one
-          reason = _short_reason(error)
-          failures.append(f"step {candidate}: {reason}")
-          logging.warning("The checkpoint of step %d in %s cannot be restored (%s); trying the "
-                          "previous one.", candidate, directory, reason)
-    raise UnrestorableCheckpointError(
-        f"No checkpoint in {directory} can be restored ({'; '.join(failures)}).")
+    return _restore_newest_readable(  # read-only: an unreadable step stays where it is
+        directory, steps, lambda each: dict(manager.restore(each, args=args)["state"]))
   finally:
     manager.close()
