@@ -99,8 +99,9 @@ def test_load_checkpoint_notebook_restores_both_stages_and_shows_samples(demo_ru
   _, workdir = demo_run
   # No checkout and no config: the package and the workdir's recorded config are enough.
   parameters = {key: value for key, value in COMMON.items() if key not in ("REPO_DIR", "CONFIG")}
-  notebook = execute("load_checkpoint.ipynb", {**parameters, "WORKDIR": str(workdir), "LABEL": 2},
-                     tmp_path)
+  written = tmp_path / "samples"
+  notebook = execute("load_checkpoint.ipynb", {**parameters, "WORKDIR": str(workdir), "LABEL": 2,
+                                               "OUTPUT_DIR": str(written)}, tmp_path)
   text, displays = outputs(notebook)
   assert f"Tokenizer: stage-1 checkpoint at step {STEPS}." in text
   assert (f"Diffusion model: stage-2 checkpoint at step {STEPS}, trained on tokenizer step "
@@ -108,3 +109,6 @@ def test_load_checkpoint_notebook_restores_both_stages_and_shows_samples(demo_ru
   assert "Sampled 4 videos of shape (8, 16, 16, 3), classes [2, 2, 2, 2]." in text
   assert "Latents (4, 2, 4, 4, 4); round trip (4, 8, 16, 16, 3) uint8." in text
   assert count_videos(displays) == (2, 4)  # sample grid and tokenizer round trip; 4 videos
+  assert f"Writing the videos to {written}." in text
+  assert sorted(path.name for path in written.iterdir()) == [
+      "grid.gif", "tokenizer.gif", *(f"video_{index:03d}_class_2.mp4" for index in range(4))]
