@@ -23,6 +23,20 @@ def load_config(name: str, arg: str | None = None):
   return module.get_config(arg)
 
 
+def stage1_options_config():
+  """The tiny config with every optional stage-1 term on: the EMA codebook, the hinge GAN loss,
+  the adaptive discriminator weight, LeCam, LPIPS, and the discriminator from step 0. Tests of
+  one stage-1 step share it, so they share its compiled step (the suite's compilation cache)."""
+  config = load_config("tiny")
+  config.vqgan.quantizer.kind = "ema"
+  config.vqgan.loss.gan_loss = "hinge"
+  config.vqgan.loss.adaptive_disc_weight = True
+  config.vqgan.loss.lecam_weight = 0.1
+  config.vqgan.loss.disc_start = 0
+  config.vqgan.loss.lpips_weight = 1.0  # the tiny config has none
+  return config
+
+
 def compile_for_many_steps(jitted: Any, *args: Any) -> Any:
   """``jitted`` compiled for ``args`` at XLA's default optimisation, for a test of many steps.
 

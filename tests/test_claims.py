@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import load_config
+from helpers import load_config, stage1_options_config
 
 import vqvdm_jax
 from vqvdm_jax import checkpointing
@@ -197,13 +197,7 @@ def test_only_process_0_writes_summaries_and_videos(ema_workdir, tmp_path, monke
 
 def test_stage1_options_through_the_trainer_ema_codebook_hinge_adaptive_weight_lecam(tmp_path):
   """One compiled step with every optional stage-1 term on: each moves what it should."""
-  config = load_config("tiny")
-  config.vqgan.quantizer.kind = "ema"
-  config.vqgan.loss.gan_loss = "hinge"
-  config.vqgan.loss.adaptive_disc_weight = True
-  config.vqgan.loss.lecam_weight = 0.1
-  config.vqgan.loss.disc_start = 0
-  config.vqgan.loss.lpips_weight = 1.0  # the tiny config has none
+  config = stage1_options_config()
   trainer = vqgan_trainer.VQGANTrainer(config, tmp_path, devices=jax.devices()[:1])
   trainer.checkpointer.close()
   state = trainer.initial_state()
