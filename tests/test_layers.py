@@ -194,10 +194,10 @@ def test_res_block_conditioning_matches_its_formula(scale_shift):
 
 @pytest.mark.parametrize("backend, in_channels, size, expected", [
     ("cpu", 16, 32, "taps"),  # the demo's narrow layers
-    ("cpu", 64, 32, "native"),  # the paper tokenizer's wide, large layers
+    ("cpu", 64, 32, "taps"),  # the paper tokenizer's wide, large layers
     ("cpu", 64, 4, "taps"),  # the demo U-Net's widest level, on few positions
     ("cpu", 128, 4, "im2col"),  # a wide layer on few positions: the patch matrix is small
-    ("cpu", 128, 32, "native"),  # ... until the patch matrix passes 8 MiB
+    ("cpu", 128, 32, "taps"),  # ... until the patch matrix passes 8 MiB
     ("gpu", 128, 4, "native"), ("tpu", 16, 32, "native")])
 def test_auto_conv_impl_follows_the_backend_and_shape_rule(monkeypatch, backend, in_channels,
                                                            size, expected):

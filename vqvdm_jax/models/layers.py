@@ -29,12 +29,13 @@ Pads = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 
 CONV_IMPLS = ("auto", "native", "taps", "im2col")
-# CPU rule of 'auto' (benchmarks/RESULTS.md, "conv forms"): im2col where the patch matrix is
-# small and the input wide, native where it is large and the input at least WIDE_CHANNELS wide,
-# taps otherwise.
+# CPU rule of 'auto' (benchmarks/RESULTS.md, "conv forms" and "Eleventh session"): im2col where
+# the patch matrix is small and the input wide, temporal taps everywhere else. XLA's native conv
+# no longer wins anywhere on CPU since the taps form runs in cache-sized chunks of frames: on the
+# paper's 16x64x64 tokenizer taps run 1.6-1.8x faster than native (two machines), and the demo
+# U-Net's train step 1.4x faster without its native layers.
 IM2COL_MAX_PATCH_ELEMENTS = 2**21  # output positions x taps x C_in: 8 MiB of float32
 IM2COL_MIN_CHANNELS = 128
-WIDE_CHANNELS = 64
 # The taps form's 2D convolutions run in chunks of frames whose input plus output is at most this
 # many elements (1 MiB of float32). XLA:CPU's convolution, and above all its kernel gradient (a
 # conv with a 32x32 window), slows 3-9x once one call's frames outgrow the cache: at the demo's
@@ -47,8 +48,8 @@ def resolve_conv_impl(conv_impl: str, in_channels: int | None = None,
                       patch_elements: int | None = None) -> str:
   """The form one convolution runs in. 'auto': XLA's native conv off CPU; on CPU, per layer, by
   the patch matrix (``patch_elements`` = output positions x kernel taps x ``in_channels``):
-  im2col when it fits 8 MiB and ``in_channels >= 128``, native when it does not and
-  ``in_channels >= 64``, temporal taps otherwise. Without the shape (``None``), 'taps'."""
+  im2col when it fits 8 MiB and ``in_channels >= 128``, temporal taps otherwise (and without
+  the shape, ``None``)."""
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
   if conv_impl != "auto":
@@ -57,10 +58,9 @@ def resolve_conv_impl(conv_impl: str, in_channels: int | None = None,
     return "native"
   if in_channels is None or patch_elements is None:
     return "taps"
-  small = patch_elements <= IM2COL_MAX_PATCH_ELEMENTS
-  if small and in_channels >= IM2COL_MIN_CHANNELS:
+  if patch_elements <= IM2COL_MAX_PATCH_ELEMENTS and in_channels >= IM2COL_MIN_CHANNELS:
     return "im2col"
-  return "native" if not small and in_channels >= WIDE_CHANNELS else "taps"
+  return "taps"
 
 
 def conv_padding(kernel_size: Sequence[int], strides: Sequence[int], causal: bool) -> Pads:
