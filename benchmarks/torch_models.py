@@ -118,11 +118,27 @@ def _plan(temporal: int, spatial: int) -> list[tuple[bool, bool]]:
   return [(i < time_steps, i < space_steps) for i in range(max(time_steps, space_steps))]
 
 
+def fold_pixels(x, patch: int):
+  """Space-to-depth on ``[N, C, T, H, W]``: each p x p block of pixels one position."""
+  n, c, t, h, w = x.shape
+  x = x.reshape(n, c, t, h // patch, patch, w // patch, patch)
+  return x.permute(0, 4, 6, 1, 2, 3, 5).reshape(n, patch * patch * c, t, h // patch, w // patch)
+
+
+def unfold_pixels(x, patch: int):
+  """The inverse of :func:`fold_pixels`."""
+  n, folded, t, h, w = x.shape
+  c = folded // (patch * patch)
+  x = x.reshape(n, patch, patch, c, t, h, w).permute(0, 3, 4, 5, 1, 6, 2)
+  return x.reshape(n, c, t, h * patch, w * patch)
+
+
 class Encoder(nn.Module):
   def __init__(self, m):
     super().__init__()
-    plan = _plan(m.temporal_downsample, m.spatial_downsample)
-    layers = [Conv3d(3, m.channels)]
+    self.patch = m.spatial_patch
+    plan = _plan(m.temporal_downsample, m.spatial_downsample // self.patch)
+    layers = [Conv3d(3 * self.patch**2, m.channels)]
     cin = m.channels
     for level, mult in enumerate(m.channel_multipliers):
       for _ in range(m.num_res_blocks):
@@ -140,7 +156,7 @@ class Encoder(nn.Module):
     self.layers = nn.Sequential(*layers)
 
   def forward(self, x):
-    return self.layers(x)
+    return self.layers(fold_pixels(x, self.patch) if self.patch > 1 else x)
 
 
 class Upsample(nn.Module):
@@ -156,7 +172,8 @@ class Upsample(nn.Module):
 class Decoder(nn.Module):
   def __init__(self, m):
     super().__init__()
-    plan = _plan(m.temporal_downsample, m.spatial_downsample)
+    self.patch = m.spatial_patch
+    plan = _plan(m.temporal_downsample, m.spatial_downsample // self.patch)
     cin = m.channels * m.channel_multipliers[-1]
     layers = [Conv3d(m.latent_channels, cin), ResBlock(cin, cin, m.num_groups)]
     if m.attention_at_lowest:
@@ -169,11 +186,12 @@ class Decoder(nn.Module):
         cin = features
       if level > 0:
         layers.append(Upsample(cin, cin, *plan[level - 1]))
-    layers += [GroupNorm(cin, m.num_groups), nn.SiLU(), Conv3d(cin, 3)]
+    layers += [GroupNorm(cin, m.num_groups), nn.SiLU(), Conv3d(cin, 3 * self.patch**2)]
     self.layers = nn.Sequential(*layers)
 
   def forward(self, z):
-    return self.layers(z)
+    out = self.layers(z)
+    return unfold_pixels(out, self.patch) if self.patch > 1 else out
 
 
 class VectorQuantizer(nn.Module):

@@ -224,12 +224,16 @@ def torch_unet(config, batch: int):
 
 
 def interleaved(candidates: dict, repeats: int) -> dict:
-  """{name: median seconds}: one warm-up each, then rounds calling every candidate in turn."""
-  for fn in candidates.values():
-    jax.block_until_ready(fn())
+  """{name: median seconds}: rounds calling every candidate in turn (against the machine's
+  drift), each timed call right after an untimed one of the same candidate, as in a training
+  loop. Timed straight after another framework's call, a call ran up to 1.5x slower (PyTorch's
+  OpenMP threads keep spinning after a parallel region; after an idle pause its first call ran
+  3x slower instead): on the demo tokenizer, the first of two identical forms of ours measured
+  11-13 ms against the second's 7-9 ms."""
   times = {name: [] for name in candidates}
   for _ in range(repeats):
     for name, fn in candidates.items():
+      jax.block_until_ready(fn())
       start = time.perf_counter()
       jax.block_until_ready(fn())
       times[name].append(time.perf_counter() - start)
