@@ -34,8 +34,9 @@ def test_priors_side_by_side_trains_and_measures_each_prior(tmp_path):
   that leaves room for a resumed run after the warm-up (4 s: the diffusion prior's warm-up
   measured 1.47 steps/s on a loaded 2-core machine, and 2 s x 1.47 was no step past it): each
   prior asked for gets a row, steps beyond the warm-up, sampling times and probe scores (FVD is
-  `--mode=evaluate`'s, tested there). The latent-diffusion prior and one token prior: the autoregressive one runs the same
-  benchmark code as the masked one (train_prior, TokenModel), at ~45 s of the suite's CPU."""
+  `--mode=evaluate`'s, tested there). The latent-diffusion prior and one token prior: the
+  autoregressive one runs the same benchmark code as the masked one (train_prior, TokenModel),
+  at ~45 s of the suite's CPU."""
   import jax
   import jax.numpy as jnp
   from helpers import load_config
