@@ -77,6 +77,19 @@ def test_spatial_patch_must_divide_the_spatial_factor_and_counts_in_the_levels()
     config_lib.validate(config)
 
 
+def test_colour_shortcut_needs_three_latent_channels_and_one_level():
+  config = load_config("tiny")
+  config.vqgan.model.colour_shortcut = True
+  config_lib.validate(config)
+  config.vqgan.model.latent_channels = 2
+  with pytest.raises(config_lib.ConfigError, match=r"colour_shortcut.*latent_channels=2"):
+    config_lib.validate(config)
+  config = load_config("demo", "hierarchical")
+  config.vqgan.model.colour_shortcut = True
+  with pytest.raises(config_lib.ConfigError, match=r"colour_shortcut.*one-level"):
+    config_lib.validate(config)
+
+
 @pytest.mark.parametrize("group", ["vqgan.model", "diffusion.unet"])
 def test_too_few_channels_per_groupnorm_group_warns_with_the_fix(group):
   config = load_config("tiny")

@@ -62,6 +62,7 @@ def test_straight_through_gradient_reaches_the_encoder():
 def test_causal_tokenizer_code_of_earlier_frames_ignores_later_frames():
   config = load_config("tiny")
   config.vqgan.model.causal = True
+  config.vqgan.model.colour_shortcut = True  # the cell means must be causal too
   config.data.num_frames = 9  # 1 + 2 * 4: latent frames cover {0}, {1..4}, {5..8}
   video = jax.random.uniform(jax.random.PRNGKey(3), (1, 9, 16, 16, 3), minval=-1, maxval=1)
   model, variables = _init(config, video)
@@ -117,6 +118,7 @@ def test_causal_tokenizer_decoded_frames_before_a_latent_frames_span_ignore_it()
   config = load_config("tiny")
   config.vqgan.model.causal = True
   config.data.num_frames = 9  # latent frames 0, 1, 2 decode to video frames {0}, {1..4}, {5..8}
+  config.vqgan.model.colour_shortcut = True  # its repeated cells must be causal too
   config.vqgan.model.conv_impl = "native"  # one conv per layer: compiles faster than taps
   model = make_vqgan(config)
   # Random parameters from numpy on the traced shapes: compiling the init would take longer.
@@ -170,3 +172,56 @@ def test_spatial_patch_keeps_the_latent_grid_and_the_decoder_unfolds_its_output_
   assert x_hat.shape == video.shape
   y, x, c = np.meshgrid(np.arange(16), np.arange(16), np.arange(3), indexing="ij")
   np.testing.assert_array_equal(np.asarray(x_hat[0, 3]), ((y % 2) * 2 + x % 2) * 3 + c)
+
+
+def _cells(array, temporal, spatial):
+  """``[B, t*a, h*p, w*p, C]`` -> ``[B, t, a, h, p, w, p, C]``."""
+  b, t, h, w, c = array.shape
+  return array.reshape(b, t // temporal, temporal, h // spatial, spatial, w // spatial, spatial, c)
+
+
+def _spread_reference(cells, temporal, spatial):
+  """Each cell's value repeated over its frames, and in space np.interp between cell centres
+  ((j + 0.5) * spatial in pixel coordinates, pixel i at i + 0.5; beyond the outer centres the
+  edge value), one axis after the other."""
+  for axis in (2, 3):
+    size = cells.shape[axis]
+    centres, pixels = (np.arange(size) + 0.5) * spatial, np.arange(size * spatial) + 0.5
+    cells = np.apply_along_axis(lambda row, c=centres, p=pixels: np.interp(p, c, row), axis, cells)
+  return np.repeat(cells, temporal, axis=1)
+
+
+def test_colour_shortcut_adds_each_cells_mean_colour_to_the_latent_and_spreads_it_back():
+  config = load_config("tiny")  # x4 time, x4 space, 4 latent channels
+  video = jax.random.uniform(jax.random.PRNGKey(6), (1, 8, 16, 16, 3), minval=-1, maxval=1)
+  model, variables = _init(config, video)
+  config = config.copy_and_resolve_references()  # the model holds the config it was made from
+  config.vqgan.model.colour_shortcut = True
+  config_lib.validate(config)
+  shortcut = make_vqgan(config)  # no parameters of its own: the same variables apply
+
+  def run(module, method, inputs):
+    return np.asarray(jax.jit(lambda x: module.apply(variables, x, method=method))(inputs))
+
+  means = _cells(np.asarray(video, np.float64), 4, 4).mean(axis=(2, 4, 6))  # [1, 2, 4, 4, 3]
+  difference = run(shortcut, VQGAN3D.encode, video) - run(model, VQGAN3D.encode, video)
+  np.testing.assert_allclose(difference[..., :3], means, atol=1e-5)
+  np.testing.assert_allclose(difference[..., 3:], 0.0, atol=1e-5)
+
+  latent = jax.random.normal(jax.random.PRNGKey(7), (1, 2, 4, 4, 4))
+  difference = run(shortcut, VQGAN3D.decode, latent) - run(model, VQGAN3D.decode, latent)
+  np.testing.assert_allclose(difference, _spread_reference(np.asarray(latent)[..., :3], 4, 4),
+                             atol=1e-5)
+
+
+def test_causal_cell_means_give_frame_zero_its_own_cell():
+  video = np.random.default_rng(8).uniform(-1, 1, (1, 9, 4, 4, 3)).astype(np.float32)
+  means = np.asarray(autoencoder.cell_means(jnp.asarray(video), 4, 2, causal=True))
+  assert means.shape == (1, 3, 2, 2, 3)
+  np.testing.assert_allclose(means[:, :1], _cells(video[:, :1], 1, 2).mean(axis=(2, 4, 6)),
+                             atol=1e-6)
+  np.testing.assert_allclose(means[:, 1:], _cells(video[:, 1:], 4, 2).mean(axis=(2, 4, 6)),
+                             atol=1e-6)
+  spread = np.asarray(autoencoder.spread_cells(jnp.asarray(means), 4, 2, causal=True))
+  assert spread.shape == video.shape  # frame 0 from cell 0 alone, frames 1-4 from cell 1, ...
+  np.testing.assert_allclose(spread, _spread_reference(means, 4, 2)[:, 3:], atol=1e-6)

@@ -82,6 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
   # after its last): p x p pixels are one position of the first level, which then runs at H / p.
   # Part of spatial_downsample (the convs downsample by spatial_downsample / p). 1: off.
   model.spatial_patch = 1
+  # Residual autoencoding (DC-AE): the encoder adds each latent cell's mean colour to the
+  # latent's first 3 channels and the decoder adds them back over the cell, so colours need not
+  # be learned by the convolutions (which learn them last). Needs latent_channels >= 3.
+  model.colour_shortcut = False
   model.attention_at_lowest = True  # self-attention block at the lowest resolution.
   model.attention_heads = 1
   model.num_groups = 16  # GroupNorm groups: 4 channels a group at 64 wide (Taming: 32 at 128).
@@ -509,6 +513,13 @@ def _check(config: ml_collections.ConfigDict) -> None:
            f"must be a power of two that divides vqgan.model.spatial_downsample="
            f"{model.spatial_downsample} (the pixels it folds are part of that factor), "
            f"got {patch}.")
+  if model.colour_shortcut:
+    _require(model.latent_channels >= 3, "vqgan.model.colour_shortcut",
+             f"adds the mean colour to the latent's first 3 channels, but "
+             f"vqgan.model.latent_channels={model.latent_channels}; use 3 or more, or turn it off.")
+    _require(model.hierarchy.levels == 1, "vqgan.model.colour_shortcut",
+             "is for the one-level tokenizer; set --config.vqgan.model.colour_shortcut=False with "
+             "vqgan.model.hierarchy.levels=2.")
   num_downsamplings = max(int(math.log2(model.temporal_downsample)),
                           int(math.log2(model.spatial_downsample // patch)))
   folded = f" after folding {patch}x{patch} pixels (spatial_patch)" if patch > 1 else ""

@@ -37,6 +37,30 @@ def unfold_pixels(folded: jax.Array, patch: int) -> jax.Array:
   return einops.rearrange(folded, "b t h w (p q c) -> b t (h p) (w q) c", p=patch, q=patch)
 
 
+def cell_means(video: jax.Array, temporal: int, spatial: int, causal: bool) -> jax.Array:
+  """Residual autoencoding's shortcut (Chen et al. 2024, DC-AE, "space-to-channel" averaged):
+  the mean of the pixels each latent cell covers, ``[B, T, H, W, C]`` -> ``[B, t, h, w, C]``.
+
+  Causal (the first frame encoded alone): the first cell holds frame 0 only, the next ones
+  ``temporal`` frames each, as if frame 0 were repeated ``temporal - 1`` times in front.
+  """
+  if causal:
+    video = jnp.concatenate([jnp.repeat(video[:, :1], temporal - 1, axis=1), video], axis=1)
+  return einops.reduce(video, "b (t a) (h p) (w q) c -> b t h w c", "mean",
+                       a=temporal, p=spatial, q=spatial)
+
+
+def spread_cells(latent: jax.Array, temporal: int, spatial: int, causal: bool) -> jax.Array:
+  """The decoder's side of :func:`cell_means`, ``[B, t, h, w, C]`` -> ``[B, T, H, W, C]``: each
+  cell's value repeated over its frames and interpolated bilinearly between cell centres in space
+  (half-pixel centres, edges held), so the colour field has no block edges to undo."""
+  batch, frames, height, width, channels = latent.shape
+  smooth = jax.image.resize(latent, (batch, frames, height * spatial, width * spatial, channels),
+                            method="linear")
+  video = jnp.repeat(smooth, temporal, axis=1)
+  return video[:, temporal - 1:] if causal else video
+
+
 def _res_block_factory(module: nn.Module):
   """``res_block(features)``: the next residual block of ``module``, rematerialised if asked.
 
@@ -60,6 +84,11 @@ class Encoder3D(nn.Module):
   ``spatial_patch`` p > 1 folds each p x p block of pixels into one position before the first
   convolution (:func:`fold_pixels`), so the first level runs at ``H / p``; it is part of ``fs``
   (the convolutions downsample by ``fs / p``).
+
+  ``colour_shortcut`` adds each latent cell's mean colour (:func:`cell_means`) to the latent's
+  first three channels, and the decoder adds those channels back, spread over the pixels
+  (:func:`spread_cells`): a parameter-free path for the colours, which the convolutions
+  otherwise learn last.
   """
 
   channels: int
@@ -77,6 +106,7 @@ class Encoder3D(nn.Module):
   remat: bool = False
   attention_impl: str = "xla"
   spatial_patch: int = 1
+  colour_shortcut: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -100,8 +130,13 @@ class Encoder3D(nn.Module):
                                   dtype=self.dtype, attention_impl=self.attention_impl)(h)
     h = res_block(features)(h)
     h = nn.silu(layers.Normalize(self.num_groups, self.causal)(h))
-    return layers.Conv3D(self.latent_channels, causal=self.causal, conv_impl=self.conv_impl,
-                         dtype=self.dtype, name="conv_out")(h).astype(jnp.float32)
+    z = layers.Conv3D(self.latent_channels, causal=self.causal, conv_impl=self.conv_impl,
+                      dtype=self.dtype, name="conv_out")(h).astype(jnp.float32)
+    if not self.colour_shortcut:
+      return z
+    means = cell_means(x.astype(jnp.float32), self.temporal_downsample,
+                       self.spatial_downsample, self.causal)
+    return z + jnp.pad(means, [(0, 0)] * 4 + [(0, self.latent_channels - means.shape[-1])])
 
 
 class Decoder3D(nn.Module):
@@ -110,6 +145,8 @@ class Decoder3D(nn.Module):
   The output convolution is named ``conv_out``: Taming's adaptive GAN weight takes gradient
   norms at its kernel, ``params['decoder']['conv_out']['kernel']``. With ``spatial_patch`` p > 1
   it gives p * p * ``out_channels`` channels, unfolded into p x p pixels (:func:`unfold_pixels`).
+  With ``colour_shortcut`` the latent's first ``out_channels`` channels are added to the output,
+  spread over the pixels (:func:`spread_cells`, :class:`Encoder3D`).
   """
 
   channels: int
@@ -127,6 +164,7 @@ class Decoder3D(nn.Module):
   remat: bool = False
   attention_impl: str = "xla"
   spatial_patch: int = 1
+  colour_shortcut: bool = False
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
@@ -152,4 +190,8 @@ class Decoder3D(nn.Module):
     h = nn.silu(layers.Normalize(self.num_groups, self.causal)(h))
     out = layers.Conv3D(self.out_channels * self.spatial_patch**2, causal=self.causal,
                         conv_impl=self.conv_impl, dtype=self.dtype, name="conv_out")(h)
-    return unfold_pixels(out, self.spatial_patch).astype(jnp.float32)
+    out = unfold_pixels(out, self.spatial_patch).astype(jnp.float32)
+    if not self.colour_shortcut:
+      return out
+    return out + spread_cells(z[..., :self.out_channels].astype(jnp.float32),
+                              self.temporal_downsample, self.spatial_downsample, self.causal)

@@ -32,7 +32,7 @@ class VQGAN3D(nn.Module):
         spatial_downsample=model.spatial_downsample,
         attention_at_lowest=model.attention_at_lowest, attention_heads=model.attention_heads,
         num_groups=model.num_groups, causal=model.causal, conv_impl=model.conv_impl,
-        spatial_patch=model.spatial_patch,
+        spatial_patch=model.spatial_patch, colour_shortcut=model.colour_shortcut,
         dtype=jnp.dtype(model.dtype), remat=model.remat, attention_impl=model.attention_impl)
     self.encoder = Encoder3D(latent_channels=model.latent_channels, **shared)
     self.quantizer = make_quantizer(self.quantizer_config, model.latent_channels)
