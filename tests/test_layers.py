@@ -192,15 +192,18 @@ def test_res_block_conditioning_matches_its_formula(scale_shift):
   np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=2e-4)
 
 
-@pytest.mark.parametrize("backend, in_channels, size, expected", [
-    ("cpu", 16, 32, "taps"),  # the demo's narrow layers
-    ("cpu", 64, 32, "taps"),  # the paper tokenizer's wide, large layers
-    ("cpu", 64, 4, "taps"),  # the demo U-Net's widest level, on few positions
-    ("cpu", 128, 4, "im2col"),  # a wide layer on few positions: the patch matrix is small
-    ("cpu", 128, 32, "taps"),  # ... until the patch matrix passes 8 MiB
-    ("gpu", 128, 4, "native"), ("tpu", 16, 32, "native")])
+@pytest.mark.parametrize("backend, in_channels, out_channels, size, expected", [
+    ("cpu", 16, 16, 32, "taps"),  # the demo's narrow layers
+    ("cpu", 64, 64, 32, "taps"),  # the paper tokenizer's wide, large layers
+    ("cpu", 64, 64, 4, "taps"),  # the demo U-Net's widest level, on few positions
+    ("cpu", 128, 128, 4, "im2col"),  # a wide layer on few positions: the patch matrix is small
+    ("cpu", 128, 2, 4, "im2col"),  # ... also where it narrows the channels, on <= 256 positions
+    ("cpu", 128, 64, 6, "taps"),  # ... but not on more (the demo U-Net's up path)
+    ("cpu", 128, 128, 6, "im2col"),  # ... where a conv keeping its width still runs as im2col
+    ("cpu", 128, 128, 32, "taps"),  # ... until the patch matrix passes 8 MiB
+    ("gpu", 128, 128, 4, "native"), ("tpu", 16, 16, 32, "native")])
 def test_auto_conv_impl_follows_the_backend_and_shape_rule(monkeypatch, backend, in_channels,
-                                                           size, expected):
+                                                           out_channels, size, expected):
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
   for conv_impl in ("native", "taps", "im2col"):
     assert layers.resolve_conv_impl(conv_impl, in_channels, 1) == conv_impl
@@ -221,6 +224,6 @@ def test_auto_conv_impl_follows_the_backend_and_shape_rule(monkeypatch, backend,
   for name in ("_native_conv3d", "_temporal_taps_conv3d", "_im2col_conv3d"):
     spy_on(name)
   x = jnp.zeros((1, size + 2, size + 2, size + 2, in_channels))
-  jax.eval_shape(layers.Conv3D(2).init, jax.random.PRNGKey(0), x)
+  jax.eval_shape(layers.Conv3D(out_channels).init, jax.random.PRNGKey(0), x)
   assert calls == [{"taps": "_temporal_taps_conv3d", "native": "_native_conv3d",
                     "im2col": "_im2col_conv3d"}[expected]]

@@ -36,6 +36,13 @@ CONV_IMPLS = ("auto", "native", "taps", "im2col")
 # U-Net's train step 1.4x faster without its native layers.
 IM2COL_MAX_PATCH_ELEMENTS = 2**21  # output positions x taps x C_in: 8 MiB of float32
 IM2COL_MIN_CHANNELS = 128
+# A conv that narrows its channels (C_out < C_in: the U-Nets' up paths after the skip
+# concatenation) runs as im2col only on at most this many output positions. im2col's backward
+# scatters the patch matrix's gradient back onto the input, a cost of the patch's size whatever
+# C_out is: the demo U-Net's 16x2x4x4x128 -> 64 conv took 17.1 ms forward+backward as im2col and
+# 5.3 ms as taps, while the paper U-Net's 1x4x8x8x256 -> 128 (256 positions) took 6.3 and 10.8
+# (benchmarks/RESULTS.md, "Fourteenth session").
+IM2COL_MAX_NARROWING_POSITIONS = 256
 # The taps form's 2D convolutions run in chunks of frames whose input plus output is at most this
 # many elements (1 MiB of float32). XLA:CPU's convolution, and above all its kernel gradient (a
 # conv with a 32x32 window), slows 3-9x once one call's frames outgrow the cache: at the demo's
@@ -45,11 +52,13 @@ TAPS_CHUNK_ELEMENTS = 2**18
 
 
 def resolve_conv_impl(conv_impl: str, in_channels: int | None = None,
-                      patch_elements: int | None = None) -> str:
+                      patch_elements: int | None = None, out_channels: int | None = None,
+                      positions: int | None = None) -> str:
   """The form one convolution runs in. 'auto': XLA's native conv off CPU; on CPU, per layer, by
-  the patch matrix (``patch_elements`` = output positions x kernel taps x ``in_channels``):
-  im2col when it fits 8 MiB and ``in_channels >= 128``, temporal taps otherwise (and without
-  the shape, ``None``)."""
+  the patch matrix (``patch_elements`` = output ``positions`` x kernel taps x ``in_channels``):
+  im2col when it fits 8 MiB and ``in_channels >= 128``, unless a kernel of more than one tap
+  narrows the channels (``out_channels < in_channels``) on more than 256 positions; temporal taps
+  otherwise (and without the shape, ``None``)."""
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
   if conv_impl != "auto":
@@ -58,9 +67,13 @@ def resolve_conv_impl(conv_impl: str, in_channels: int | None = None,
     return "native"
   if in_channels is None or patch_elements is None:
     return "taps"
-  if patch_elements <= IM2COL_MAX_PATCH_ELEMENTS and in_channels >= IM2COL_MIN_CHANNELS:
-    return "im2col"
-  return "taps"
+  if patch_elements > IM2COL_MAX_PATCH_ELEMENTS or in_channels < IM2COL_MIN_CHANNELS:
+    return "taps"
+  narrowing = out_channels is not None and out_channels < in_channels
+  many_taps = positions is not None and patch_elements > positions * in_channels
+  if narrowing and many_taps and positions > IM2COL_MAX_NARROWING_POSITIONS:
+    return "taps"
+  return "im2col"
 
 
 def conv_padding(kernel_size: Sequence[int], strides: Sequence[int], causal: bool) -> Pads:
@@ -266,7 +279,8 @@ class Conv3D(nn.Module):
     positions = x.shape[0] * math.prod(_output_size(size, k, s) for size, k, s in
                                        zip(x.shape[1:4], kernel_size, strides))
     form = resolve_conv_impl(self.conv_impl, in_features,
-                             positions * math.prod(kernel_size) * in_features)
+                             positions * math.prod(kernel_size) * in_features,
+                             kernel.shape[4], positions)
     # Looked up by name at call time, so tests can watch which form ran.
     y = globals()[_CONV_FORMS[form]](x, kernel, strides, self.canonical_gradients)
     if self.use_bias:
