@@ -11,9 +11,13 @@ are interleaved (the machine's speed drifts) and the medians reported, beside th
 
   python benchmarks/vs_pytorch.py                               # both shapes, ~15 min on 2 cores
   python benchmarks/vs_pytorch.py --shapes=paper --models=tokenizer --sweep   # XLA:CPU options
+  python benchmarks/vs_pytorch.py --layers --shapes=paper     # each conv layer alone, ~3 min
 
 ``--sweep`` times only our tokenizer at the paper shape, once per XLA:CPU option / conv form,
 each in a fresh subprocess (XLA_FLAGS is read at start-up), and checks the outputs agree.
+``--layers`` times every distinct convolution of the tokenizer alone (its input shape, taken
+from the model), forward and forward+backward (input and kernel gradients), against PyTorch's
+replicate-padded ``Conv3d`` of the same shape, beside the layer's share of the model's conv FLOPs.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,6 +45,7 @@ import common
 
 from vqvdm_jax import runtime
 from vqvdm_jax.diffusion import model as diffusion_model
+from vqvdm_jax.models import layers as layers_lib
 from vqvdm_jax.models.vqgan import VQGAN3D, latent_shape, make_vqgan
 
 flags.DEFINE_list("shapes", ["demo", "paper"], "Shapes to measure: demo, paper.")
@@ -50,6 +56,8 @@ flags.DEFINE_list("passes", [], "Only these passes (default: all).")
 flags.DEFINE_integer("repeats", 5, "Interleaved timed calls per pass (median reported).")
 flags.DEFINE_bool("torch", True, "Time the PyTorch peer (needs the bench extra).")
 flags.DEFINE_bool("sweep", False, "Time XLA:CPU options on our tokenizer, one subprocess each.")
+flags.DEFINE_bool("layers", False, "Time each distinct conv layer of the tokenizer alone, ours "
+                  "against PyTorch's Conv3d: which layers lose, and their share of the FLOPs.")
 flags.DEFINE_list("variants", [], "Sweep variants to run (default: all of SWEEP).")
 flags.DEFINE_string("json", "", "Write rows (and encode output) here: the sweep's child mode.")
 FLAGS = flags.FLAGS
@@ -220,6 +228,105 @@ def torch_unet(config, batch: int):
   return {"U-Net forward": forward, "U-Net train step": train_step}, params
 
 
+# ---------------------------------------------------------------- one conv layer at a time
+
+
+def tokenizer_convs(config, batch: int) -> dict[tuple, int]:
+  """{(input shape, C_out, kernel, strides): how many times the tokenizer's encoder and decoder
+  run it}, read from the model's own calls (flax's method interceptor)."""
+  data = config.data
+  video = jnp.zeros((batch, data.num_frames, data.resolution, data.resolution, 3))
+  found: dict[tuple, int] = {}
+
+  def record(next_fun, args, kwargs, context):
+    module = context.module
+    if isinstance(module, layers_lib.Conv3D) and context.method_name == "__call__":
+      if module.causal:
+        raise app.UsageError("--layers times non-causal convs only (PyTorch's peer has none).")
+      key = (tuple(args[0].shape), module.features, tuple(module.kernel_size),
+             tuple(module.strides))
+      found[key] = found.get(key, 0) + 1
+    return next_fun(*args, **kwargs)
+
+  with flax.linen.intercept_methods(record):
+    jax.eval_shape(make_vqgan(config).init, jax.random.PRNGKey(0), video)
+  return found
+
+
+def layer_flops(key: tuple) -> float:
+  """Forward FLOPs of one conv: 2 x output positions x taps x C_in x C_out."""
+  shape, features, kernel, strides = key
+  padded = [size + sum(pad) for size, pad in
+            zip(shape[1:4], layers_lib.conv_padding(kernel, strides, False))]
+  positions = shape[0] * int(np.prod([(size - k) // s + 1
+                                      for size, k, s in zip(padded, kernel, strides)]))
+  return 2.0 * positions * int(np.prod(kernel)) * shape[-1] * features
+
+
+def time_one_conv(key: tuple) -> dict[str, float]:
+  """Median seconds of one conv (``tokenizer_convs``' key), ours ('auto') and PyTorch's,
+  forward ('ours', 'pytorch') and forward+backward ('... grad'), interleaved."""
+  import torch
+  import torch_models
+  shape_in, features, kernel, strides = key
+  conv = layers_lib.Conv3D(features, kernel, strides)
+  x = jax.random.normal(jax.random.PRNGKey(0), shape_in)
+  params = jax.jit(conv.init)(jax.random.PRNGKey(1), x)
+  forward = jax.jit(conv.apply)
+  gradients = jax.jit(jax.grad(lambda p, x: jnp.sum(conv.apply(p, x) ** 2), argnums=(0, 1)))
+  peer = torch_models.Conv3d(shape_in[-1], features, kernel, strides)
+  x_torch = torch.randn(shape_in[0], shape_in[-1], *shape_in[1:4], requires_grad=True)
+
+  def peer_forward():
+    with torch.no_grad():
+      return peer(x_torch)
+
+  def peer_gradients():
+    peer.zero_grad(set_to_none=True)
+    x_torch.grad = None
+    loss = torch.sum(peer(x_torch) ** 2)
+    loss.backward()
+    return loss
+
+  return interleaved({"ours": lambda: forward(params, x), "pytorch": peer_forward,
+                      "ours grad": lambda: gradients(params, x),
+                      "pytorch grad": peer_gradients}, FLAGS.repeats)
+
+
+def measure_layers(shape: str, matmul: float) -> list[list[str]]:
+  """One row per distinct conv of the tokenizer, the largest share of its conv FLOPs first:
+  ours ('auto', the form it picks for the layer) against PyTorch's, in GFLOP/s."""
+  config, batch, _ = shape_config(shape)
+  convs = tokenizer_convs(config, batch)
+  total = sum(layer_flops(key) * uses for key, uses in convs.items())
+  rows = []
+  for key, uses in sorted(convs.items(), key=lambda item: -layer_flops(item[0]) * item[1]):
+    shape_in, features, kernel, strides = key
+    seconds = time_one_conv(key)
+    flops = layer_flops(key)
+    rate = {name: (flops * (3 if "grad" in name else 1)) / value / 1e9
+            for name, value in seconds.items()}
+    positions = int(flops / 2 / features / shape_in[-1] / np.prod(kernel))
+    form = layers_lib.resolve_conv_impl("auto", shape_in[-1],
+                                        positions * int(np.prod(kernel)) * shape_in[-1],
+                                        features, positions)
+    rows.append(["x".join(map(str, shape_in)), str(features),
+                 "x".join(map(str, kernel)) + ("" if set(strides) == {1} else
+                                              " /" + "x".join(map(str, strides))),
+                 f"{uses}", f"{100 * flops * uses / total:.0f} %", form,
+                 f"{rate['ours']:.0f}", f"{rate['pytorch']:.0f}",
+                 f"{seconds['pytorch'] / seconds['ours']:.2f}",
+                 f"{rate['ours grad']:.0f}", f"{rate['pytorch grad']:.0f}",
+                 f"{seconds['pytorch grad'] / seconds['ours grad']:.2f}"])
+    print(rows[-1], flush=True)
+  common.print_table(
+      f"Each conv of the {shape} tokenizer alone, GFLOP/s (forward+backward counts 3x the "
+      f"forward's FLOPs; ratio = PyTorch time / ours; matmul {matmul:.0f} GFLOP/s)",
+      ["input", "C_out", "kernel", "uses", "share of conv FLOPs", "our form", "ours fwd",
+       "PyTorch fwd", "fwd ratio", "ours fwd+bwd", "PyTorch fwd+bwd", "fwd+bwd ratio"], rows)
+  return rows
+
+
 # ---------------------------------------------------------------- timing
 
 
@@ -350,6 +457,14 @@ def main(argv):
     torch.set_num_threads(cores)
     torch.manual_seed(0)
   matmul = common.matmul_gflops()
+  if FLAGS.layers:
+    if not FLAGS.torch:
+      raise app.UsageError("--layers compares each conv with PyTorch's: drop --notorch.")
+    for shape in FLAGS.shapes:
+      measure_layers(shape, matmul)
+    print(f"Device: {common.device_description()}, {cores} threads; matmul "
+          f"{common.matmul_gflops():.0f} GFLOP/s after; {FLAGS.repeats} repetitions, medians")
+    return
   rows = []
   for shape in FLAGS.shapes:
     rows += measure_shape(shape, matmul)
