@@ -16,7 +16,6 @@ its model fields differ, so it trains in its own workdir:
 
 from vqvdm_jax.config import base_config
 
-
 VARIANTS = ("diffusion", "autoregressive", "masked", "hierarchical")
 
 

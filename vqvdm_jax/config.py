@@ -552,7 +552,8 @@ def _check(config: ml_collections.ConfigDict) -> None:
   _require(config.vqgan.loss.lpips_frames >= 0, "vqgan.loss.lpips_frames",
            f"must be >= 0 (0: every frame), got {config.vqgan.loss.lpips_frames}.")
   train = config.vqgan.train
-  _require(train.batch_size >= 1, "vqgan.train.batch_size", f"must be >= 1, got {train.batch_size}.")
+  _require(train.batch_size >= 1, "vqgan.train.batch_size",
+           f"must be >= 1, got {train.batch_size}.")
   for field in ("num_steps", "log_every", "checkpoint_every", "eval_every"):
     _require(train[field] >= 1, f"vqgan.train.{field}", f"must be >= 1, got {train[field]}.")
   _validate_diffusion(config)
