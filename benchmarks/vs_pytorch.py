@@ -253,14 +253,19 @@ def tokenizer_convs(config, batch: int) -> dict[tuple, int]:
   return found
 
 
-def layer_flops(key: tuple) -> float:
-  """Forward FLOPs of one conv: 2 x output positions x taps x C_in x C_out."""
-  shape, features, kernel, strides = key
+def conv_positions(key: tuple) -> int:
+  """Output positions of one conv (``tokenizer_convs``' key), after its replicate padding."""
+  shape, _, kernel, strides = key
   padded = [size + sum(pad) for size, pad in
             zip(shape[1:4], layers_lib.conv_padding(kernel, strides, False))]
-  positions = shape[0] * int(np.prod([(size - k) // s + 1
-                                      for size, k, s in zip(padded, kernel, strides)]))
-  return 2.0 * positions * int(np.prod(kernel)) * shape[-1] * features
+  return shape[0] * int(np.prod([(size - k) // s + 1
+                                 for size, k, s in zip(padded, kernel, strides)]))
+
+
+def layer_flops(key: tuple) -> float:
+  """Forward FLOPs of one conv: 2 x output positions x taps x C_in x C_out."""
+  shape, features, kernel, _ = key
+  return 2.0 * conv_positions(key) * int(np.prod(kernel)) * shape[-1] * features
 
 
 def time_one_conv(key: tuple) -> dict[str, float]:
@@ -306,7 +311,7 @@ def measure_layers(shape: str, matmul: float) -> list[list[str]]:
     flops = layer_flops(key)
     rate = {name: (flops * (3 if "grad" in name else 1)) / value / 1e9
             for name, value in seconds.items()}
-    positions = int(flops / 2 / features / shape_in[-1] / np.prod(kernel))
+    positions = conv_positions(key)
     form = layers_lib.resolve_conv_impl("auto", shape_in[-1],
                                         positions * int(np.prod(kernel)) * shape_in[-1],
                                         features, positions)
