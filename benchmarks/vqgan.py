@@ -103,4 +103,5 @@ def _row(name, shape, batch_size, conv_impl, seconds, flops, matmul):
 
 
 if __name__ == "__main__":
+  runtime.restart_with_huge_page_malloc()  # what `python -m vqvdm_jax.main` runs with
   app.run(main)

@@ -36,6 +36,11 @@ from vqvdm_jax import config as config_lib  # noqa: E402
 from vqvdm_jax import runtime  # noqa: E402
 
 runtime.configure_jax()
+# Huge-page malloc (runtime.restart_with_huge_page_malloc) for the xdist workers and the tests'
+# subprocesses: xdist starts its workers after this file is loaded, and they inherit it.
+_huge_page_malloc = runtime.huge_page_malloc_environment()
+if _huge_page_malloc is not None:
+  os.environ["GLIBC_TUNABLES"] = _huge_page_malloc["GLIBC_TUNABLES"]
 jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_TIME_SECS)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

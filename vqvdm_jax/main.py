@@ -154,4 +154,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  runtime.restart_with_huge_page_malloc()
   app.run(main, flags_parser=parse_flags)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import platform
+import sys
 
 import jax
 from absl import logging
@@ -65,6 +67,62 @@ def quiet_library_logs() -> None:
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _ProjectInfoOnly) for f in handler.filters):
     handler.addFilter(_ProjectInfoOnly())
+
+
+HUGE_PAGE_MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
+KEEP_MALLOC_ENV = "VQVDM_JAX_KEEP_MALLOC"
+_TRANSPARENT_HUGE_PAGES = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def huge_page_malloc_environment(environ: dict[str, str] | None = None) -> dict[str, str] | None:
+  """The environment to restart with for huge-page malloc, or None where it does not apply.
+
+  None when it is already set, when ``VQVDM_JAX_KEEP_MALLOC=1``, off Linux, on glibc older than
+  2.35 (the first with the tunable) or another libc, and when transparent huge pages are off.
+  """
+  environ = dict(os.environ if environ is None else environ)
+  tunables = environ.get("GLIBC_TUNABLES", "")
+  if "glibc.malloc.hugetlb" in tunables or environ.get(KEEP_MALLOC_ENV, "") not in ("", "0"):
+    return None
+  libc, version = platform.libc_ver()
+  if not sys.platform.startswith("linux") or libc != "glibc":
+    return None
+  try:
+    if tuple(int(part) for part in version.split(".")[:2]) < (2, 35):
+      return None
+  except ValueError:  # an unparseable version: leave malloc alone
+    return None
+  try:
+    with open(_TRANSPARENT_HUGE_PAGES) as modes:
+      if "[never]" in modes.read():
+        return None
+  except OSError:
+    return None
+  environ["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, HUGE_PAGE_MALLOC_TUNABLE]))
+  return environ
+
+
+def restart_with_huge_page_malloc() -> None:
+  """Re-executes this command once with glibc malloc backing large blocks by huge pages.
+
+  XLA:CPU takes each step's temporary buffers (~120 MB for a demo stage-1 step) from malloc, and
+  glibc serves blocks that large with a fresh ``mmap`` that is unmapped again when freed: every
+  step faults in ~60,000 zeroed 4 KiB pages. The README's demo took 76 M page faults and 147 s
+  of kernel time that way. glibc's ``glibc.malloc.hugetlb=1`` tunable makes malloc ask for
+  transparent huge pages (2 MiB) for those blocks: ~8x fewer faults, less kernel time, fewer TLB
+  misses in the convolutions (benchmarks/RESULTS.md, sixteenth session). Tunables are read when
+  a process starts, so this re-executes the same command line (same PID, same arguments) with
+  ``GLIBC_TUNABLES`` extended, before anything else has run. The numbers do not change.
+  """
+  environment = huge_page_malloc_environment()
+  if environment is None or not getattr(sys, "orig_argv", None):
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  try:
+    os.execve(sys.executable, sys.orig_argv, environment)
+  except OSError as error:  # the interpreter cannot be executed again: run as we are
+    logging.warning("Could not restart with huge-page malloc (%s); running without it.", error)
 
 
 def configure_jax() -> None:
