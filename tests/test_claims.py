@@ -1,10 +1,13 @@
 """What the README promises about runs and trained models, checked directly.
 
 Non-finite gradients are skipped even when the loss is finite, and the skips reach TensorBoard;
-evaluation and sampling load the EMA weights; only process 0 writes summaries and videos.
+a stage past its time budget stops early and stays stopped; evaluation and sampling load the EMA
+weights; only process 0 writes summaries and videos.
 """
 
 import copy
+import json
+import time
 
 import grain
 import jax
@@ -102,6 +105,92 @@ def test_skipped_updates_and_their_streak_reach_the_summaries(stage2_trainer, tm
 
   assert series("nonfinite/skipped") == [(1, 0.0), (2, 1.0), (3, 1.0), (4, 0.0)]
   assert series("nonfinite/streak") == [(1, 0.0), (2, 1.0), (3, 2.0), (4, 0.0)]
+
+
+def test_the_time_budget_plans_the_last_step_from_the_measured_rate():
+  assert loop.budgeted_last_step(50, 1200, steps_per_second=2.0, seconds_left=100.0) == 250
+  assert loop.budgeted_last_step(50, 1200, 2.0, seconds_left=0.4) == 50  # 0.8 of a step
+  assert loop.budgeted_last_step(50, 1200, 2.0, seconds_left=-30.0) == 50  # deadline past
+  assert loop.budgeted_last_step(50, 1200, 2.0, seconds_left=1e6) == 1200
+  stage1, stage2 = loop.stage_deadlines(100.0, minutes=10.0, stage1_share=0.4)
+  assert stage1 == pytest.approx(100.0 + 240.0)
+  assert stage2 == pytest.approx(100.0 + (1.0 - loop.SAMPLING_SHARE) * 600.0)
+
+
+def test_a_stage_past_its_deadline_stops_and_a_budgeted_rerun_keeps_the_stop(
+    stage2_trainer, tmp_path, caplog):
+  trainer = stage2_trainer
+  finals = []
+
+  def run(state, deadline):
+    batches = iter(grain.MapDataset.range(100).map(_batch).to_iter_dataset())
+    return loop.train_loop(
+        stage="Stage 2", state=state, step_fn=trainer.step, data_iterator=batches,
+        num_steps=6, log_every=2, batch_size=8,
+        checkpointer=checkpointing.Checkpointer(tmp_path / "checkpoints", 1000, 3),
+        summary_dir=tmp_path / "summaries", max_nonfinite_skips=5,
+        learning_rate_field="diffusion.optim.learning_rate", deadline=deadline,
+        budget_minutes=14.0,
+        on_step=lambda step, state, writer, final: finals.append((step, final)))
+
+  # Past its deadline at the first log step: the stage ends there, as if num_steps were 2.
+  state = run(trainer.initial_state(1.0, 0), deadline=time.monotonic() - 1.0)
+  assert int(state.step) == 2 and finals == [(1, False), (2, True)]
+  assert "6 steps do not fit the time budget" in caplog.text
+  assert "stopping at step 2 instead" in caplog.text
+  checkpointer = checkpointing.Checkpointer(tmp_path / "checkpoints", 1000, 3)
+  assert checkpointer.latest_step() == 2  # the final save, though checkpoint_every is 1000
+  record = json.loads((tmp_path / loop.BUDGET_STOP_FILE).read_text())
+  assert record == {"stopped_at_step": 2, "num_steps": 6, "time_budget_minutes": 14.0}
+  assert loop.budget_stop(checkpointer) == 2
+  # A later run with a budget finds the stage trained; one without trains on.
+  assert loop.nothing_to_train("Stage 2", 2, 6, checkpointer, budgeted=True)
+  assert not loop.nothing_to_train("Stage 2", 2, 6, checkpointer, budgeted=False)
+  assert not loop.nothing_to_train("Stage 2", 0, 6, checkpointer, budgeted=True)
+  checkpointer.close()
+
+  # A deadline an hour away binds nothing: the stage runs on to num_steps.
+  finals.clear()
+  state = run(state, deadline=time.monotonic() + 3600.0)
+  assert int(state.step) == 6 and finals == [(3, False), (4, False), (5, False), (6, True)]
+
+
+def test_train_mode_gives_each_stage_its_deadline_and_refuses_a_budget_on_several_processes(
+    tmp_path, monkeypatch):
+  from vqvdm_jax import main
+  from vqvdm_jax.config import ConfigError
+  from vqvdm_jax.inference import model as model_lib
+  deadlines = {}
+  monkeypatch.setattr(vqgan_trainer, "train_vqgan",
+                      lambda config, workdir, deadline: deadlines.update(stage1=deadline))
+  monkeypatch.setattr(diffusion_trainer, "train_diffusion",
+                      lambda config, workdir, deadline: deadlines.update(stage2=deadline))
+
+  class Loaded:
+    def write_samples(self, directory):
+      deadlines["samples"] = directory
+
+  monkeypatch.setattr(model_lib, "load", lambda workdir, config: Loaded())
+  config = load_config("tiny")
+  config.run.time_budget_minutes = 10.0
+  before = time.monotonic()
+  main.run("train", config, str(tmp_path))
+  after = time.monotonic()
+  assert before + 240.0 <= deadlines["stage1"] <= after + 240.0  # 0.4 of 10 minutes
+  share = 1.0 - loop.SAMPLING_SHARE
+  assert before + share * 600.0 <= deadlines["stage2"] <= after + share * 600.0
+  assert "samples" in deadlines
+  deadlines.clear()
+  main.run("train_vqgan", config, str(tmp_path))  # a budget binds --mode=train only
+  assert deadlines == {"stage1": None}
+  config.run.time_budget_minutes = 0.0
+  deadlines.clear()
+  main.run("train", config, str(tmp_path))
+  assert deadlines["stage1"] is None and deadlines["stage2"] is None
+  config.run.time_budget_minutes = 10.0
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ConfigError, match="needs one process"):
+    main.run("train", config, str(tmp_path))
 
 
 STEP = 3  # the step of the checkpoints whose EMA weights differ from their raw weights

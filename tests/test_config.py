@@ -111,6 +111,8 @@ def test_shipped_configs_keep_enough_channels_per_group(recwarn):
     ("diffusion.loss_weighting", "p2", r"diffusion\.loss_weighting.*'uniform', 'min_snr'"),
     ("diffusion.min_snr_gamma", 0.0, r"diffusion\.min_snr_gamma.*positive"),
     ("diffusion.sample.guidance_interval", (800, 200), r"guidance_interval.*start < end"),
+    ("run.time_budget_minutes", -1.0, r"run\.time_budget_minutes.*>= 0"),
+    ("run.stage1_time_share", 1.0, r"run\.stage1_time_share.*between 0 and 1"),
 ])
 def test_bad_optimizer_and_loss_weighting_values_name_the_field(field, value, message):
   config = load_config("tiny")

@@ -288,6 +288,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.run = run = ml_collections.ConfigDict()
   run.max_nonfinite_skips = 20  # stop after this many consecutive skipped (non-finite) updates.
   run.async_checkpoints = True  # write checkpoints in the background while training goes on.
+  # --mode=train only, one process: a wall-clock budget for both stages and the samples, in
+  # minutes (0: none). A stage whose measured steps/s would run past its deadline stops early,
+  # at the last step that fits (training/loop.py, "Time budget"); later runs with a budget keep
+  # that stop, and a run with 0 trains on to num_steps.
+  run.time_budget_minutes = 0.0
+  run.stage1_time_share = 0.4  # of the budget, what stage 1 may use, counted from the start.
 
   # ---------------------------------------------------------------- evaluation (FVD, KVD, IS)
   # The I3D/C3D protocol itself (16 frames, 224x224, logits) is pinned in vqvdm_jax/evaluation,
@@ -494,6 +500,11 @@ def clear_per_config_caches() -> None:
 
 def _check(config: ml_collections.ConfigDict) -> None:
   data, model = config.data, config.vqgan.model
+  _require(config.run.time_budget_minutes >= 0, "run.time_budget_minutes",
+           f"must be >= 0 (0: no budget), got {config.run.time_budget_minutes}.")
+  _require(0 < config.run.stage1_time_share < 1, "run.stage1_time_share",
+           f"must be between 0 and 1 (a fraction of the budget), got "
+           f"{config.run.stage1_time_share}.")
   _require(data.num_frames >= 1, "data.num_frames", f"must be >= 1, got {data.num_frames}.")
   _require(data.resolution >= 1, "data.resolution", f"must be >= 1, got {data.resolution}.")
   _validate_real_data(data)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -72,6 +73,7 @@ def _flag_error_message(error: Exception, argv: list[str]) -> str:
 
 
 def run(mode: str, config, workdir: str, output_dir: str | None = None) -> None:
+  start = time.monotonic()  # the time budget counts from here
   if mode not in MODES:
     raise ValueError(f"--mode={mode!r} is not one of {MODES}.")
   config_lib.validate(config)
@@ -105,22 +107,36 @@ def run(mode: str, config, workdir: str, output_dir: str | None = None) -> None:
     if directory is not None:
       workdir_lib.check_writable(directory)
   runtime.configure_jax()
+  stage1_deadline = stage2_deadline = None
+  if mode == "train" and config.run.time_budget_minutes:
+    import jax
+    if jax.process_count() > 1:
+      raise config_lib.ConfigError(
+          f"run.time_budget_minutes={config.run.time_budget_minutes:g} needs one process (each "
+          f"would stop at its own step); this run has {jax.process_count()}. Set it to 0 and "
+          f"choose the stages' num_steps instead.")
+    from vqvdm_jax.training import loop
+    stage1_deadline, stage2_deadline = loop.stage_deadlines(
+        start, config.run.time_budget_minutes, config.run.stage1_time_share)
+    logging.info("Time budget: %g minutes for both stages and the samples; a stage that would "
+                 "run past its share stops early (--config.run.time_budget_minutes=0: no "
+                 "budget).", config.run.time_budget_minutes)
   # Imports are per mode so `--help` and config errors answer before JAX compiles anything.
   if mode in ("train", "train_vqgan"):
     from vqvdm_jax.training.vqgan_trainer import train_vqgan
     logging.info("Stage 1 of 2: the 3D VQGAN tokenizer.")
-    train_vqgan(config, workdir)
+    train_vqgan(config, workdir, deadline=stage1_deadline)
   if mode == "evaluate_vqgan":
     from vqvdm_jax.evaluation.evaluate_vqgan import evaluate_vqgan
     evaluate_vqgan(config, workdir, out_dir=eval_dir)
   if mode in ("train", "train_diffusion", "train_prior") and config.stage2 == "diffusion":
     from vqvdm_jax.training.diffusion_trainer import train_diffusion
     logging.info("Stage 2 of 2: latent diffusion with the 3D U-Net.")
-    train_diffusion(config, workdir)
+    train_diffusion(config, workdir, deadline=stage2_deadline)
   elif mode in ("train", "train_prior"):
     from vqvdm_jax.training.token_trainer import train_prior
     logging.info("Stage 2 of 2: the %s transformer over the tokenizer's codes.", config.stage2)
-    train_prior(config, workdir)
+    train_prior(config, workdir, deadline=stage2_deadline)
   if mode in ("train", "sample"):
     from vqvdm_jax.inference.model import load
     load(workdir, config=config).write_samples(samples_dir)

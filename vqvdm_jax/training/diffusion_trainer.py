@@ -181,9 +181,10 @@ class DiffusionTrainer:
     return self.train_step(state, sharding.shard_batch(batch, self.mesh))
 
 
-def train_diffusion(config: ml_collections.ConfigDict, workdir: fileio.PathLike
-                    ) -> DiffusionTrainState:
-  """Trains stage 2 to ``diffusion.train.num_steps`` on the latest stage-1 tokenizer's latents.
+def train_diffusion(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
+                    deadline: float | None = None) -> DiffusionTrainState:
+  """Trains stage 2 to ``diffusion.train.num_steps`` (or to the last step that fits before
+  ``deadline``: :mod:`vqvdm_jax.training.loop`) on the latest stage-1 tokenizer's latents.
 
   Like stage 1, checks the config against the workdir's record, or records it.
   """
@@ -205,17 +206,17 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: fileio.PathLike
                     "tokenizer is step %d. Continuing with the model's own scale factor.",
                     int(state.tokenizer_step), tokenizer.step)
   start_step = int(jax.device_get(state.step))
-  if start_step >= train.num_steps:
-    logging.info("Stage 2 already trained to step %d (num_steps=%d); nothing to do.",
-                 start_step, train.num_steps)
+  if loop.nothing_to_train("Stage 2", start_step, train.num_steps, trainer.checkpointer,
+                           budgeted=deadline is not None):
     trainer.checkpointer.close()
     return state
   logging.info("Stage 2: training from step %d to %d on %d device(s); latents %s, scale %.4f.",
                start_step, train.num_steps, trainer.mesh.size, cache.latent_shape,
                float(state.scale_factor))
 
-  def write_progress_samples(step: int, state: DiffusionTrainState, writer) -> None:
-    if train.sample_every and step % train.sample_every == 0 and step < train.num_steps:
+  def write_progress_samples(step: int, state: DiffusionTrainState, writer, final: bool
+                             ) -> None:
+    if train.sample_every and step % train.sample_every == 0 and not final:
       model = VideoModel(config, tokenizer, state.ema_params, state.scale_factor,
                          state.latent_shift, step, trainer.mesh, trainer.unet, trainer.schedule)
       out_dir = sampling.write_samples(model, trainer.workdir / "progress" / f"step_{step:07d}")
@@ -234,4 +235,5 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: fileio.PathLike
       learning_rate_field="diffusion.optim.learning_rate", config=config,
       headline=("loss/diffusion", "grad_norm/unet"), on_step=write_progress_samples,
       learning_rates={"unet": learning_rate_schedule(optim.learning_rate, optim,
-                                                     train.num_steps)})
+                                                     train.num_steps)},
+      deadline=deadline, budget_minutes=config.run.time_budget_minutes)

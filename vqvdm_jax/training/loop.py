@@ -3,11 +3,24 @@
 A stage supplies its jitted step and what to do on eval steps; this module owns the rest:
 progress lines (steps/s, ETA), metric writing, periodic and final checkpoints, stopping on
 SIGTERM with a checkpoint at the current step, and stopping after too many consecutive
-non-finite updates (each of which the step itself has already skipped).
+non-finite updates (each of which the step itself has already skipped), and stopping early
+under a time budget.
+
+Time budget (``config.run.time_budget_minutes``, ``--mode=train`` on one process): the run's
+budget gives each stage a deadline (:func:`stage_deadlines`). At every log step a stage compares
+its measured steps/s with the time left and moves its last step forward to the last one that
+fits (:func:`budgeted_last_step`); when that is before ``num_steps``, it says so, and it ends
+there with its final checkpoint (and evaluation) as if ``num_steps`` had been that step. The
+stop is recorded beside the stage's checkpoints, so that a later run under a budget finds the
+stage trained; a run without a budget trains on from that checkpoint to ``num_steps``. A stop
+after fewer steps is what a constant learning rate (the demo's) makes equal to a shorter run;
+a cosine decay ends undecayed. The plan changes only at log steps, so a stage may overrun its
+deadline by up to one ``log_every`` window.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -18,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from vqvdm_jax import checkpointing, sharding
@@ -27,6 +41,57 @@ from vqvdm_jax.training import reporting
 
 class NonFiniteUpdates(FloatingPointError):
   """Too many consecutive steps had a non-finite loss or gradient (all of them were skipped)."""
+
+
+BUDGET_STOP_FILE = "time_budget_stop.json"
+# Of the budget, what loading the model and sampling after stage 2 may use: the demo's 8 videos
+# (50 guided DDIM steps, with the sampler's compile) took 7 s on the idle 2-core CPU and 59 s
+# with six busy processes beside it (matmul 69-84 GFLOP/s; benchmarks/RESULTS.md).
+SAMPLING_SHARE = 0.08
+
+
+def stage_deadlines(start: float, minutes: float, stage1_share: float) -> tuple[float, float]:
+  """``--mode=train``'s deadlines under a budget of ``minutes`` from ``start`` (both
+  ``time.monotonic()`` values): stage 1 ends by ``stage1_share`` of the budget, stage 2 (with
+  its latent cache and compile) by ``1 - SAMPLING_SHARE`` of it, which leaves the rest for the
+  samples."""
+  seconds = 60.0 * minutes
+  return start + stage1_share * seconds, start + (1.0 - SAMPLING_SHARE) * seconds
+
+
+def budgeted_last_step(step: int, num_steps: int, steps_per_second: float,
+                       seconds_left: float) -> int:
+  """The last step a stage now at ``step`` reaches by its deadline, ``seconds_left`` away, at
+  ``steps_per_second``: never beyond ``num_steps``, never before ``step`` (a deadline already
+  past stops the stage at the current step)."""
+  return min(num_steps, step + int(max(seconds_left, 0.0) * steps_per_second))
+
+
+def _budget_stop_path(checkpointer: checkpointing.Checkpointer) -> epath.Path:
+  return epath.Path(checkpointer.directory).parent / BUDGET_STOP_FILE
+
+
+def budget_stop(checkpointer: checkpointing.Checkpointer) -> int | None:
+  """The step at which an earlier run's time budget stopped this stage (None: it never did)."""
+  path = _budget_stop_path(checkpointer)
+  return json.loads(path.read_text())["stopped_at_step"] if path.exists() else None
+
+
+def nothing_to_train(stage: str, start_step: int, num_steps: int,
+                     checkpointer: checkpointing.Checkpointer, budgeted: bool) -> bool:
+  """True, after saying why, when a stage restored at ``start_step`` has nothing to train: it
+  reached ``num_steps``, or (``budgeted``: this run has a time budget) an earlier run's budget
+  stopped it at this very checkpoint."""
+  if start_step >= num_steps:
+    logging.info("%s already trained to step %d (num_steps=%d); nothing to do.", stage,
+                 start_step, num_steps)
+    return True
+  if budgeted and budget_stop(checkpointer) == start_step:
+    logging.info("%s stopped at step %d of %d under an earlier run's time budget; nothing to do "
+                 "(--config.run.time_budget_minutes=0 trains on to step %d).", stage,
+                 start_step, num_steps, num_steps)
+    return True
+  return False
 
 
 def unread_fields(config: Any, stage: str, *more: str) -> tuple[str, ...]:
@@ -165,14 +230,18 @@ def train_loop(*, stage: str, state: Any, step_fn: Callable[[Any, dict], tuple[A
                data_iterator: Any, checkpointer: checkpointing.Checkpointer, num_steps: int,
                log_every: int, batch_size: int, summary_dir: Any, max_nonfinite_skips: int,
                learning_rate_field: str,
-               on_step: Callable[[int, Any, Any], None] | None = None,
+               on_step: Callable[[int, Any, Any, bool], None] | None = None,
                config: Any | None = None, headline: tuple[str, ...] = (),
-               learning_rates: dict[str, Callable[[int], Any]] | None = None) -> Any:
-  """Runs ``state`` from its step to ``num_steps``; returns the final state.
+               learning_rates: dict[str, Callable[[int], Any]] | None = None,
+               deadline: float | None = None, budget_minutes: float = 0.0) -> Any:
+  """Runs ``state`` from its step to ``num_steps`` (or, with a ``deadline``, to the last step
+  that fits before it: the module's "Time budget"); returns the final state.
 
-  ``on_step(step, state, writer)`` runs after every step (evaluation, samples); ``config`` goes
-  to the summaries as hparams; ``headline`` names the metrics of the progress line;
-  ``learning_rates`` maps names to the schedules whose values the summaries record.
+  ``on_step(step, state, writer, final)`` runs after every step (evaluation, samples; ``final``
+  on the last); ``config`` goes to the summaries as hparams; ``headline`` names the metrics of
+  the progress line; ``learning_rates`` maps names to the schedules whose values the summaries
+  record. ``deadline`` is a ``time.monotonic()`` value; ``budget_minutes`` (the whole run's
+  budget) only goes into what the stop records and says.
 
   Raises :class:`Preempted` after saving on SIGTERM, :class:`NonFiniteUpdates` when
   ``max_nonfinite_skips`` consecutive updates were skipped.
@@ -184,6 +253,7 @@ def train_loop(*, stage: str, state: Any, step_fn: Callable[[Any, dict], tuple[A
   progress = reporting.make_progress_reporter(num_steps, writer, log_every)
   guard = PreemptionGuard()
   window_start = time.time()
+  last_step = num_steps
   try:
     for step in range(start_step + 1, num_steps + 1):
       if step == start_step + 1:
@@ -203,9 +273,20 @@ def train_loop(*, stage: str, state: Any, step_fn: Callable[[Any, dict], tuple[A
         metrics, window_start = reporting.write_train_metrics(
             writer, step, metrics, window_steps * batch_size, window_start)
         if window_steps:
+          steps_per_second = metrics["clips_per_second"] / batch_size
+          if deadline is not None:
+            planned = budgeted_last_step(step, num_steps, steps_per_second,
+                                         deadline - time.monotonic())
+            if planned < num_steps and last_step == num_steps:
+              logging.warning(
+                  "%s: at %.2f steps/s, %d steps do not fit the time budget "
+                  "(run.time_budget_minutes=%g); stopping at step %d instead. "
+                  "--config.run.time_budget_minutes=0 trains all of them (and resumes a "
+                  "stopped run).", stage, steps_per_second, num_steps, budget_minutes,
+                  planned)
+            last_step = planned
           logging.info("%s", reporting.progress_line(
-              stage, step, num_steps, metrics["clips_per_second"] / batch_size, metrics,
-              headline))
+              stage, step, last_step, steps_per_second, metrics, headline))
         window_step = step
         if metrics["nonfinite/streak"] >= max_nonfinite_skips:
           raise NonFiniteUpdates(
@@ -217,9 +298,18 @@ def train_loop(*, stage: str, state: Any, step_fn: Callable[[Any, dict], tuple[A
       if guard.should_stop(step):
         checkpointer.save(step, state, data_iterator, force=True)
         raise Preempted(step, str(checkpointer.directory))
-      checkpointer.save(step, state, data_iterator, force=step == num_steps)
+      final = step >= last_step
+      checkpointer.save(step, state, data_iterator, force=final)
       if on_step is not None:
-        on_step(step, state, writer)
+        on_step(step, state, writer, final)
+      if final:
+        break
+    if last_step < num_steps and jax.process_index() == 0:
+      _budget_stop_path(checkpointer).write_text(json.dumps(
+          {"stopped_at_step": last_step, "num_steps": num_steps,
+           "time_budget_minutes": budget_minutes}))
+      logging.info("%s: stopped at step %d of %d to keep within the time budget.", stage,
+                   last_step, num_steps)
   finally:
     guard.close()
     writer.flush()

@@ -168,8 +168,10 @@ class TokenTrainer:
     return self.train_step(state, sharding.shard_batch(batch, self.mesh))
 
 
-def train_prior(config: ml_collections.ConfigDict, workdir: fileio.PathLike) -> TokenTrainState:
-  """Trains ``config.stage2``'s transformer to ``transformer.train.num_steps`` on the latest
+def train_prior(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
+                deadline: float | None = None) -> TokenTrainState:
+  """Trains ``config.stage2``'s transformer to ``transformer.train.num_steps`` (or to the last
+  step that fits before ``deadline``: :mod:`vqvdm_jax.training.loop`) on the latest
   tokenizer's codes, resuming what ``DIR/<stage2>`` holds."""
   workdir_lib.check_or_record_config(config, workdir, write=jax.process_index() == 0)
   tokenizer = load_tokenizer(workdir, config=config)
@@ -185,9 +187,8 @@ def train_prior(config: ml_collections.ConfigDict, workdir: fileio.PathLike) -> 
                     "tokenizer is step %d.", config.stage2, int(state.tokenizer_step),
                     tokenizer.step)
   start_step = int(jax.device_get(state.step))
-  if start_step >= train.num_steps:
-    logging.info("Stage 2 (%s) already trained to step %d (num_steps=%d); nothing to do.",
-                 config.stage2, start_step, train.num_steps)
+  if loop.nothing_to_train(f"Stage 2 ({config.stage2})", start_step, train.num_steps,
+                           trainer.checkpointer, budgeted=deadline is not None):
     trainer.checkpointer.close()
     return state
   logging.info("Stage 2 (%s): training from step %d to %d on %d device(s); codes %s, "
@@ -202,4 +203,5 @@ def train_prior(config: ml_collections.ConfigDict, workdir: fileio.PathLike) -> 
       learning_rate_field="transformer.optim.learning_rate", config=config,
       headline=("loss/tokens", "grad_norm/transformer"),
       learning_rates={"transformer": learning_rate_schedule(optim.learning_rate, optim,
-                                                            train.num_steps)})
+                                                            train.num_steps)},
+      deadline=deadline, budget_minutes=config.run.time_budget_minutes)

@@ -333,8 +333,11 @@ def write_reconstructions(trainer: VQGANTrainer, state: VQGANTrainState,
   return reconstructions
 
 
-def train_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike) -> VQGANTrainState:
-  """Trains stage 1 to ``config.vqgan.train.num_steps``, resuming from the workdir if it can.
+def train_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike,
+                deadline: float | None = None) -> VQGANTrainState:
+  """Trains stage 1 to ``config.vqgan.train.num_steps``, resuming from the workdir if it can,
+  or to the last step that fits before ``deadline`` (``--mode=train``'s time budget:
+  :mod:`vqvdm_jax.training.loop`).
 
   The workdir records the config on its first run; a config whose model fields differ from
   the record stops here, before anything is restored or written.
@@ -345,9 +348,8 @@ def train_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike) -> 
   data_iterator = pipeline.train_iterator(config.data, train.batch_size, config.seed)
   state = trainer.restore_or_init(data_iterator)
   start_step = int(jax.device_get(state.step))
-  if start_step >= train.num_steps:
-    logging.info("Stage 1 already trained to step %d (num_steps=%d); nothing to do.",
-                 start_step, train.num_steps)
+  if loop.nothing_to_train("Stage 1", start_step, train.num_steps, trainer.checkpointer,
+                           budgeted=deadline is not None):
     trainer.checkpointer.close()
     return state
   logging.info("Stage 1: training from step %d to %d on %d device(s).", start_step,
@@ -355,8 +357,8 @@ def train_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike) -> 
   eval_videos = next(pipeline.eval_batches(config.data, train.num_eval_videos,
                                            train.num_eval_videos, config.seed))["video"]
 
-  def write_eval(step: int, state: VQGANTrainState, writer) -> None:
-    if step % train.eval_every == 0 or step == train.num_steps:
+  def write_eval(step: int, state: VQGANTrainState, writer, final: bool) -> None:
+    if step % train.eval_every == 0 or final:
       reconstructions = write_reconstructions(trainer, state, eval_videos, step)
       middle = eval_videos.shape[1] // 2  # TensorBoard: the middle frame, originals on top
       writer.write_images(step, {"reconstructions": video_io.video_grid(
@@ -378,4 +380,4 @@ def train_vqgan(config: ml_collections.ConfigDict, workdir: fileio.PathLike) -> 
           "generator": learning_rate_schedule(optim.learning_rate, optim, train.num_steps),
           "discriminator": learning_rate_schedule(optim.disc_learning_rate, optim,
                                                   train.num_steps)},
-      on_step=write_eval)
+      on_step=write_eval, deadline=deadline, budget_minutes=config.run.time_budget_minutes)
