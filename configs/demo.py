@@ -66,8 +66,8 @@ def get_config(arg: str | None = None):
   config.vqgan.quantizer.dead_code_steps = 50
   config.vqgan.loss.lpips_frames = 1
   # A short run: L2 with a light LPIPS term learns the sprites fastest; LPIPS at weight 1 held
-  # the L2 loss above 0.1 for 350 steps. No adversarial phase (it starts after the run ends);
-  # the discriminator costs nothing before disc_start.
+  # the L2 loss above 0.1 for 350 steps. No adversarial phase (it starts after the run ends),
+  # so the train step is built without the discriminator (its compile ~30 % shorter).
   config.vqgan.loss.lpips_weight = 0.1
   config.vqgan.loss.disc_start = 100_000
   config.vqgan.discriminator.channels = 16

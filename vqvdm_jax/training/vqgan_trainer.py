@@ -87,12 +87,21 @@ def make_stage1_optimizers(config: ml_collections.ConfigDict
           make_optimizer(optim.disc_learning_rate, optim, num_steps))
 
 
+def gan_in_run(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run reaches ``disc_start``: one that ends before it (the demo) builds its train
+  step without the discriminator at all, instead of skipping it at run time."""
+  return config.vqgan.loss.disc_start < config.vqgan.train.num_steps
+
+
 def program_ignores(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """What no stage-1 program reads: the loop's (:func:`loop.unread_fields`), evaluation and the
-  later stages."""
-  return loop.unread_fields(config, "vqgan", "vqgan.train.eval_every",
-                            "vqgan.train.num_eval_videos", "vqgan.eval", "diffusion",
-                            "transformer", "stage2")
+  later stages. The run's length only through :func:`gan_in_run`: a run that ends before
+  ``disc_start`` keys its programs by its length too."""
+  ignores = loop.unread_fields(config, "vqgan", "vqgan.train.eval_every",
+                               "vqgan.train.num_eval_videos", "vqgan.eval", "diffusion",
+                               "transformer", "stage2")
+  return ignores if gan_in_run(config) else tuple(
+      field for field in ignores if field != "vqgan.train.num_steps")
 
 
 @config_lib.per_config(ignoring=program_ignores)
@@ -116,6 +125,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
   loss_config = config.vqgan.loss
   ema_decay = config.vqgan.optim.ema_decay
   with_lpips = uses_lpips(config)
+  # Before disc_start the GAN terms are zero and the discriminator stays put; a run that never
+  # reaches it leaves them out of the program, which compiles faster (benchmarks/RESULTS.md).
+  with_gan = gan_in_run(config)
 
   def gan_terms(disc_params, video, x_hat):
     """(L_disc, L_disc_aux) of the generator: VQ-VDM eqs. 3 and 4 on the reconstruction."""
@@ -141,7 +153,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
     # lax.cond, not a 0/1 gate: before disc_start (10k steps by default) the discriminator's
     # forward and backward passes are skipped instead of computed and multiplied by zero.
     adversarial, feature_matching = jax.lax.cond(
-        gan_active, lambda x: gan_terms(disc_params, video, x), lambda x: (zero, zero), x_hat)
+        gan_active, lambda x: gan_terms(disc_params, video, x), lambda x: (zero, zero),
+        x_hat) if with_gan else (zero, zero)
     return dict(x_hat=x_hat, quantized=quantized, quantizer_state=updated.get("quantizer_state", {}),
                 l2=l2, lpips=perceptual, reconstruction=reconstruction,
                 adversarial=adversarial, feature_matching=feature_matching)
@@ -196,7 +209,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
     video = pipeline.to_model_input(batch["video"])
     gan_active = state.step >= loss_config.disc_start
 
-    if loss_config.adaptive_disc_weight:
+    if loss_config.adaptive_disc_weight and with_gan:
       disc_factor = jax.lax.cond(
           gan_active,
           lambda: adaptive_weight(state.params, state.quantizer_state, state.disc_params,
@@ -222,9 +235,12 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
     else:
       ema_params = params
 
-    disc_params, disc_opt_state, lecam_ema, disc_metrics = jax.lax.cond(
-        gan_active, discriminator_update, frozen_discriminator,
-        state, video, jax.lax.stop_gradient(terms["x_hat"]))
+    disc_inputs = (state, video, jax.lax.stop_gradient(terms["x_hat"]))
+    if with_gan:
+      disc_params, disc_opt_state, lecam_ema, disc_metrics = jax.lax.cond(
+          gan_active, discriminator_update, frozen_discriminator, *disc_inputs)
+    else:
+      disc_params, disc_opt_state, lecam_ema, disc_metrics = frozen_discriminator(*disc_inputs)
 
     quantized = terms["quantized"]
     metrics = {
