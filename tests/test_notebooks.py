@@ -76,10 +76,14 @@ def count_videos(displays: list[dict]) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> tuple[nbformat.NotebookNode, Path]:
-  """The demo notebook, run on the tiny config: the workdir it trained, and its outputs."""
+  """The demo notebook, run on the tiny config: the workdir it trained, and its outputs.
+
+  Twice the steps, but a time budget already spent: each stage stops at its first progress
+  line, step STEPS, as the notebook's budget makes it on a slow CPU."""
   workdir = tmp_path_factory.mktemp("notebooks") / "workdir"
-  notebook = execute("demo.ipynb", {**COMMON, "WORKDIR": str(workdir), "VQGAN_STEPS": STEPS,
-                                    "DIFFUSION_STEPS": STEPS}, workdir.parent)
+  notebook = execute("demo.ipynb", {**COMMON, "WORKDIR": str(workdir), "VQGAN_STEPS": 2 * STEPS,
+                                    "DIFFUSION_STEPS": 2 * STEPS, "TIME_BUDGET_MINUTES": 1e-6},
+                     workdir.parent)
   return notebook, workdir
 
 
@@ -90,6 +94,9 @@ def test_demo_notebook_trains_both_stages_and_shows_samples(demo_run):
   assert f"Diffusion model trained to step {STEPS}." in text
   assert (workdir / "vqgan" / "checkpoints" / str(STEPS)).exists()
   assert (workdir / "diffusion" / "checkpoints" / str(STEPS)).exists()
+  for stage in ("vqgan", "diffusion"):
+    record = json.loads((workdir / stage / "time_budget_stop.json").read_text())
+    assert record["stopped_at_step"] == STEPS and record["num_steps"] == 2 * STEPS
   info = json.loads((workdir / "samples" / "000" / "samples.json").read_text())
   assert (info["step"], info["num_videos"], info["num_steps"]) == (STEPS, 4, COMMON["SAMPLE_STEPS"])
   assert count_videos(displays) == (2, 4)  # reconstructions and sample grid; 4 videos
