@@ -15,6 +15,9 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from absl import app
+
+from vqvdm_jax import runtime
 
 
 def load_config(path: str, arg: str | None = None):
@@ -99,3 +102,11 @@ def make_ddpm_sampler(config, shape: tuple[int, ...], steps: int, guidance_scale
                                 num_steps=steps)
 
   return sample, params
+
+
+def run_main(main: Callable[[list[str]], None]) -> None:
+  """A benchmark script's entry: restarted with huge-page malloc, as ``python -m
+  vqvdm_jax.main`` runs (:func:`vqvdm_jax.runtime.restart_with_huge_page_malloc`), then
+  ``absl.app.run(main)``."""
+  runtime.restart_with_huge_page_malloc()
+  app.run(main)

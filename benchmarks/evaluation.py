@@ -22,7 +22,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -125,5 +125,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  runtime.restart_with_huge_page_malloc()  # what `python -m vqvdm_jax.main` runs with
-  app.run(main)
+  common.run_main(main)

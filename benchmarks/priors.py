@@ -235,5 +235,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  runtime.restart_with_huge_page_malloc()  # what `python -m vqvdm_jax.main` runs with
-  app.run(main)
+  common.run_main(main)
