@@ -152,9 +152,11 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
     reconstruction = loss_config.l2_weight * l2 + loss_config.lpips_weight * perceptual
     # lax.cond, not a 0/1 gate: before disc_start (10k steps by default) the discriminator's
     # forward and backward passes are skipped instead of computed and multiplied by zero.
-    adversarial, feature_matching = jax.lax.cond(
-        gan_active, lambda x: gan_terms(disc_params, video, x), lambda x: (zero, zero),
-        x_hat) if with_gan else (zero, zero)
+    if with_gan:
+      adversarial, feature_matching = jax.lax.cond(
+          gan_active, lambda x: gan_terms(disc_params, video, x), lambda x: (zero, zero), x_hat)
+    else:
+      adversarial = feature_matching = zero
     return dict(x_hat=x_hat, quantized=quantized, quantizer_state=updated.get("quantizer_state", {}),
                 l2=l2, lpips=perceptual, reconstruction=reconstruction,
                 adversarial=adversarial, feature_matching=feature_matching)
