@@ -6,9 +6,12 @@ backend at optimisation level 0 compiles the tiny train steps ~2.5x faster and r
 slower, which saves minutes over the suite (benchmarks/RESULTS.md, "Test suite"); skipping LLVM's
 expensive passes takes another ~15 % off a compile, and XLA:CPU's older (non-MLIR) fusion
 emitters another ~35 % off the tiny train steps' compiles at level 0 (the transformer steps'
-~55 %; runs as fast, the stage-2 step ~15 % slower). Results differ from the defaults only by
-float32 rounding. ``xla_cpu_use_fusion_emitters`` is an escape hatch XLA may retire: if a new
-jaxlib rejects it as an unknown flag, drop it here. Subprocesses inherit these flags through
+~55 %; runs as fast, the stage-2 step ~15 % slower). One LLVM module per program instead of
+XLA:CPU's default split into parallel parts: with two test processes on two cores the parts only
+compete, and each part pays LLVM's set-up again (the cold suite's CPU time 24.8 -> 20.7 min,
+2026-12-03). Results differ from the defaults only by float32 rounding.
+``xla_cpu_use_fusion_emitters`` is an escape hatch XLA may retire: if a new jaxlib rejects it as
+an unknown flag, drop it here. Subprocesses inherit these flags through
 ``XLA_FLAGS``. The cache lets tests that build the same train step (a run and its resumption,
 say) compile it once per session instead of once per test.
 """
@@ -19,7 +22,8 @@ from pathlib import Path
 TEST_XLA_FLAGS = {"--xla_force_host_platform_device_count": "8",
                   "--xla_backend_optimization_level": "0",
                   "--xla_llvm_disable_expensive_passes": "true",
-                  "--xla_cpu_use_fusion_emitters": "false"}
+                  "--xla_cpu_use_fusion_emitters": "false",
+                  "--xla_cpu_parallel_codegen_split_count": "1"}
 _flags = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join([_flags] + [f"{name}={value}" for name, value in
                                                TEST_XLA_FLAGS.items() if name not in _flags]).strip()
