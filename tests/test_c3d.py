@@ -56,9 +56,10 @@ def test_converted_channel_first_weights_give_the_same_logits(tmp_path):
   module, variables = c3d.load(tmp_path / "c3d.npz")
   assert module.widths == WIDTHS and module.num_classes == 7
   clip_rgb = rng.uniform(-100, 100, (2, 16, 112, 112, 3)).astype(np.float32)
-  ours = module.apply({"params": variables["params"]}, clip_rgb)
+  # Jitted: one compile instead of one per op.
+  ours = jax.jit(module.apply)({"params": variables["params"]}, clip_rgb)
   clip_bgr_first = np.transpose(clip_rgb[..., ::-1], (0, 4, 1, 2, 3))
-  reference = _channel_first_forward(source, clip_bgr_first)
+  reference = jax.jit(_channel_first_forward)(source, clip_bgr_first)
   np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
   # The mean clip becomes channel-last RGB.
   np.testing.assert_array_equal(variables["mean"][3, 5, 7],
@@ -77,7 +78,7 @@ def test_preprocess_resizes_the_first_16_frames_subtracts_the_mean_clip_and_cent
   rng = np.random.default_rng(0)
   video = rng.integers(0, 256, (2, 18, 30, 40, 3), dtype=np.uint8)
   mean = rng.uniform(0, 255, (16, 128, 171, 3)).astype(np.float32)
-  got = np.asarray(c3d.preprocess(jnp.asarray(video), jnp.asarray(mean)))
+  got = np.asarray(jax.jit(c3d.preprocess)(jnp.asarray(video), jnp.asarray(mean)))
   assert got.shape == (2, 16, 112, 112, 3)
   # PIL's bilinear resize (float images; upscaling, so no antialiasing to differ) per channel.
   resized = np.stack([np.stack([np.stack([
@@ -91,7 +92,7 @@ def test_preprocess_resizes_the_first_16_frames_subtracts_the_mean_clip_and_cent
 def test_preprocess_downscales_ucf101_frames_bilinearly_without_antialiasing():
   video = np.random.default_rng(1).integers(0, 256, (1, 16, 240, 320, 3), dtype=np.uint8)
   mean = np.array([90.0, 98.0, 102.0], np.float32)  # per-channel: broadcasts like a mean clip
-  got = np.asarray(c3d.preprocess(jnp.asarray(video), jnp.asarray(mean)))
+  got = np.asarray(jax.jit(c3d.preprocess)(jnp.asarray(video), jnp.asarray(mean)))
   expected = bilinear_resize(video, 128, 171) - mean
   np.testing.assert_allclose(got, expected[:, :, 8:120, 29:141], atol=1e-2)
 
@@ -104,5 +105,5 @@ def test_preprocess_downscales_ucf101_frames_bilinearly_without_antialiasing():
 def test_preprocess_repeats_the_frames_of_short_clips_in_order(frames, indices):
   video = (10 * np.arange(frames, dtype=np.uint8).reshape(1, frames, 1, 1, 1)
            * np.ones((1, frames, 4, 4, 3), np.uint8))
-  got = np.asarray(c3d.preprocess(jnp.asarray(video), jnp.zeros((16, 128, 171, 3))))
+  got = np.asarray(jax.jit(c3d.preprocess)(jnp.asarray(video), jnp.zeros((16, 128, 171, 3))))
   np.testing.assert_allclose(got[0, :, 50, 50, 1], 10.0 * np.array(indices), atol=1e-4)

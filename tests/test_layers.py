@@ -24,7 +24,7 @@ def test_conv3d_pads_with_edge_values_not_zeros():
   conv = layers.Conv3D(1, use_bias=False, conv_impl="native")
   x = jnp.full((1, 4, 5, 5, 1), 2.0)
   params = {"params": {"kernel": jnp.ones((3, 3, 3, 1, 1))}}
-  out = conv.apply(params, x)
+  out = jax.jit(conv.apply)(params, x)
   np.testing.assert_allclose(np.asarray(out), 54.0, rtol=1e-6)
 
 
@@ -33,12 +33,14 @@ def test_conv3d_pads_with_edge_values_not_zeros():
 def test_taps_and_im2col_convs_equal_the_native_conv_and_their_gradients(causal, strides):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 12, 12, 3))
   native = layers.Conv3D(5, strides=strides, causal=causal, conv_impl="native")
-  params = native.init(jax.random.PRNGKey(1), x)
+  params = jax.jit(native.init)(jax.random.PRNGKey(1), x)
 
   def value_and_grads(conv_impl):
     conv = native.clone(conv_impl=conv_impl)
     loss = lambda p, x: jnp.sum(jnp.sin(conv.apply(p, x)))  # noqa: E731
-    return conv.apply(params, x), jax.grad(loss, argnums=(0, 1))(params, x)
+    # Jitted: one compile instead of one per op.
+    return jax.jit(lambda p, x: (conv.apply(p, x), jax.grad(loss, argnums=(0, 1))(p, x)))(
+        params, x)
 
   expected = value_and_grads("native")
   for form in ("taps", "im2col"):
@@ -69,7 +71,7 @@ def test_canonical_gradients_equal_xlas_conv_and_its_autodiff_gradients(form, ke
   # differentiated by JAX.
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 11, 10, 3))
   conv = layers.Conv3D(5, kernel_size, strides, conv_impl=form, canonical_gradients=True)
-  params = conv.init(jax.random.PRNGKey(1), x)
+  params = jax.jit(conv.init)(jax.random.PRNGKey(1), x)
   pads = layers.conv_padding(kernel_size, strides, causal=False)
 
   def reference(p, x):
@@ -78,8 +80,13 @@ def test_canonical_gradients_equal_xlas_conv_and_its_autodiff_gradients(form, ke
 
   assert layers.folds_strides(kernel_size, strides) == (kernel_size[1] == 4)
   loss = lambda apply: lambda p, x: jnp.sum(jnp.sin(apply(p, x)))  # noqa: E731
-  got = conv.apply(params, x), jax.grad(loss(conv.apply), argnums=(0, 1))(params, x)
-  want = reference(params, x), jax.grad(loss(reference), argnums=(0, 1))(params, x)
+
+  def value_and_grads(apply):  # Jitted: one compile instead of one per op.
+    return jax.jit(lambda p, x: (apply(p, x), jax.grad(loss(apply), argnums=(0, 1))(p, x)))(
+        params, x)
+
+  got = value_and_grads(conv.apply)
+  want = value_and_grads(reference)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=1e-5)
 
@@ -95,8 +102,8 @@ def test_canonical_gradients_inside_a_cond_are_canonical_convolutions(form):
   first = layers.Conv3D(4, (4, 4, 4), (2, 2, 2), conv_impl=form, canonical_gradients=True)
   second = layers.Conv3D(3, (3, 3, 3), conv_impl=form, canonical_gradients=True)
   x = jnp.ones((1, 8, 8, 8, 3))
-  params = [first.init(jax.random.PRNGKey(0), x),
-            second.init(jax.random.PRNGKey(1), jnp.ones((1, 4, 4, 4, 4)))]
+  params = [jax.jit(first.init)(jax.random.PRNGKey(0), x),
+            jax.jit(second.init)(jax.random.PRNGKey(1), jnp.ones((1, 4, 4, 4, 4)))]
 
   def loss(params, x, on):
     stack = lambda: jnp.sum(second.apply(params[1], first.apply(params[0], x)) ** 2)  # noqa: E731
@@ -115,13 +122,18 @@ def test_taps_conv_in_chunks_of_frames_equals_one_call_and_its_gradients(monkeyp
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 10, 10, 4))
   kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 4, 6))
   loss = lambda x, k: jnp.sum(jnp.sin(layers._temporal_taps_conv3d(x, k, strides)))  # noqa: E731
-  expected = jax.value_and_grad(loss, argnums=(0, 1))(x, kernel)
+
+  def value_and_grads():
+    # Jitted: one compile instead of one per op. A new jit traces again, with the patches.
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, kernel)
+
+  expected = value_and_grads()
   calls = []
   original = jax.lax.conv_general_dilated
   monkeypatch.setattr(jax.lax, "conv_general_dilated",
                       lambda f, *a, **k: calls.append(f.shape[0]) or original(f, *a, **k))
   monkeypatch.setattr(layers, "TAPS_CHUNK_ELEMENTS", 3 * 10 * 10 * 4 + 3 * 8 * 8 * 6)
-  got = jax.value_and_grad(loss, argnums=(0, 1))(x, kernel)
+  got = value_and_grads()
   assert len(calls) > 3  # more 2D convs than taps: chunked
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=1e-5)
@@ -131,22 +143,25 @@ def test_causal_strided_conv_maps_one_plus_2k_frames_to_one_plus_k():
   conv = layers.Conv3D(2, strides=(2, 1, 1), causal=True)
   for frames, expected in ((1, 1), (5, 3), (9, 5), (16, 8)):
     x = jnp.zeros((1, frames, 4, 4, 1))
-    out = jax.eval_shape(lambda v, x=x: conv.apply(v, x), conv.init(jax.random.PRNGKey(0), x))
+    variables = jax.eval_shape(conv.init, jax.random.PRNGKey(0), x)
+    out = jax.eval_shape(lambda v, x=x: conv.apply(v, x), variables)
     assert out.shape[1] == expected
 
 
 def test_causal_conv_output_ignores_future_frames():
   conv = layers.Conv3D(3, causal=True)
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 6, 4, 4, 2))
-  params = conv.init(jax.random.PRNGKey(1), x)
+  params = jax.jit(conv.init)(jax.random.PRNGKey(1), x)
   changed = x.at[:, 3].add(1.0)
-  before, after = conv.apply(params, x), conv.apply(params, changed)
-  np.testing.assert_array_equal(np.asarray(before[:, :3]), np.asarray(after[:, :3]))
-  assert not np.allclose(np.asarray(before[:, 3]), np.asarray(after[:, 3]))
+  apply = jax.jit(conv.apply)
+  before, after = apply(params, x), apply(params, changed)
+  before, after = np.asarray(before), np.asarray(after)
+  np.testing.assert_array_equal(before[:, :3], after[:, :3])
+  assert not np.allclose(before[:, 3], after[:, 3])
 
 
 def test_frame_causal_mask_lets_tokens_see_only_current_and_past_frames():
-  mask = np.asarray(layers.frame_causal_mask(3, 2))
+  mask = np.asarray(jax.jit(layers.frame_causal_mask, static_argnums=(0, 1))(3, 2))
   expected = np.kron(np.tril(np.ones((3, 3), bool)), np.ones((2, 2), bool))
   np.testing.assert_array_equal(mask, expected)
 
@@ -166,13 +181,12 @@ def test_res_block_conditioning_matches_its_formula(scale_shift):
   block = layers.ResBlock3D(features, num_groups=2, conv_impl="native", scale_shift=scale_shift)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 2, 4, 4, features))
   embedding = jax.random.normal(jax.random.PRNGKey(1), (2, 6))
-  params = block.init(jax.random.PRNGKey(2), x, embedding)["params"]
-  dense = params["Dense_0"]["kernel"]
-  assert dense.shape == (6, 2 * features if scale_shift else features)
+  params = jax.jit(block.init)(jax.random.PRNGKey(2), x, embedding)["params"]
+  assert params["Dense_0"]["kernel"].shape == (6, 2 * features if scale_shift else features)
   # The second conv becomes the identity (its centre tap), so out = x + silu(conditioned norm).
-  identity = jnp.zeros((3, 3, 3, features, features)).at[1, 1, 1].set(jnp.eye(features))
-  params = {**params, "Conv3D_1": {"kernel": identity, "bias": jnp.zeros(features)}}
-  out = block.apply({"params": params}, x, embedding)
+  identity = np.zeros((3, 3, 3, features, features), np.float32)
+  identity[1, 1, 1] = np.eye(features)
+  params = {**params, "Conv3D_1": {"kernel": identity, "bias": np.zeros(features, np.float32)}}
 
   def group_norm(v):  # two groups, GroupNorm's initial scale 1 and bias 0
     groups = v.reshape(*v.shape[:-1], 2, features // 2)
@@ -180,15 +194,19 @@ def test_res_block_conditioning_matches_its_formula(scale_shift):
     var = groups.var(axis=(1, 2, 3, 5), keepdims=True)
     return ((groups - mean) / jnp.sqrt(var + 1e-6)).reshape(v.shape)
 
-  h = layers.Conv3D(features, conv_impl="native").apply(
-      {"params": params["Conv3D_0"]}, nn.silu(group_norm(x)))
-  projected = nn.silu(embedding) @ dense + params["Dense_0"]["bias"]
-  projected = projected[:, None, None, None, :]
-  if scale_shift:
-    scale, shift = projected[..., :features], projected[..., features:]
-    expected = x + nn.silu(group_norm(h) * (1 + scale) + shift)
-  else:
-    expected = x + nn.silu(group_norm(h + projected))
+  @jax.jit  # One compile instead of one per op.
+  def out_and_expected(params, x, embedding):
+    out = block.apply({"params": params}, x, embedding)
+    h = layers.Conv3D(features, conv_impl="native").apply(
+        {"params": params["Conv3D_0"]}, nn.silu(group_norm(x)))
+    projected = nn.silu(embedding) @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
+    projected = projected[:, None, None, None, :]
+    if scale_shift:
+      scale, shift = projected[..., :features], projected[..., features:]
+      return out, x + nn.silu(group_norm(h) * (1 + scale) + shift)
+    return out, x + nn.silu(group_norm(h + projected))
+
+  out, expected = out_and_expected(params, x, embedding)
   np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=2e-4)
 
 
