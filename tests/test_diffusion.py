@@ -78,8 +78,11 @@ def test_posterior_mean_and_variance_match_ho_eq7():
   betas = np.linspace(1e-4, 2e-2, 1000)
   schedule = linear_beta_schedule(1000)
   x0, xt = normal(0), normal(1)
+  # Jitted: one compile instead of one for each op.
+  posterior = jax.jit(lambda t: (q_posterior_mean_variance(schedule, x0, xt, t),
+                                 q_posterior_mean_variance_strided(schedule, x0, xt, t, t - 1)))
   for step in (0, 1, 250, 999):
-    t = jnp.array([step, step])
+    t = np.array([step, step], np.int32)
     alpha_bar = np.cumprod(1 - betas)
     alpha_bar_prev = 1.0 if step == 0 else alpha_bar[step - 1]
     beta, ab = betas[step], alpha_bar[step]
@@ -87,12 +90,10 @@ def test_posterior_mean_and_variance_match_ho_eq7():
     mean_expected = (np.sqrt(alpha_bar_prev) * beta / (1 - ab) * x0_64
                      + np.sqrt(1 - beta) * (1 - alpha_bar_prev) / (1 - ab) * xt_64)
     variance_expected = (1 - alpha_bar_prev) / (1 - ab) * beta
-    mean, variance, _ = q_posterior_mean_variance(schedule, x0, xt, t)
+    (mean, variance, _), (strided_mean, strided_variance) = jax.tree.map(np.asarray, posterior(t))
     np.testing.assert_allclose(mean, mean_expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(variance[:, 0, 0, 0, 0], variance_expected, rtol=1e-5, atol=1e-12)
     # The respaced form between t and t - 1 is the same posterior.
-    strided_mean, strided_variance = q_posterior_mean_variance_strided(
-        schedule, x0, xt, t, t - 1)
     np.testing.assert_allclose(strided_mean, mean_expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(strided_variance[:, 0, 0, 0, 0], variance_expected, rtol=1e-4,
                                atol=1e-12)
@@ -204,9 +205,14 @@ def test_guidance_interval_guides_inside_and_is_conditional_outside():
   z, t = normal(0), jnp.array([100, 700])  # one sample inside [200, 800), one outside
   fps, labels, null_label = jnp.array([8.0, 16.0]), jnp.array([1, 2]), 5
   apply_fn = fake_apply_fn([])
-  conditional = apply_fn(2.0, z, t, fps, labels)
-  unconditional = apply_fn(2.0, z, t, fps, jnp.full_like(labels, null_label))
-  guided = make_guided_model_fn(apply_fn, 2.0, fps, labels, null_label, 3.0, (200, 800))(z, t)
+
+  @jax.jit  # one compile instead of one for each op
+  def outputs(z, t):
+    return (apply_fn(2.0, z, t, fps, labels),
+            apply_fn(2.0, z, t, fps, jnp.full_like(labels, null_label)),
+            make_guided_model_fn(apply_fn, 2.0, fps, labels, null_label, 3.0, (200, 800))(z, t))
+
+  conditional, unconditional, guided = jax.tree.map(np.asarray, outputs(z, t))
   np.testing.assert_allclose(guided[0], conditional[0], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(guided[1], (3.0 * (conditional - unconditional) + unconditional)[1],
                              rtol=1e-5, atol=1e-5)
@@ -295,14 +301,20 @@ def test_min_snr_weight_makes_the_loss_min_snr_times_the_x0_error(prediction):
   t = jnp.array([0, 30, 200, 500, 999])  # SNR from ~1e4 down to ~4e-5: both sides of gamma
   shape = (5, 2, 4, 4, 3)
   x0, noise, error = normal(0, shape), normal(1, shape), 0.1 * normal(2, shape)
-  xt = q_sample(schedule, x0, t, noise)
-  x0_hat = x0 + error
-  eps_hat = predict_eps_from_x0(schedule, xt, t, x0_hat)
-  output = eps_hat if prediction == "eps" else v_target(schedule, x0_hat, t, eps_hat)
-  target = training_target(schedule, x0, t, noise, prediction)
-  per_sample = jnp.mean((output - target) ** 2, axis=(1, 2, 3, 4))
-  weighted = loss_weight(schedule, t, prediction, "min_snr", gamma) * per_sample
-  snr = np.asarray(signal_to_noise(schedule, t), np.float64)
+
+  @jax.jit  # one compile instead of one for each op
+  def weighted_and_snr(x0, noise, error):
+    xt = q_sample(schedule, x0, t, noise)
+    x0_hat = x0 + error
+    eps_hat = predict_eps_from_x0(schedule, xt, t, x0_hat)
+    output = eps_hat if prediction == "eps" else v_target(schedule, x0_hat, t, eps_hat)
+    target = training_target(schedule, x0, t, noise, prediction)
+    per_sample = jnp.mean((output - target) ** 2, axis=(1, 2, 3, 4))
+    return (loss_weight(schedule, t, prediction, "min_snr", gamma) * per_sample,
+            signal_to_noise(schedule, t))
+
+  weighted, snr = weighted_and_snr(x0, noise, error)
+  snr = np.asarray(snr, np.float64)
   expected = np.minimum(snr, gamma) * np.mean(np.asarray(error, np.float64) ** 2, axis=(1, 2, 3, 4))
   np.testing.assert_allclose(weighted, expected, rtol=2e-3)
   assert snr[0] > gamma > snr[-1]

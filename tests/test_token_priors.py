@@ -61,10 +61,12 @@ def mlm():
 
 def test_changing_code_i_never_changes_the_logits_of_positions_up_to_i(ar):
   model, params, codes, labels, fps = ar
-  logits = model.apply({"params": params}, codes, labels, fps)
+  codes = np.asarray(codes)  # numpy edits and slices: eager jnp compiles a program for each
+  logits = np.asarray(model.apply({"params": params}, codes, labels, fps))
   for i in (0, 5, LENGTH - 1):
-    changed = codes.at[:, i].set((codes[:, i] + 1) % VOCAB)
-    other = model.apply({"params": params}, changed, labels, fps)
+    changed = codes.copy()
+    changed[:, i] = (codes[:, i] + 1) % VOCAB
+    other = np.asarray(model.apply({"params": params}, changed, labels, fps))
     np.testing.assert_array_equal(other[:, :i + 1], logits[:, :i + 1])  # p(x_j | x_<j), j <= i
     if i + 1 < LENGTH:
       assert not np.allclose(other[:, i + 1:], logits[:, i + 1:])  # the later ones see it
@@ -111,7 +113,7 @@ def test_top_k_one_is_greedy_decoding(ar):
   model, params, _, labels, fps = ar
   codes = _ar_sample(params, labels, fps, 0, top_k=1)
   np.testing.assert_array_equal(codes, _ar_sample(params, labels, fps, 1, top_k=1))
-  logits = model.apply({"params": params}, jnp.asarray(codes), labels, fps)
+  logits = model.apply({"params": params}, codes, labels, fps)
   np.testing.assert_array_equal(codes, np.argmax(logits, axis=-1))  # each the most likely
 
 
@@ -141,7 +143,7 @@ def test_a_sliding_window_extends_greedy_decoding_past_the_trained_frames(ar):
   assert video.shape == (2, 5, 2, 3)
   np.testing.assert_array_equal(video[:, :2], first)
   for k in range(2, 5):
-    window = jnp.asarray(video[:, k - 1:k + 1].reshape(2, LENGTH))
+    window = video[:, k - 1:k + 1].reshape(2, LENGTH)
     logits = model.apply({"params": params}, window, labels, fps)
     np.testing.assert_array_equal(video[:, k].reshape(2, -1), np.argmax(logits[:, 6:], -1))
 
@@ -152,24 +154,34 @@ def test_factorised_codes_are_the_quantizers_channel_digits():
   from vqvdm_jax.models import quantizers
   from vqvdm_jax.models.transformer import code_digits, digits_to_codes
   levels = (8, 5, 5, 3)
-  indices = jnp.arange(math.prod(levels))
-  digits = code_digits(indices, levels)
-  half = jnp.asarray([level // 2 for level in levels])
-  np.testing.assert_array_equal(
-      jnp.round(quantizers.fsq_codes_from_indices(indices, levels) * half + half), digits)
-  np.testing.assert_array_equal(digits_to_codes(digits, levels), indices)
-  bits = code_digits(indices[:16], (2,) * 4)
-  np.testing.assert_array_equal(2 * bits - 1, quantizers.lfq_codes_from_indices(indices[:16], 4))
-  logits = jax.random.normal(jax.random.PRNGKey(0), (3, sum(levels)))
-  codes = jnp.array([0, 17, 599])
-  blocks = prior_model.split_digits(logits, levels)
-  expected = sum(jax.nn.log_softmax(block)[jnp.arange(3), code_digits(codes, levels)[:, i]]
-                 for i, block in enumerate(blocks))
-  np.testing.assert_allclose(prior_model.code_log_probability(logits, codes, levels), expected,
-                             rtol=1e-6)
-  greedy = prior_model.sample_codes(video_keys(0, 0, 3), logits, 0.0, factors=levels)
-  np.testing.assert_array_equal(
-      code_digits(greedy, levels), jnp.stack([b.argmax(-1) for b in blocks], axis=-1))
+
+  @jax.jit  # one compile: eager, each op compiles a program of its own
+  def compared():
+    indices = jnp.arange(math.prod(levels))
+    digits = code_digits(indices, levels)
+    half = jnp.asarray([level // 2 for level in levels])
+    logits = jax.random.normal(jax.random.PRNGKey(0), (3, sum(levels)))
+    codes = jnp.array([0, 17, 599])
+    blocks = prior_model.split_digits(logits, levels)
+    greedy = prior_model.sample_codes(video_keys(0, 0, 3), logits, 0.0, factors=levels)
+    return {
+        "indices": indices, "digits": digits,
+        "fsq_digits": jnp.round(quantizers.fsq_codes_from_indices(indices, levels) * half + half),
+        "from_digits": digits_to_codes(digits, levels),
+        "bits": code_digits(indices[:16], (2,) * 4),
+        "lfq": quantizers.lfq_codes_from_indices(indices[:16], 4),
+        "log_p": prior_model.code_log_probability(logits, codes, levels),
+        "expected": sum(jax.nn.log_softmax(block)[jnp.arange(3), code_digits(codes, levels)[:, i]]
+                        for i, block in enumerate(blocks)),
+        "greedy_digits": code_digits(greedy, levels),
+        "best_digits": jnp.stack([b.argmax(-1) for b in blocks], axis=-1)}
+
+  got = jax.tree.map(np.asarray, compared())
+  np.testing.assert_array_equal(got["fsq_digits"], got["digits"])
+  np.testing.assert_array_equal(got["from_digits"], got["indices"])
+  np.testing.assert_array_equal(2 * got["bits"] - 1, got["lfq"])
+  np.testing.assert_allclose(got["log_p"], got["expected"], rtol=1e-6)
+  np.testing.assert_array_equal(got["greedy_digits"], got["best_digits"])
 
 
 def test_factorised_transformer_is_causal_and_its_cache_matches(ar):
@@ -177,9 +189,11 @@ def test_factorised_transformer_is_causal_and_its_cache_matches(ar):
   model, decoder = _model(True, factors=(4, 4)), _model(True, decode=True, factors=(4, 4))
   params = _init(model, 3)
   forward = jax.jit(lambda codes: model.apply({"params": params}, codes, labels, fps))
-  logits = forward(codes)
+  logits = np.asarray(forward(codes))
   assert logits.shape == (2, LENGTH, 8)  # two digits of 4
-  changed = forward(codes.at[:, 5].set((codes[:, 5] + 5) % VOCAB))
+  changed_codes = np.array(codes)  # numpy edits and slices: eager jnp compiles a program for each
+  changed_codes[:, 5] = (changed_codes[:, 5] + 5) % VOCAB
+  changed = np.asarray(forward(changed_codes))
   np.testing.assert_array_equal(changed[:, :6], logits[:, :6])
   assert not np.allclose(changed[:, 6:], logits[:, 6:])
   prompted, _ = jax.jit(lambda: decoder.apply({"params": params}, labels, fps, codes[:, :5],
@@ -189,14 +203,13 @@ def test_factorised_transformer_is_causal_and_its_cache_matches(ar):
 
 
 def test_filtering_keeps_the_top_k_and_the_nucleus():
-  logits = jnp.log(jnp.array([[0.5, 0.05, 0.3, 0.15]]))
-  assert np.isfinite(prior_model.filter_logits(logits, top_k=2)).tolist() == [
-      [True, False, True, False]]
+  logits = np.log(np.array([[0.5, 0.05, 0.3, 0.15]], np.float32))
+  # Jitted: one compile a setting instead of one for each op.
+  filter_logits = jax.jit(prior_model.filter_logits, static_argnames=("top_k", "top_p"))
+  assert np.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, False, True, False]]
   # 0.5 + 0.3 < 0.85: the nucleus needs the third most likely code too.
-  assert np.isfinite(prior_model.filter_logits(logits, top_p=0.85)).tolist() == [
-      [True, False, True, True]]
-  assert np.isfinite(prior_model.filter_logits(logits, top_p=0.4)).tolist() == [
-      [True, False, False, False]]
+  assert np.isfinite(filter_logits(logits, top_p=0.85)).tolist() == [[True, False, True, True]]
+  assert np.isfinite(filter_logits(logits, top_p=0.4)).tolist() == [[True, False, False, False]]
 
 
 @pytest.mark.parametrize("prior", ["ar", "mlm"])
@@ -206,20 +219,25 @@ def test_guidance_scale_one_is_the_conditional_and_zero_the_unconditional_logits
   else:
     model, params, labels, fps = mlm
     model = Jitted(model)
-    codes = jnp.where(jnp.arange(LENGTH) % 3 == 0, model.mask_token, ar[2])
+    codes = np.where(np.arange(LENGTH) % 3 == 0, model.mask_token, np.asarray(ar[2]))
+  # Jitted guidance arithmetic and numpy inputs: eager, each op compiles a program of its own.
   # One call on the batch and the batch with the null class, as the samplers make it.
-  both_labels, both_fps = prior_model.with_null_class(labels, fps, NULL, 0.0)
+  both_labels, both_fps = jax.jit(prior_model.with_null_class, static_argnums=(2, 3))(
+      labels, fps, NULL, 0.0)
   assert both_labels.tolist() == [*labels.tolist(), NULL, NULL]
-  both = model.apply({"params": params}, jnp.tile(codes, (2, 1)), both_labels, both_fps)
+  both = model.apply({"params": params}, np.tile(codes, (2, 1)), both_labels, both_fps)
 
-  conditional = model.apply({"params": params}, codes, labels, fps)
-  unconditional = model.apply({"params": params}, codes, jnp.full_like(labels, NULL), fps)
+  conditional = np.asarray(model.apply({"params": params}, codes, labels, fps))
+  unconditional = np.asarray(model.apply({"params": params}, codes, np.full_like(labels, NULL),
+                                         fps))
   assert not np.allclose(conditional, unconditional)  # the class token matters
-  np.testing.assert_allclose(prior_model.guided_logits(*jnp.split(both, 2), 1.0), conditional,
-                             atol=1e-5)
-  np.testing.assert_allclose(prior_model.combine_guided(both, 0.0), unconditional, atol=1e-5)
-  np.testing.assert_allclose(prior_model.combine_guided(both, 3.0),
-                             unconditional + 3.0 * (conditional - unconditional), atol=1e-4)
+  guided_by_1, combined_by_0, combined_by_3 = jax.jit(lambda both: (
+      prior_model.guided_logits(*jnp.split(both, 2), 1.0), prior_model.combine_guided(both, 0.0),
+      prior_model.combine_guided(both, 3.0)))(both)
+  np.testing.assert_allclose(guided_by_1, conditional, atol=1e-5)
+  np.testing.assert_allclose(combined_by_0, unconditional, atol=1e-5)
+  np.testing.assert_allclose(combined_by_3, unconditional + 3.0 * (conditional - unconditional),
+                             atol=1e-4)
 
 
 def test_masked_decoding_follows_the_schedule_and_never_changes_given_codes(mlm):
@@ -252,7 +270,8 @@ def test_masked_decoding_follows_the_schedule_and_never_changes_given_codes(mlm)
 def test_a_videos_codes_do_not_depend_on_the_other_rows_of_its_batch(prior, ar, mlm):
   """Each row draws from its own key: appending rows (a larger batch, or the padding of a last
   sampling batch) leaves the first rows' codes as they were."""
-  labels, fps = jnp.array([0, 2, 1, 1]), jnp.array([8.0, 16.0, 8.0, 4.0])
+  # numpy: eager, each slice of a jax array compiles a program of its own
+  labels, fps = np.array([0, 2, 1, 1], np.int32), np.array([8.0, 16.0, 8.0, 4.0], np.float32)
   if prior == "ar":
     def draw(batch):
       return _ar_sample(ar[1], labels[:batch], fps[:batch], 3, top_p=0.9)
@@ -276,7 +295,8 @@ def test_mask_counts_fall_by_the_cosine_and_at_least_one_a_step():
 
 
 def test_training_masks_follow_the_cosine_ratio():
-  mask = np.asarray(masked.random_token_mask(jax.random.PRNGKey(0), 4000, 64))
+  mask = np.asarray(jax.jit(masked.random_token_mask, static_argnums=(1, 2))(  # one compile
+      jax.random.PRNGKey(0), 4000, 64))
   counts = mask.sum(-1)
   assert counts.min() >= 1 and counts.max() <= 64
   # E[cos(π r / 2)] over r ~ U[0, 1) = 2 / π.

@@ -17,8 +17,9 @@ def init_key(seed: int) -> jax.Array:
 
 
 def normal(seed: int, shape) -> jax.Array:
-  """Test inputs from numpy: no RNG computation to compile."""
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+  """Test inputs from numpy: no RNG computation to compile (nor the program jnp.asarray compiles
+  for each shape)."""
+  return jax.device_put(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
 
 
 def small_unet(**overrides) -> UNet3D:
@@ -37,25 +38,39 @@ def conditional_unet():
   return model, params, z
 
 
+@pytest.fixture(scope="module")
+def conditional_apply(conditional_unet):
+  """The conditional U-Net's jitted apply: the tests that call it on the same shapes share one
+  compile (a new ``jax.jit(model.apply)`` of each test compiles again)."""
+  return jax.jit(conditional_unet[0].apply)
+
+
 def test_causal_temporal_attention_ignores_future_frames():
-  x = normal(0, (2, 5, 3, 3, 8))
+  # Jitted init and numpy edits: eager, each op compiles a program of its own.
+  x = np.asarray(normal(0, (2, 5, 3, 3, 8)))
   attention = TemporalAttention(num_heads=2, num_groups=4)
-  params = attention.init(init_key(1), x)
+  params = jax.jit(attention.init)(init_key(1), x)
   apply = jax.jit(attention.apply)
-  base = apply(params, x)
+  base = np.asarray(apply(params, x))
   for frame in (1, 3):
     # Random, not constant: a per-frame GroupNorm would erase a constant shift of one frame.
-    bump = normal(frame, x[:, frame].shape)
-    perturbed = apply(params, x.at[:, frame].add(bump))
+    bump = np.asarray(normal(frame, x[:, frame].shape))
+    bumped = x.copy()
+    bumped[:, frame] += bump
+    perturbed = np.asarray(apply(params, bumped))
     np.testing.assert_allclose(perturbed[:, :frame], base[:, :frame], atol=1e-6)
-    changes = jnp.abs(perturbed - base).max(axis=(0, 2, 3, 4))
-    assert np.all(np.asarray(changes[frame:]) > 1e-4), changes
+    changes = np.abs(perturbed - base).max(axis=(0, 2, 3, 4))
+    assert np.all(changes[frame:] > 1e-4), changes
+
+
+# Jitted: eager, each op of the embedding compiles a program of its own.
+jitted_timestep_embedding = jax.jit(timestep_embedding, static_argnums=(1, 2))
 
 
 def test_timestep_embedding_shape_and_range():
-  embedding = timestep_embedding(jnp.array([0, 10, 999]), 9)
+  embedding = jitted_timestep_embedding(jnp.array([0, 10, 999]), 9)
   assert embedding.shape == (3, 9)
-  assert float(jnp.abs(embedding).max()) <= 1.0
+  assert float(np.abs(np.asarray(embedding)).max()) <= 1.0
 
 
 def sinusoidal_embedding_64(values, dim: int, max_period: float) -> np.ndarray:
@@ -71,18 +86,19 @@ def sinusoidal_embedding_64(values, dim: int, max_period: float) -> np.ndarray:
 def test_timestep_embedding_is_cos_then_sin_of_geometric_frequencies():
   values = [0, 1, 7, 250, 999, 29.97]  # timesteps, and a fractional frame rate
   for dim, max_period in ((8, 10000.0), (9, 10000.0), (6, 100.0)):
-    got = timestep_embedding(jnp.asarray(values, jnp.float32), dim, max_period)
+    got = jitted_timestep_embedding(np.asarray(values, np.float32), dim, max_period)
     np.testing.assert_allclose(got, sinusoidal_embedding_64(values, dim, max_period), atol=1e-4,
                                err_msg=f"dim={dim}, max_period={max_period}")
   # The default period is Vaswani et al.'s 10000.
-  np.testing.assert_array_equal(timestep_embedding(jnp.asarray(values), 8),
-                                timestep_embedding(jnp.asarray(values), 8, 10000.0))
+  np.testing.assert_array_equal(jitted_timestep_embedding(np.asarray(values, np.float32), 8),
+                                jitted_timestep_embedding(np.asarray(values, np.float32), 8,
+                                                          10000.0))
 
 
-def test_unet_output_shape_equals_input_with_class_and_fps(conditional_unet):
-  model, params, z = conditional_unet
-  out = jax.jit(model.apply)(params, z, jnp.array([3, 700]), jnp.array([8.0, 29.97]),
-                             jnp.array([0, 2]))
+def test_unet_output_shape_equals_input_with_class_and_fps(conditional_unet, conditional_apply):
+  _, params, z = conditional_unet
+  out = conditional_apply(params, z, jnp.array([3, 700]), jnp.array([8.0, 29.97]),
+                          jnp.array([0, 2]))
   assert out.shape == z.shape and out.dtype == jnp.float32
   assert np.all(np.isfinite(np.asarray(out)))
 
@@ -91,25 +107,24 @@ def test_unet_output_shape_equals_input_without_conditioning():
   model = small_unet(num_classes=0, use_fps=False, attention_levels=(0, 1))
   z = normal(0, LATENT_SHAPE)
   t = jnp.array([1.0, 500.0])  # float timesteps are accepted too.
-  params = jax.jit(model.init)(init_key(1), z, t)
-  assert "fps_embedding" not in params["params"] and "class_embedding" not in params["params"]
+  # Parameters from numpy on the traced shapes: the init compiles ~6x longer than the apply.
+  shapes = jax.eval_shape(model.init, init_key(1), z, t)
+  assert "fps_embedding" not in shapes["params"] and "class_embedding" not in shapes["params"]
+  params = moved_off_init(jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), shapes))
   assert jax.jit(model.apply)(params, z, t).shape == z.shape
 
 
-def test_class_conditioning_changes_the_output(conditional_unet):
-  model, params, z = conditional_unet
-  # Move every parameter off its initial value so no zero-initialised bias hides the label.
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  params = jax.tree_util.tree_unflatten(
-      treedef, [leaf + 0.05 * normal(seed, leaf.shape) for seed, leaf in enumerate(leaves)])
-  apply = jax.jit(model.apply)
+def test_class_conditioning_changes_the_output(conditional_unet, conditional_apply):
+  _, params, z = conditional_unet
+  params = moved_off_init(params)  # no zero-initialised bias may hide the label
+  apply = conditional_apply
   t, fps = jnp.array([5, 5]), jnp.array([8.0, 8.0])
-  first = apply(params, z, t, fps, jnp.array([0, 0]))
-  second = apply(params, z, t, fps, jnp.array([1, 2]))
+  first = np.asarray(apply(params, z, t, fps, jnp.array([0, 0])))
+  second = np.asarray(apply(params, z, t, fps, jnp.array([1, 2])))
   null = apply(params, z, t, fps, jnp.array([3, 3]))  # label num_classes is the null label
-  unconditional = apply(params, z, t, fps, None)
-  assert float(jnp.abs(first - second).max()) > 1e-4
-  assert float(jnp.abs(first - unconditional).max()) > 1e-4
+  unconditional = np.asarray(apply(params, z, t, fps, None))
+  assert float(np.abs(first - second).max()) > 1e-4
+  assert float(np.abs(first - unconditional).max()) > 1e-4
   np.testing.assert_allclose(unconditional, null, atol=1e-5)
 
 
@@ -124,8 +139,8 @@ def test_class_embedding_starts_as_strong_as_the_timestep_embedding(conditional_
 
 def test_missing_fps_is_an_error(conditional_unet):
   model, params, z = conditional_unet
-  with pytest.raises(ValueError, match="use_fps"):
-    model.apply(params, z, jnp.array([1, 1]), None, jnp.array([0, 0]))
+  with pytest.raises(ValueError, match="use_fps"):  # jitted: raised while tracing, no op compiled
+    jax.jit(model.apply)(params, z, jnp.array([1, 1]), None, jnp.array([0, 0]))
 
 
 def test_remat_keeps_the_parameters_the_output_and_the_gradients(conditional_unet):
@@ -171,22 +186,25 @@ def test_scale_shift_norm_reaches_every_residual_block():
 
 
 def moved_off_init(params):
-  """Every parameter shifted by a little noise, so no zero-initialised bias hides an input."""
+  """Every parameter shifted by a little noise, so no zero-initialised bias hides an input.
+
+  In numpy: eager, each add and multiply would compile a program for each shape."""
   leaves, treedef = jax.tree_util.tree_flatten(params)
-  return jax.tree_util.tree_unflatten(
-      treedef, [leaf + 0.05 * normal(seed, leaf.shape) for seed, leaf in enumerate(leaves)])
+  return jax.device_put(jax.tree_util.tree_unflatten(treedef, [
+      np.asarray(leaf) + 0.05 * np.asarray(normal(seed, leaf.shape))
+      for seed, leaf in enumerate(leaves)]))
 
 
-def test_fps_conditioning_changes_the_output_per_sample(conditional_unet):
-  model, params, z = conditional_unet
+def test_fps_conditioning_changes_the_output_per_sample(conditional_unet, conditional_apply):
+  _, params, z = conditional_unet
   params = moved_off_init(params)
-  apply = jax.jit(model.apply)
+  apply = conditional_apply
   t, labels = jnp.array([5, 5]), jnp.array([0, 1])
-  slow = apply(params, z, t, jnp.array([8.0, 8.0]), labels)
-  fast = apply(params, z, t, jnp.array([30.0, 30.0]), labels)
-  assert np.all(np.asarray(jnp.abs(slow - fast).max(axis=(1, 2, 3, 4))) > 1e-4)
+  slow = np.asarray(apply(params, z, t, jnp.array([8.0, 8.0]), labels))
+  fast = np.asarray(apply(params, z, t, jnp.array([30.0, 30.0]), labels))
+  assert np.all(np.abs(slow - fast).max(axis=(1, 2, 3, 4)) > 1e-4)
   # Each sample is conditioned on its own frame rate.
-  mixed = apply(params, z, t, jnp.array([8.0, 30.0]), labels)
+  mixed = np.asarray(apply(params, z, t, jnp.array([8.0, 30.0]), labels))
   np.testing.assert_allclose(mixed[0], slow[0], atol=1e-5)
   np.testing.assert_allclose(mixed[1], fast[1], atol=1e-5)
 
@@ -199,7 +217,7 @@ def test_fps_is_ignored_with_use_fps_off():
   # still makes no FPS embedding.
   shapes = jax.eval_shape(model.init, init_key(1), z, t, jnp.array([8.0, 8.0]), labels)
   assert "fps_embedding" not in shapes["params"]
-  params = moved_off_init(jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes))
+  params = moved_off_init(jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), shapes))
   outputs = jax.jit(lambda params: [model.apply(params, z, t, fps, labels) for fps in (
       None, jnp.array([8.0, 8.0]), jnp.array([30.0, 1.0]))])(params)
   for output in outputs[1:]:
@@ -220,17 +238,18 @@ def test_spatial_attention_sits_at_the_configured_levels_and_the_middle():
   assert attention_blocks(small_unet(attention_levels=())) == {"middle_block"}
 
 
-def test_zeroing_a_spatial_attention_output_changes_the_unet_output(conditional_unet):
-  model, params, z = conditional_unet
+def test_zeroing_a_spatial_attention_output_changes_the_unet_output(conditional_unet,
+                                                                     conditional_apply):
+  _, params, z = conditional_unet
   params = moved_off_init(params)
-  apply = jax.jit(model.apply)
+  apply = conditional_apply
   args = (z, jnp.array([5, 600]), jnp.array([8.0, 8.0]), jnp.array([0, 1]))
-  base = apply(params, *args)
+  base = np.asarray(apply(params, *args))
   blocks = [name for name, block in params["params"].items() if "spatial_attention" in block]
   assert len(blocks) == 4
   for name in blocks:
     zeroed = jax.tree_util.tree_map(lambda leaf: leaf, params)  # a copy to edit
     projection = zeroed["params"][name]["spatial_attention"]["SelfAttention_0"]["out"]
     zeroed["params"][name]["spatial_attention"]["SelfAttention_0"]["out"] = jax.tree.map(
-        jnp.zeros_like, projection)
-    assert float(jnp.abs(apply(zeroed, *args) - base).max()) > 1e-4, name
+        np.zeros_like, projection)
+    assert float(np.abs(np.asarray(apply(zeroed, *args)) - base).max()) > 1e-4, name

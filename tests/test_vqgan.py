@@ -1,5 +1,6 @@
 """The 3D VQGAN tokenizer: shapes, causality, gradients and the MaskGIT tokenizer surface."""
 
+import functools
 import itertools
 
 import jax
@@ -17,11 +18,18 @@ def test_ucf101_latent_is_4_channels_of_4x16x16_for_16x128x128_clips():
   assert latent_shape(config, batch_size=2) == (2, 4, 16, 16, 4)
 
 
+@config_lib.per_config(copies=False)
+def _jitted_init(config):
+  """One jitted init for each config: tests of the same config and video shape share its compile.
+  Of a copy, as the model holds the config it was made from and tests edit theirs later."""
+  return jax.jit(make_vqgan(config.copy_and_resolve_references()).init)
+
+
 def _init(config, video):
   # Jitted: one compile of the init costs half of running it op by op (each op compiled alone).
   model = make_vqgan(config)
-  variables = jax.jit(model.init)({"params": jax.random.PRNGKey(0),
-                                   "quantizer": jax.random.PRNGKey(1)}, video)
+  variables = _jitted_init(config)({"params": jax.random.PRNGKey(0),
+                                    "quantizer": jax.random.PRNGKey(1)}, video)
   return model, variables
 
 
@@ -29,10 +37,11 @@ def test_reconstruction_has_the_input_shape_and_codes_the_latent_grid():
   config = load_config("tiny")
   video = jax.random.uniform(jax.random.PRNGKey(2), (2, 8, 16, 16, 3), minval=-1, maxval=1)
   model, variables = _init(config, video)
-  x_hat, quantized = model.apply(variables, video)
+  (x_hat, quantized), indices = jax.jit(lambda variables, video: (  # jitted: as _init
+      model.apply(variables, video),
+      model.apply(variables, video, method=VQGAN3D.encode_to_indices)))(variables, video)
   assert x_hat.shape == video.shape
   assert quantized.indices.shape == (2, 2, 4, 4)
-  indices = model.apply(variables, video, method=VQGAN3D.encode_to_indices)
   np.testing.assert_array_equal(np.asarray(indices), np.asarray(quantized.indices))
 
 
@@ -40,8 +49,13 @@ def test_decode_from_indices_equals_decoding_the_quantized_latent():
   config = load_config("tiny")
   video = jax.random.uniform(jax.random.PRNGKey(2), (1, 8, 16, 16, 3), minval=-1, maxval=1)
   model, variables = _init(config, video)
-  x_hat, quantized = model.apply(variables, video)
-  from_indices = model.apply(variables, quantized.indices, method=VQGAN3D.decode_from_indices)
+
+  @jax.jit  # as _init
+  def reconstruct(variables, video):
+    x_hat, quantized = model.apply(variables, video)
+    return x_hat, model.apply(variables, quantized.indices, method=VQGAN3D.decode_from_indices)
+
+  x_hat, from_indices = reconstruct(variables, video)
   np.testing.assert_allclose(np.asarray(from_indices), np.asarray(x_hat), atol=1e-5)
 
 
@@ -55,7 +69,7 @@ def test_straight_through_gradient_reaches_the_encoder():
     return jnp.mean((x_hat - video) ** 2)
 
   grads = jax.jit(jax.grad(reconstruction_error))(variables["params"])  # jitted: as _init
-  encoder_norm = sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(grads["encoder"]))
+  encoder_norm = sum(float(np.sum(np.asarray(g) ** 2)) for g in jax.tree.leaves(grads["encoder"]))
   assert encoder_norm > 0.0
 
 
@@ -66,16 +80,18 @@ def test_causal_tokenizer_code_of_earlier_frames_ignores_later_frames():
   config.data.num_frames = 9  # 1 + 2 * 4: latent frames cover {0}, {1..4}, {5..8}
   video = jax.random.uniform(jax.random.PRNGKey(3), (1, 9, 16, 16, 3), minval=-1, maxval=1)
   model, variables = _init(config, video)
+  # numpy arrays around the one jitted encoder: eager jnp edits and slices compile a program each
   encode = jax.jit(lambda v: model.apply(variables, v, method=VQGAN3D.encode))
-  latent = encode(video)
+  video = np.asarray(video)
+  latent = np.asarray(encode(video))
   assert latent.shape[1] == 3
   for frame in (1, 5):
-    changed = encode(video.at[:, frame].set(-video[:, frame]))
+    flipped = video.copy()
+    flipped[:, frame] = -video[:, frame]
+    changed = np.asarray(encode(flipped))
     first_affected = (frame + 3) // 4  # latent frame j reads video frames <= 4j
-    np.testing.assert_array_equal(np.asarray(changed[:, :first_affected]),
-                                  np.asarray(latent[:, :first_affected]))
-    assert not np.allclose(np.asarray(changed[:, first_affected]),
-                           np.asarray(latent[:, first_affected]))
+    np.testing.assert_array_equal(changed[:, :first_affected], latent[:, :first_affected])
+    assert not np.allclose(changed[:, first_affected], latent[:, first_affected])
 
 
 def test_causal_tokenizer_encodes_and_decodes_single_images():
@@ -85,7 +101,7 @@ def test_causal_tokenizer_encodes_and_decodes_single_images():
   video = jnp.zeros((1, 9, 16, 16, 3))
   model, variables = _init(config, video)
   image = jax.random.uniform(jax.random.PRNGKey(4), (1, 1, 16, 16, 3), minval=-1, maxval=1)
-  x_hat, quantized = model.apply(variables, image)
+  x_hat, quantized = jax.jit(model.apply)(variables, image)  # jitted: as _init
   assert quantized.indices.shape == (1, 1, 4, 4)
   assert x_hat.shape == image.shape
 
@@ -95,9 +111,10 @@ def test_native_and_taps_convolutions_give_the_same_tokenizer():
   video = jax.random.uniform(jax.random.PRNGKey(5), (1, 8, 16, 16, 3), minval=-1, maxval=1)
   config.vqgan.model.conv_impl = "native"
   model, variables = _init(config, video)
-  native = model.apply(variables, video, method=VQGAN3D.encode)
+  native = jax.jit(functools.partial(model.apply, method=VQGAN3D.encode))(variables, video)
   config.vqgan.model.conv_impl = "taps"
-  taps = make_vqgan(config).apply(variables, video, method=VQGAN3D.encode)
+  taps = jax.jit(functools.partial(make_vqgan(config).apply, method=VQGAN3D.encode))(
+      variables, video)  # jitted: as _init
   np.testing.assert_allclose(np.asarray(native), np.asarray(taps), atol=1e-4)
 
 
@@ -110,8 +127,9 @@ def test_remat_keeps_the_parameter_tree_and_the_reconstruction():
   abstract = jax.eval_shape(lambda: remat_model.init(
       {"params": jax.random.PRNGKey(0), "quantizer": jax.random.PRNGKey(1)}, video))
   assert jax.tree.structure(abstract) == jax.tree.structure(variables)
-  np.testing.assert_allclose(remat_model.apply(variables, video)[0],
-                             model.apply(variables, video)[0], rtol=1e-5, atol=1e-6)
+  remat_x_hat, x_hat = jax.jit(lambda variables, video: (  # jitted: as _init
+      remat_model.apply(variables, video)[0], model.apply(variables, video)[0]))(variables, video)
+  np.testing.assert_allclose(remat_x_hat, x_hat, rtol=1e-5, atol=1e-6)
 
 
 def test_causal_tokenizer_decoded_frames_before_a_latent_frames_span_ignore_it():
@@ -122,35 +140,39 @@ def test_causal_tokenizer_decoded_frames_before_a_latent_frames_span_ignore_it()
   config.vqgan.model.conv_impl = "native"  # one conv per layer: compiles faster than taps
   model = make_vqgan(config)
   # Random parameters from numpy on the traced shapes: compiling the init would take longer.
+  # device_put, as jnp.asarray compiles a program for each shape.
   shapes = jax.eval_shape(model.init, {"params": jax.random.PRNGKey(0),
                                        "quantizer": jax.random.PRNGKey(1)},
                           jnp.zeros((1, 9, 16, 16, 3)))
   leaves, treedef = jax.tree_util.tree_flatten(shapes)
   rng = np.random.default_rng(1)
-  variables = jax.tree_util.tree_unflatten(treedef, [
-      jnp.asarray(0.3 * rng.standard_normal(leaf.shape), leaf.dtype) for leaf in leaves])
+  variables = jax.device_put(jax.tree_util.tree_unflatten(treedef, [
+      (0.3 * rng.standard_normal(leaf.shape)).astype(leaf.dtype) for leaf in leaves]))
+  # numpy arrays around the one jitted decoder: eager jnp edits and slices compile a program each
   decode = jax.jit(lambda z: model.apply(variables, z, method=VQGAN3D.decode))
-  latent = jnp.asarray(np.random.default_rng(0).standard_normal(
-      (1, 3, 4, 4, config.vqgan.model.latent_channels)), jnp.float32)
-  decoded = decode(latent)
+  latent = np.random.default_rng(0).standard_normal(
+      (1, 3, 4, 4, config.vqgan.model.latent_channels)).astype(np.float32)
+  decoded = np.asarray(decode(latent))
   assert decoded.shape == (1, 9, 16, 16, 3)
   for frame, span_start in ((0, 0), (1, 1), (2, 5)):
-    changed = decode(latent.at[:, frame].set(-latent[:, frame]))
-    np.testing.assert_array_equal(np.asarray(changed[:, :span_start]),
-                                  np.asarray(decoded[:, :span_start]))
-    assert not np.allclose(np.asarray(changed[:, span_start]), np.asarray(decoded[:, span_start]))
+    flipped = latent.copy()
+    flipped[:, frame] = -latent[:, frame]
+    changed = np.asarray(decode(flipped))
+    np.testing.assert_array_equal(changed[:, :span_start], decoded[:, :span_start])
+    assert not np.allclose(changed[:, span_start], decoded[:, span_start])
 
 
 def test_fold_pixels_puts_each_pixel_block_at_one_position_and_unfold_inverts_it():
   video = np.arange(1 * 2 * 4 * 6 * 3, dtype=np.float32).reshape(1, 2, 4, 6, 3)
-  folded = np.asarray(autoencoder.fold_pixels(jnp.asarray(video), 2))
+  # Jitted: one compile instead of one for each op.
+  folded = np.asarray(jax.jit(autoencoder.fold_pixels, static_argnums=1)(video, 2))
   assert folded.shape == (1, 2, 2, 3, 12)
   for row, col, dy, dx, channel in itertools.product(range(2), range(3), range(2), range(2),
                                                      range(3)):
     assert folded[0, 1, row, col, (dy * 2 + dx) * 3 + channel] == \
         video[0, 1, 2 * row + dy, 2 * col + dx, channel]
-  np.testing.assert_array_equal(np.asarray(autoencoder.unfold_pixels(jnp.asarray(folded), 2)),
-                                video)
+  np.testing.assert_array_equal(
+      np.asarray(jax.jit(autoencoder.unfold_pixels, static_argnums=1)(folded, 2)), video)
 
 
 def test_spatial_patch_keeps_the_latent_grid_and_the_decoder_unfolds_its_output_channels():
@@ -168,10 +190,10 @@ def test_spatial_patch_keeps_the_latent_grid_and_the_decoder_unfolds_its_output_
   out = params["decoder"]["conv_out"]
   params["decoder"]["conv_out"] = {"kernel": jnp.zeros_like(out["kernel"]),
                                    "bias": jnp.arange(12, dtype=jnp.float32)}
-  x_hat, _ = model.apply({**variables, "params": params}, video)
+  x_hat, _ = jax.jit(model.apply)({**variables, "params": params}, video)  # jitted: as _init
   assert x_hat.shape == video.shape
   y, x, c = np.meshgrid(np.arange(16), np.arange(16), np.arange(3), indexing="ij")
-  np.testing.assert_array_equal(np.asarray(x_hat[0, 3]), ((y % 2) * 2 + x % 2) * 3 + c)
+  np.testing.assert_array_equal(np.asarray(x_hat)[0, 3], ((y % 2) * 2 + x % 2) * 3 + c)
 
 
 def _cells(array, temporal, spatial):
@@ -216,12 +238,14 @@ def test_colour_shortcut_adds_each_cells_mean_colour_to_the_latent_and_spreads_i
 
 def test_causal_cell_means_give_frame_zero_its_own_cell():
   video = np.random.default_rng(8).uniform(-1, 1, (1, 9, 4, 4, 3)).astype(np.float32)
-  means = np.asarray(autoencoder.cell_means(jnp.asarray(video), 4, 2, causal=True))
+  # Jitted: one compile instead of one for each op.
+  jit = functools.partial(jax.jit, static_argnums=(1, 2), static_argnames="causal")
+  means = np.asarray(jit(autoencoder.cell_means)(video, 4, 2, causal=True))
   assert means.shape == (1, 3, 2, 2, 3)
   np.testing.assert_allclose(means[:, :1], _cells(video[:, :1], 1, 2).mean(axis=(2, 4, 6)),
                              atol=1e-6)
   np.testing.assert_allclose(means[:, 1:], _cells(video[:, 1:], 4, 2).mean(axis=(2, 4, 6)),
                              atol=1e-6)
-  spread = np.asarray(autoencoder.spread_cells(jnp.asarray(means), 4, 2, causal=True))
+  spread = np.asarray(jit(autoencoder.spread_cells)(means, 4, 2, causal=True))
   assert spread.shape == video.shape  # frame 0 from cell 0 alone, frames 1-4 from cell 1, ...
   np.testing.assert_allclose(spread, _spread_reference(means, 4, 2)[:, 3:], atol=1e-6)
