@@ -386,6 +386,6 @@ def test_fsq_snaps_a_code_space_latent_to_its_nearest_code():
 def test_nearest_codes_equals_quantize_for_table_and_sign_quantizers(kind):
   module = _config_quantizer(kind)
   z = jax.random.normal(jax.random.key(6), (2, 5, 3), jnp.float32)
-  variables = jax.jit(module.init)({"params": jax.random.key(0)}, z)
+  variables = _init(module, z)
   np.testing.assert_array_equal(_jit_apply(module, method="nearest_codes")(variables, z),
                                 _jit_apply(module)(variables, z).quantized)
