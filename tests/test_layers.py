@@ -11,6 +11,13 @@ from flax import linen as nn
 from vqvdm_jax.models import layers
 
 
+def _output_and_gradients(apply, params, x):
+  """``apply(params, x)`` and the gradients of ``sum(sin(apply(params, x)))`` with respect to
+  both, as one jitted program: one compile instead of one per op."""
+  loss = lambda p, x: jnp.sum(jnp.sin(apply(p, x)))  # noqa: E731
+  return jax.jit(lambda p, x: (apply(p, x), jax.grad(loss, argnums=(0, 1))(p, x)))(params, x)
+
+
 def test_replicate_padding_equals_numpy_edge_padding():
   x = np.random.default_rng(0).normal(size=(2, 3, 4, 5, 2)).astype(np.float32)
   pads = ((2, 0), (1, 1), (0, 2))
@@ -34,18 +41,10 @@ def test_taps_and_im2col_convs_equal_the_native_conv_and_their_gradients(causal,
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 12, 12, 3))
   native = layers.Conv3D(5, strides=strides, causal=causal, conv_impl="native")
   params = jax.jit(native.init)(jax.random.PRNGKey(1), x)
-
-  def value_and_grads(conv_impl):
-    conv = native.clone(conv_impl=conv_impl)
-    loss = lambda p, x: jnp.sum(jnp.sin(conv.apply(p, x)))  # noqa: E731
-    # Jitted: one compile instead of one per op.
-    return jax.jit(lambda p, x: (conv.apply(p, x), jax.grad(loss, argnums=(0, 1))(p, x)))(
-        params, x)
-
-  expected = value_and_grads("native")
+  expected = _output_and_gradients(native.apply, params, x)
   for form in ("taps", "im2col"):
-    for got, want in zip(jax.tree.leaves(value_and_grads(form)), jax.tree.leaves(expected),
-                         strict=True):
+    got_tree = _output_and_gradients(native.clone(conv_impl=form).apply, params, x)
+    for got, want in zip(jax.tree.leaves(got_tree), jax.tree.leaves(expected), strict=True):
       # float32 rounding of sums of 10^2-10^3 products, in another order: relative to the
       # leaf's scale (the kernel's gradient reaches ~150; observed error <= 1.3e-6 of it).
       want = np.asarray(want)
@@ -79,14 +78,8 @@ def test_canonical_gradients_equal_xlas_conv_and_its_autodiff_gradients(form, ke
     return _xla_conv3d(layers.replicate_pad(x, pads), kernel, strides) + bias
 
   assert layers.folds_strides(kernel_size, strides) == (kernel_size[1] == 4)
-  loss = lambda apply: lambda p, x: jnp.sum(jnp.sin(apply(p, x)))  # noqa: E731
-
-  def value_and_grads(apply):  # Jitted: one compile instead of one per op.
-    return jax.jit(lambda p, x: (apply(p, x), jax.grad(loss(apply), argnums=(0, 1))(p, x)))(
-        params, x)
-
-  got = value_and_grads(conv.apply)
-  want = value_and_grads(reference)
+  got = _output_and_gradients(conv.apply, params, x)
+  want = _output_and_gradients(reference, params, x)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=1e-5)
 
