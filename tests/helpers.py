@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -112,3 +113,11 @@ def bilinear_resize(video: np.ndarray, height: int, width: int) -> np.ndarray:
   *lead, h, w, c = video.shape
   rows = bilinear_matrix(h, height) @ video.astype(np.float64).reshape(*lead, h, w * c)
   return bilinear_matrix(w, width) @ rows.reshape(*lead, height, w, c)
+
+
+def relative_difference(a: Any, b: Any) -> float:
+  """||a - b|| / ||a|| over every leaf of two pytrees (on the host)."""
+  pairs = list(zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b)),
+                   strict=True))
+  difference = sum(float(np.sum((np.asarray(x) - np.asarray(y)) ** 2)) for x, y in pairs)
+  return (difference / sum(float(np.sum(np.asarray(x) ** 2)) for x, _ in pairs)) ** 0.5

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import load_config
+from helpers import load_config, relative_difference
 
 from vqvdm_jax import config as config_lib
 from vqvdm_jax import losses
@@ -268,13 +268,6 @@ def test_a_restored_two_level_state_continues_bit_identically(trainer_and_step):
   for got, want in zip(jax.tree.leaves(jax.device_get(continued)),
                        jax.tree.leaves(jax.device_get(again)), strict=True):
     np.testing.assert_array_equal(got, want)
-
-
-def relative_difference(a, b) -> float:
-  """||a - b|| / ||a|| over every leaf of two pytrees."""
-  pairs = list(zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
-  difference = sum(float(np.sum((np.asarray(x) - np.asarray(y)) ** 2)) for x, y in pairs)
-  return (difference / sum(float(np.sum(np.asarray(x) ** 2)) for x, _ in pairs)) ** 0.5
 
 
 def test_sharded_two_level_step_matches_the_single_device_step(trainer_and_step, tmp_path):

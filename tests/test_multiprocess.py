@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import cheap_i3d, load_config, untrained_checkpoints
+from helpers import cheap_i3d, load_config, relative_difference, untrained_checkpoints
 from multiprocess_common import NUM_STEPS, evaluation_config, global_batch, make_trainer
 
 from vqvdm_jax.evaluation import evaluate, evaluate_vqgan
@@ -45,10 +45,10 @@ def cluster_runs(tmp_path_factory):
 
 
 def test_two_processes_end_with_the_parameters_of_one_device(cluster_runs, tmp_path):
-  # The reference is the plain computation on one device (the tiny step other tests compile too,
-  # so it often comes from the compilation cache).
+  # The reference is the plain computation on one device.
   single = make_trainer(tmp_path, jax.devices()[:1])
   state = single.initial_state(1.5, 0)
+  initial_params = jax.device_get(state.params)  # the step donates the state
   for step in range(NUM_STEPS):
     state, _ = single.step(state, global_batch(step))
   single.checkpointer.close()
@@ -59,15 +59,16 @@ def test_two_processes_end_with_the_parameters_of_one_device(cluster_runs, tmp_p
   assert int(restored.step) == NUM_STEPS
   # Gradients agree to float32 rounding: gloo and the in-process all-reduce only sum in another
   # order. Adam's moments are compared relative to each array's scale (the first is 0.1 x the
-  # running gradient); the weights to a fraction of lr = 1e-3, since Adam's g / sqrt(v) step
-  # turns rounding in a near-zero gradient into up to a fraction of lr.
+  # running gradient). Adam's g / sqrt(v) step turns the rounding of a near-zero gradient into
+  # up to a full step of lr for that weight, so the weights' updates are compared as a whole,
+  # as for the sharded stage-1 steps: a data-parallel bug changes them completely.
   first_moments = [restored.opt_state[1][0].mu, state.opt_state[1][0].mu]
   for got, want in zip(*(jax.tree.leaves(jax.device_get(tree)) for tree in first_moments),
                        strict=True):
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max() + 1e-9
-  for got, want in zip(jax.tree.leaves(jax.device_get(restored.params)),
-                       jax.tree.leaves(jax.device_get(state.params)), strict=True):
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+  updates = [jax.tree.map(np.subtract, jax.device_get(params), initial_params)
+             for params in (state.params, restored.params)]
+  assert relative_difference(*updates) < 2e-2
 
 
 def test_two_processes_evaluate_like_one_process_with_four_devices(cluster_runs):

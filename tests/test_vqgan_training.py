@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import load_config, stage1_options_config
+from helpers import load_config, relative_difference, stage1_options_config
 
 from vqvdm_jax.data import pipeline
 from vqvdm_jax.evaluation.evaluate_vqgan import evaluate_vqgan
@@ -25,13 +25,6 @@ def tree_arrays(tree):
 def assert_trees_equal(a, b):
   for x, y in zip(tree_arrays(a), tree_arrays(b), strict=True):
     np.testing.assert_array_equal(x, y)
-
-
-def relative_difference(a, b) -> float:
-  """||a - b|| / ||a|| over every leaf of two pytrees."""
-  diff = sum(float(np.sum((x - y) ** 2)) for x, y in zip(tree_arrays(a), tree_arrays(b), strict=True))
-  norm = sum(float(np.sum(x ** 2)) for x in tree_arrays(a))
-  return (diff / norm) ** 0.5
 
 
 def test_sharded_train_step_matches_single_device(tmp_path):
