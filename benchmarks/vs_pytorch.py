@@ -232,8 +232,8 @@ def torch_unet(config, batch: int):
 
 
 def tokenizer_convs(config, batch: int) -> dict[tuple, int]:
-  """{(input shape, C_out, kernel, strides): how many times the tokenizer's encoder and decoder
-  run it}, read from the model's own calls (flax's method interceptor)."""
+  """{(input shape, C_out, kernel, strides, upsample): how many times the tokenizer's encoder
+  and decoder run it}, read from the model's own calls (flax's method interceptor)."""
   data = config.data
   video = jnp.zeros((batch, data.num_frames, data.resolution, data.resolution, 3))
   found: dict[tuple, int] = {}
@@ -244,7 +244,7 @@ def tokenizer_convs(config, batch: int) -> dict[tuple, int]:
       if module.causal:
         raise app.UsageError("--layers times non-causal convs only (PyTorch's peer has none).")
       key = (tuple(args[0].shape), module.features, tuple(module.kernel_size),
-             tuple(module.strides))
+             tuple(module.strides), tuple(module.upsample))
       found[key] = found.get(key, 0) + 1
     return next_fun(*args, **kwargs)
 
@@ -253,34 +253,45 @@ def tokenizer_convs(config, batch: int) -> dict[tuple, int]:
   return found
 
 
+def upsampled_shape(key: tuple) -> tuple[int, ...]:
+  """The input shape of one conv (``tokenizer_convs``' key) as PyTorch's peer sees it: repeated
+  x2 on the axes an upsampling conv upsamples (ours convolves the input itself)."""
+  shape, upsample = key[0], key[4]
+  return (shape[0], *(size * (2 if up else 1) for size, up in zip(shape[1:4], upsample)),
+          shape[-1])
+
+
 def conv_positions(key: tuple) -> int:
   """Output positions of one conv (``tokenizer_convs``' key), after its replicate padding."""
-  shape, _, kernel, strides = key
+  shape, _, kernel, strides, _ = key
   padded = [size + sum(pad) for size, pad in
-            zip(shape[1:4], layers_lib.conv_padding(kernel, strides, False))]
+            zip(upsampled_shape(key)[1:4], layers_lib.conv_padding(kernel, strides, False))]
   return shape[0] * int(np.prod([(size - k) // s + 1
                                  for size, k, s in zip(padded, kernel, strides)]))
 
 
 def layer_flops(key: tuple) -> float:
-  """Forward FLOPs of one conv: 2 x output positions x taps x C_in x C_out."""
-  shape, features, kernel, _ = key
+  """Forward FLOPs of one conv: 2 x output positions x taps x C_in x C_out (of an upsampling
+  conv, those of the conv over the repeated input, which ours does in (3/2)^d fewer)."""
+  shape, features, kernel, _, _ = key
   return 2.0 * conv_positions(key) * int(np.prod(kernel)) * shape[-1] * features
 
 
 def time_one_conv(key: tuple) -> dict[str, float]:
   """Median seconds of one conv (``tokenizer_convs``' key), ours ('auto') and PyTorch's,
-  forward ('ours', 'pytorch') and forward+backward ('... grad'), interleaved."""
+  forward ('ours', 'pytorch') and forward+backward ('... grad'), interleaved. An upsampling conv:
+  ours on the input itself, PyTorch's Conv3d on the input already repeated (its repeat untimed)."""
   import torch
   import torch_models
-  shape_in, features, kernel, strides = key
-  conv = layers_lib.Conv3D(features, kernel, strides)
+  shape_in, features, kernel, strides, upsample = key
+  conv = layers_lib.Conv3D(features, kernel, strides, upsample=upsample)
   x = jax.random.normal(jax.random.PRNGKey(0), shape_in)
   params = jax.jit(conv.init)(jax.random.PRNGKey(1), x)
   forward = jax.jit(conv.apply)
   gradients = jax.jit(jax.grad(lambda p, x: jnp.sum(conv.apply(p, x) ** 2), argnums=(0, 1)))
   peer = torch_models.Conv3d(shape_in[-1], features, kernel, strides)
-  x_torch = torch.randn(shape_in[0], shape_in[-1], *shape_in[1:4], requires_grad=True)
+  peer_shape = upsampled_shape(key)
+  x_torch = torch.randn(peer_shape[0], peer_shape[-1], *peer_shape[1:4], requires_grad=True)
 
   def peer_forward():
     with torch.no_grad():
@@ -306,18 +317,23 @@ def measure_layers(shape: str, matmul: float) -> list[list[str]]:
   total = sum(layer_flops(key) * uses for key, uses in convs.items())
   rows = []
   for key, uses in sorted(convs.items(), key=lambda item: -layer_flops(item[0]) * item[1]):
-    shape_in, features, kernel, strides = key
+    shape_in, features, kernel, strides, upsample = key
     seconds = time_one_conv(key)
     flops = layer_flops(key)
     rate = {name: (flops * (3 if "grad" in name else 1)) / value / 1e9
             for name, value in seconds.items()}
     positions = conv_positions(key)
-    form = layers_lib.resolve_conv_impl("auto", shape_in[-1],
-                                        positions * int(np.prod(kernel)) * shape_in[-1],
-                                        features, positions)
+    if any(upsample):
+      form = "phases, " + layers_lib.resolve_upsampling_conv_impl("auto", shape_in, upsample)
+    else:
+      form = layers_lib.resolve_conv_impl("auto", shape_in[-1],
+                                          positions * int(np.prod(kernel)) * shape_in[-1],
+                                          features, positions)
     rows.append(["x".join(map(str, shape_in)), str(features),
                  "x".join(map(str, kernel)) + ("" if set(strides) == {1} else
-                                              " /" + "x".join(map(str, strides))),
+                                              " /" + "x".join(map(str, strides)))
+                 + ("" if not any(upsample) else
+                    " x2 " + "".join(a for a, up in zip("THW", upsample) if up)),
                  f"{uses}", f"{100 * flops * uses / total:.0f} %", form,
                  f"{rate['ours']:.0f}", f"{rate['pytorch']:.0f}",
                  f"{seconds['pytorch'] / seconds['ours']:.2f}",

@@ -52,6 +52,83 @@ def test_taps_and_im2col_convs_equal_the_native_conv_and_their_gradients(causal,
                                  atol=1e-5 * np.abs(want).max())
 
 
+def _repeat_then_conv(x, kernel, bias, time, space, causal):
+  """The upsampling conv written plainly: the input repeated x2 (nearest; causal time without the
+  first repeated frame), replicate-padded, then XLA's 3x3x3 conv."""
+  if time:
+    x = jnp.repeat(x, 2, axis=1)[:, 1:] if causal else jnp.repeat(x, 2, axis=1)
+  if space:
+    x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
+  x = layers.replicate_pad(x, layers.conv_padding((3, 3, 3), (1, 1, 1), causal))
+  return _xla_conv3d(x, kernel, (1, 1, 1)) + bias
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("time, space", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("size, phases", [((3, 4, 5), True), ((2, 2, 2), False)])
+def test_upsampling_conv_equals_the_conv_of_the_repeated_input_and_its_gradients(
+    monkeypatch, causal, time, space, size, phases):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, *size, 6))
+  calls = []
+  original = layers.upsampled_conv
+  monkeypatch.setattr(layers, "upsampled_conv", lambda *a: calls.append(1) or original(*a))
+  upsample = layers.Upsample(7, time, space, causal=causal)
+  params = jax.jit(upsample.init)(jax.random.PRNGKey(1), x)
+  params = jax.tree.map(lambda leaf: leaf + 0.1, params)  # a non-zero bias, whose gradient counts
+  conv = params["params"]["Conv3D_0"]
+  want_tree = _output_and_gradients(
+      lambda p, x: _repeat_then_conv(x, p["params"]["Conv3D_0"]["kernel"],
+                                     p["params"]["Conv3D_0"]["bias"], time, space, causal),
+      params, x)
+  frames = 2 * size[0] - causal if time else size[0]
+  assert want_tree[0].shape == (2, frames, *(2 * n if space else n for n in size[1:]), 7)
+  assert conv["kernel"].shape == (3, 3, 3, 6, 7)  # the parameter of the repeat-then-conv form
+  for form in ("native", "taps", "im2col"):
+    got_tree = _output_and_gradients(upsample.clone(conv_impl=form).apply, params, x)
+    assert bool(calls) == phases  # n = 2 on every upsampled axis: the repeated input's conv
+    for got, want in zip(jax.tree.leaves(got_tree), jax.tree.leaves(want_tree), strict=True):
+      want = np.asarray(want)  # float32 rounding: the kernel's taps are summed first
+      np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5,
+                                 atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("shape, axes, saves", [
+    ((1, 4, 2, 2, 512), (False, True, True), False),  # the paper U-Net's 2 x 2: 144 = 144
+    ((1, 4, 4, 4, 256), (False, True, True), True),  # its 4 x 4: 400 < 576
+    ((4, 2, 8, 8, 32), (True, False, False), False),  # 2 frames: 12 = 12
+    ((4, 2, 8, 8, 32), (True, True, True), True),  # 12 x 36 x 36 < 12 x 48 x 48
+    ((4, 3, 8, 8, 32), (True, False, False), True)])  # 3 frames: 16 < 18
+def test_phases_run_where_they_save_flops(shape, axes, saves):
+  assert layers.phases_save_flops(shape, axes) == saves
+
+
+def test_upsampling_phase_kernel_sums_the_taps_each_output_phase_reads():
+  kernel = jnp.arange(3.0).reshape(1, 3, 1, 1, 1) + 1  # w0, w1, w2 = 1, 2, 3 along H
+  phases = layers.upsampling_phase_kernel(kernel, (False, True, False))
+  # even rows read (x[j-1], x[j]) with (w0, w1 + w2); odd rows (x[j], x[j+1]) with (w0 + w1, w2)
+  taps_by_phase = np.asarray(phases)[0, :, 0, 0].T  # [phase, tap]
+  np.testing.assert_array_equal(taps_by_phase, [[1, 5], [3, 3]])
+  with pytest.raises(ValueError, match="3 taps"):
+    layers.upsampling_phase_kernel(jnp.ones((3, 1, 1, 1, 1)), (False, True, False))
+
+
+@pytest.mark.parametrize("backend, shape, axes, expected", [
+    # patch matrix: 4 x 9 x 9 positions x 8 taps x 32 channels (the demo decoder's)
+    ("cpu", (4, 4, 8, 8, 32), (True, True, True), "im2col"),
+    # 3 x 5 x 5 positions x 12 taps = 900 x C_in elements: 4,660 channels fit 16 MiB, 4,661 not
+    ("cpu", (1, 3, 4, 4, 4660), (False, True, True), "im2col"),
+    ("cpu", (1, 3, 4, 4, 4661), (False, True, True), "native"),
+    ("gpu", (4, 4, 8, 8, 32), (True, True, True), "native")])
+def test_auto_upsampling_conv_impl_follows_the_backend_and_patch_rule(
+    monkeypatch, backend, shape, axes, expected):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  assert layers.resolve_upsampling_conv_impl("auto", shape, axes) == expected
+  for conv_impl in ("native", "taps", "im2col"):
+    assert layers.resolve_upsampling_conv_impl(conv_impl, shape, axes) == conv_impl
+  with pytest.raises(ValueError, match="conv_impl"):
+    layers.resolve_upsampling_conv_impl("fft", shape, axes)
+
+
 def _xla_conv3d(x, kernel, strides):
   """XLA's own strided conv, differentiated by JAX's rules: the reference of every form."""
   return jax.lax.conv_general_dilated(x, kernel, strides, "VALID",

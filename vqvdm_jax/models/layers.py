@@ -8,7 +8,8 @@ patches of every output position gathered into one matrix and multiplied by the 
 (on CPU XLA's convolution *backward* at small spatial sizes and wide channels runs 10-60x its
 forward; as a matmul it runs like the forward). All read the same
 ``kernel [kt, kh, kw, C_in, C_out]`` parameter, so a checkpoint trained with one runs with the
-others.
+others. An upsampling conv (nearest x2, then a 3x3x3 conv) never builds the repeated input: one
+conv of the input itself with 2-tap phase kernels gives every output phase (:func:`upsampled_conv`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ IM2COL_MAX_NARROWING_POSITIONS = 256
 # 32 frames of 34x34x32 one call took 171 ms for the kernel gradient, 4 calls of 8 frames 56 ms
 # (benchmarks/RESULTS.md, "Issue 18, continued").
 TAPS_CHUNK_ELEMENTS = 2**18
+# The upsampling convolution's phase conv (upsampled_conv) runs as im2col up to this many patch
+# elements (16 MiB of float32), as XLA's native conv beyond: resolve_upsampling_conv_impl.
+UPSAMPLING_IM2COL_MAX_PATCH_ELEMENTS = 2**22
 
 
 def resolve_conv_impl(conv_impl: str, in_channels: int | None = None,
@@ -74,6 +78,29 @@ def resolve_conv_impl(conv_impl: str, in_channels: int | None = None,
   if narrowing and many_taps and positions > IM2COL_MAX_NARROWING_POSITIONS:
     return "taps"
   return "im2col"
+
+
+def resolve_upsampling_conv_impl(conv_impl: str, input_shape: Sequence[int],
+                                 axes: Sequence[bool]) -> str:
+  """The form of :func:`upsampled_conv`'s phase conv of ``input_shape [B, T, H, W, C_in]``,
+  whose kernel has 2 taps on each upsampled axis (3 on the others) and 2^d times the output
+  channels. 'auto': native off CPU; on CPU im2col while its patch matrix (output positions, one
+  more than the input's on each upsampled axis, x taps x C_in) fits 16 MiB, XLA's native conv
+  beyond. The 3x3x3 rule (:func:`resolve_conv_impl`) does not carry over: at the demo's 32
+  channels im2col ran the phase conv's forward+backward in 7.4 ms against taps' 11.6, and on the
+  paper tokenizer's widest one (9 x 33 x 33 positions, 128 -> 8 x 128 channels) native and
+  im2col tied (872 and 827 ms) where taps took 1,574 (benchmarks/RESULTS.md, "Twenty-first
+  session")."""
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
+  if conv_impl != "auto":
+    return conv_impl
+  if jax.default_backend() != "cpu":
+    return "native"
+  patch_elements = input_shape[0] * input_shape[-1] * math.prod(
+      2 * (size + 1) if upsampled else 3 * size
+      for size, upsampled in zip(input_shape[1:4], axes))
+  return "im2col" if patch_elements <= UPSAMPLING_IM2COL_MAX_PATCH_ELEMENTS else "native"
 
 
 def conv_padding(kernel_size: Sequence[int], strides: Sequence[int], causal: bool) -> Pads:
@@ -249,11 +276,87 @@ def fold_strided_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int]
   return x, kernel
 
 
+def repeat_x2(x: jax.Array, axes: Sequence[bool], causal: bool) -> jax.Array:
+  """``x [B, T, H, W, C]`` repeated x2 (nearest) on ``axes`` (T, H, W); causal time drops the
+  first repeated frame (T -> 2T - 1), inverting the causal downsampling's 1 + 2k -> 1 + k."""
+  for axis, upsampled in enumerate(axes, start=1):
+    if upsampled:
+      x = jnp.repeat(x, 2, axis=axis)
+  return x[:, 1:] if causal and axes[0] else x
+
+
+def phases_save_flops(input_shape: Sequence[int], axes: Sequence[bool]) -> bool:
+  """Whether :func:`upsampled_conv` does fewer multiply-adds than the conv of the repeated input:
+  on an upsampled axis of n positions its phase conv covers n + 1 windows x 2 phases x 2 taps,
+  the conv of the repeated input 2n positions x 3 taps; fewer from n = 3 on (2/3 as n grows). At
+  n = 2 (the paper U-Net's 2 x 2 -> 4 x 4) the phases only add their interleaving: its train
+  step ran 4 % slower with them (benchmarks/RESULTS.md, "Twenty-first session")."""
+  sizes = [size for size, upsampled in zip(input_shape[1:4], axes) if upsampled]
+  return math.prod(4 * (n + 1) for n in sizes) < math.prod(6 * n for n in sizes)
+
+
+def upsampling_phase_kernel(kernel: jax.Array, axes: Sequence[bool]) -> jax.Array:
+  """The 3-tap ``kernel [kt, kh, kw, C_in, C_out]`` as the 2-tap kernels of the output phases of
+  a conv over an input repeated x2 on ``axes``: ``[.., C_in, (pw ph pt C_out)]``.
+
+  On an axis repeated x2 (u[2j] = u[2j + 1] = x[j]), a 3-tap conv gives the even outputs
+  w0 x[j-1] + (w1 + w2) x[j] and the odd ones (w0 + w1) x[j] + w2 x[j+1]: two 2-tap kernels over
+  x itself, read from x[j-1] and from x[j] (the sub-pixel convolution of Shi et al. 2016, here
+  derived from the nearest-neighbour upsampling it replaces). Each upsampled axis doubles the
+  output channels, the latest axis outermost.
+  """
+  for axis, upsampled in enumerate(axes):
+    if not upsampled:
+      continue
+    if kernel.shape[axis] != 3:
+      raise ValueError(f"an upsampling conv needs 3 taps on each upsampled axis, got kernel "
+                       f"{kernel.shape[:3]} for axes {tuple(axes)}.")
+    w0, w1, w2 = (jax.lax.index_in_dim(kernel, tap, axis) for tap in range(3))
+    phases = jnp.stack([jnp.concatenate([w0, w1 + w2], axis),
+                        jnp.concatenate([w0 + w1, w2], axis)], axis=-2)
+    kernel = phases.reshape(*phases.shape[:-2], -1)
+  return kernel
+
+
+def upsampled_conv(x: jax.Array, kernel: jax.Array, axes: Sequence[bool], causal: bool,
+                   conv_impl: str, dtype: Dtype) -> jax.Array:
+  """``conv(repeat_x2(x))``: a stride-1, replicate-padded 3D conv (kernel 3 on the repeated axes)
+  of ``x [B, T, H, W, C]`` repeated x2 on ``axes`` (T, H, W); causal time drops the first
+  repeated frame (2T - 1 frames).
+
+  One conv over x with :func:`upsampling_phase_kernel`'s 2-tap phase kernels, its outputs
+  interleaved, instead of a conv over the 2^d times larger repeated input: per output position
+  2 taps instead of 3 on each upsampled axis, (3/2)^d fewer FLOPs (3.4x in time and space) and
+  no repeated copy. Equal up to float32 rounding (the kernel's taps are summed first). A padded
+  x (1 edge value a side) serves every phase; causal time equals the non-causal result without
+  its last frame (the repeat's first frame dropped shifts every causal window onto the same
+  inputs).
+  """
+  _, frames, height, width, _ = x.shape
+  form = resolve_upsampling_conv_impl(conv_impl, x.shape, axes)
+  time_pads = conv_padding((3,), (1,), causal)[0]
+  pads = tuple((1, 1) if upsampled else (time_pads if axis == 0 else (1, 1))
+               for axis, upsampled in enumerate(axes))
+  x = replicate_pad(x, pads)  # type: ignore[arg-type]
+  phase_kernel = upsampling_phase_kernel(kernel, axes).astype(dtype)
+  y = globals()[_CONV_FORMS[form]](x, phase_kernel, (1, 1, 1))
+  counts = [2 if upsampled else 1 for upsampled in axes]
+  y = y.reshape(*y.shape[:-1], *reversed(counts), kernel.shape[-1])
+  parts = jnp.stack([jnp.stack([jnp.stack([
+      y[:, pt: pt + frames, ph: ph + height, pw: pw + width, pw, ph, pt]
+      for pw in range(counts[2])]) for ph in range(counts[1])]) for pt in range(counts[0])])
+  y = einops.rearrange(parts, "pt ph pw b t h w o -> b (t pt) (h ph) (w pw) o")
+  return y[:, :-1] if causal and axes[0] else y
+
+
 class Conv3D(nn.Module):
   """3D convolution with replicate padding (optionally causal in time). ``[B,T,H,W,C]`` in/out.
 
   ``canonical_gradients``: for a conv differentiated inside ``lax.cond`` (the discriminator),
   gradients XLA:CPU runs in its conv kernels (:func:`_conv`); numerically the same conv.
+  ``upsample`` (T, H, W): the conv of the input repeated x2 (nearest, :func:`repeat_x2`) on those
+  axes, a stride-1 kernel of 3 on each; computed without the repeat (:func:`upsampled_conv`)
+  wherever that does fewer FLOPs (:func:`phases_save_flops`).
   """
 
   features: int
@@ -264,11 +367,20 @@ class Conv3D(nn.Module):
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   canonical_gradients: bool = False
+  upsample: tuple[bool, bool, bool] = (False, False, False)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
+    if any(self.upsample):
+      if any(s != 1 for s in self.strides):
+        raise ValueError(f"an upsampling Conv3D has stride 1, got strides {self.strides}.")
+      if phases_save_flops(x.shape, self.upsample):
+        y = upsampled_conv(x.astype(self.dtype), kernel, self.upsample, self.causal,
+                           self.conv_impl, self.dtype)
+        return self._add_bias(y)
+      x = repeat_x2(x, self.upsample, self.causal)
     x = replicate_pad(x.astype(self.dtype), conv_padding(self.kernel_size, self.strides, self.causal))
     kernel = kernel.astype(self.dtype)
     strides = self.strides
@@ -283,10 +395,13 @@ class Conv3D(nn.Module):
                              kernel.shape[4], positions)
     # Looked up by name at call time, so tests can watch which form ran.
     y = globals()[_CONV_FORMS[form]](x, kernel, strides, self.canonical_gradients)
-    if self.use_bias:
-      bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-      y = y + bias.astype(self.dtype)
-    return y
+    return self._add_bias(y)
+
+  def _add_bias(self, y: jax.Array) -> jax.Array:
+    if not self.use_bias:
+      return y
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    return y + bias.astype(self.dtype)
 
 
 def group_count(channels: int, num_groups: int) -> int:
@@ -373,10 +488,10 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-  """Nearest-neighbour x2 on the axes asked for, then a 3D conv.
+  """Nearest-neighbour x2 on the axes asked for, then a 3D conv (``Conv3D``'s ``upsample``).
 
-  Causal time upsampling drops the first repeated frame, inverting the causal downsampling's
-  1 + 2k -> 1 + k: the first latent frame stands for the first video frame alone.
+  Causal time upsampling drops the first repeated frame (:func:`repeat_x2`): the first latent
+  frame stands for the first video frame alone.
   """
 
   features: int
@@ -388,14 +503,8 @@ class Upsample(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    if self.time:
-      x = jnp.repeat(x, 2, axis=1)
-      if self.causal:
-        x = x[:, 1:]
-    if self.space:
-      x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
     return Conv3D(self.features, (3, 3, 3), causal=self.causal, conv_impl=self.conv_impl,
-                  dtype=self.dtype)(x)
+                  dtype=self.dtype, upsample=(self.time, self.space, self.space))(x)
 
 
 def frame_causal_mask(num_frames: int, tokens_per_frame: int) -> jax.Array:
