@@ -121,3 +121,13 @@ def relative_difference(a: Any, b: Any) -> float:
                    strict=True))
   difference = sum(float(np.sum((np.asarray(x) - np.asarray(y)) ** 2)) for x, y in pairs)
   return (difference / sum(float(np.sum(np.asarray(x) ** 2)) for x, _ in pairs)) ** 0.5
+
+
+def relative_update_difference(after_a: Any, after_b: Any, initial: Any) -> float:
+  """:func:`relative_difference` of two steps' updates from the same ``initial`` pytree. Adam's
+  g / sqrt(v) turns the rounding of a near-zero gradient into up to a full step of lr for that
+  weight, so two correct steps that sum in another order (sharded, or in two processes) agree
+  as a whole, not weight by weight; a data-parallel bug changes the update completely."""
+  initial = jax.device_get(initial)
+  return relative_difference(jax.tree.map(np.subtract, jax.device_get(after_a), initial),
+                             jax.tree.map(np.subtract, jax.device_get(after_b), initial))

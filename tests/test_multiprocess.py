@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import cheap_i3d, load_config, relative_difference, untrained_checkpoints
+from helpers import cheap_i3d, load_config, relative_update_difference, untrained_checkpoints
 from multiprocess_common import NUM_STEPS, evaluation_config, global_batch, make_trainer
 
 from vqvdm_jax.evaluation import evaluate, evaluate_vqgan
@@ -60,15 +60,13 @@ def test_two_processes_end_with_the_parameters_of_one_device(cluster_runs, tmp_p
   # Gradients agree to float32 rounding: gloo and the in-process all-reduce only sum in another
   # order. Adam's moments are compared relative to each array's scale (the first is 0.1 x the
   # running gradient). Adam's g / sqrt(v) step turns the rounding of a near-zero gradient into
-  # up to a full step of lr for that weight, so the weights' updates are compared as a whole,
-  # as for the sharded stage-1 steps: a data-parallel bug changes them completely.
+  # up to a full step of lr for that weight, so the weights' updates are compared as a whole
+  # (helpers.relative_update_difference).
   first_moments = [restored.opt_state[1][0].mu, state.opt_state[1][0].mu]
   for got, want in zip(*(jax.tree.leaves(jax.device_get(tree)) for tree in first_moments),
                        strict=True):
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max() + 1e-9
-  updates = [jax.tree.map(np.subtract, jax.device_get(params), initial_params)
-             for params in (state.params, restored.params)]
-  assert relative_difference(*updates) < 2e-2
+  assert relative_update_difference(state.params, restored.params, initial_params) < 2e-2
 
 
 def test_two_processes_evaluate_like_one_process_with_four_devices(cluster_runs):
