@@ -5,7 +5,10 @@ forward and train step (MSE + Adam). Shapes: ``demo`` (configs/demo.py's models,
 batch 4; its U-Net at the demo's own train batch of 16 latents) and ``paper`` (16x64x64, batch 1,
 a tokenizer of channels 64, multipliers (1, 2, 4, 4), one residual block a level, no attention;
 configs/ucf101.py's U-Net on the 4x8x8x4 latent). Each pass's FLOPs are XLA's count for our
-program (``cost_analysis``), used for both frameworks. Our conv forms and PyTorch's repetitions
+program (``cost_analysis``), used for both frameworks. Our upsampling convs run as phase convs
+(``layers.upsampled_conv``) with fewer FLOPs than PyTorch's conv of the repeated input, so on the
+decoder this count is lower than PyTorch's (paper decode: 115 against 172 GFLOP) and PyTorch's
+GFLOP/s are understated by as much; the time ratio is the comparison. Our conv forms and PyTorch's repetitions
 are interleaved (the machine's speed drifts) and the medians reported, beside this run's float32
 2048² matmul rate. PyTorch is the ``bench`` extra: ``pip install -e '.[bench]'``.
 
