@@ -55,6 +55,15 @@ TAPS_CHUNK_ELEMENTS = 2**18
 UPSAMPLING_IM2COL_MAX_PATCH_ELEMENTS = 2**22
 
 
+def _form_without_a_cpu_rule(conv_impl: str) -> str | None:
+  """An explicit ``conv_impl`` itself, 'auto' off CPU 'native', None where a CPU rule decides."""
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
+  if conv_impl != "auto":
+    return conv_impl
+  return None if jax.default_backend() == "cpu" else "native"
+
+
 def resolve_conv_impl(conv_impl: str, in_channels: int | None = None,
                       patch_elements: int | None = None, out_channels: int | None = None,
                       positions: int | None = None) -> str:
@@ -63,12 +72,9 @@ def resolve_conv_impl(conv_impl: str, in_channels: int | None = None,
   im2col when it fits 8 MiB and ``in_channels >= 128``, unless a kernel of more than one tap
   narrows the channels (``out_channels < in_channels``) on more than 256 positions; temporal taps
   otherwise (and without the shape, ``None``)."""
-  if conv_impl not in CONV_IMPLS:
-    raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
-  if conv_impl != "auto":
-    return conv_impl
-  if jax.default_backend() != "cpu":
-    return "native"
+  form = _form_without_a_cpu_rule(conv_impl)
+  if form is not None:
+    return form
   if in_channels is None or patch_elements is None:
     return "taps"
   if patch_elements > IM2COL_MAX_PATCH_ELEMENTS or in_channels < IM2COL_MIN_CHANNELS:
@@ -91,12 +97,9 @@ def resolve_upsampling_conv_impl(conv_impl: str, input_shape: Sequence[int],
   paper tokenizer's widest one (9 x 33 x 33 positions, 128 -> 8 x 128 channels) native and
   im2col tied (872 and 827 ms) where taps took 1,574 (benchmarks/RESULTS.md, "Twenty-first
   session")."""
-  if conv_impl not in CONV_IMPLS:
-    raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
-  if conv_impl != "auto":
-    return conv_impl
-  if jax.default_backend() != "cpu":
-    return "native"
+  form = _form_without_a_cpu_rule(conv_impl)
+  if form is not None:
+    return form
   patch_elements = input_shape[0] * input_shape[-1] * math.prod(
       2 * (size + 1) if upsampled else 3 * size
       for size, upsampled in zip(input_shape[1:4], axes))
