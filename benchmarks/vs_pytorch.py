@@ -326,9 +326,9 @@ def measure_layers(shape: str, matmul: float) -> list[list[str]]:
     rate = {name: (flops * (3 if "grad" in name else 1)) / value / 1e9
             for name, value in seconds.items()}
     positions = conv_positions(key)
-    if any(upsample):
+    if layers_lib.phases_save_flops(shape_in, upsample):
       form = "phases, " + layers_lib.resolve_upsampling_conv_impl("auto", shape_in, upsample)
-    else:
+    else:  # a plain conv, or one over the repeated input
       form = layers_lib.resolve_conv_impl("auto", shape_in[-1],
                                           positions * int(np.prod(kernel)) * shape_in[-1],
                                           features, positions)
