@@ -110,6 +110,11 @@ def test_upsampling_phase_kernel_sums_the_taps_each_output_phase_reads():
   np.testing.assert_array_equal(taps_by_phase, [[1, 5], [3, 3]])
   with pytest.raises(ValueError, match="3 taps"):
     layers.upsampling_phase_kernel(jnp.ones((3, 1, 1, 1, 1)), (False, True, False))
+  x = jnp.zeros((1, 3, 3, 3, 1))
+  for bad in (layers.Conv3D(1, (1, 3, 3), upsample=(False, True, True)),
+              layers.Conv3D(1, strides=(1, 2, 2), upsample=(True, False, False))):
+    with pytest.raises(ValueError, match="3x3x3 kernel and stride 1"):
+      jax.eval_shape(bad.init, jax.random.PRNGKey(0), x)
 
 
 @pytest.mark.parametrize("backend, shape, axes, expected", [

@@ -358,7 +358,7 @@ class Conv3D(nn.Module):
   ``canonical_gradients``: for a conv differentiated inside ``lax.cond`` (the discriminator),
   gradients XLA:CPU runs in its conv kernels (:func:`_conv`); numerically the same conv.
   ``upsample`` (T, H, W): the conv of the input repeated x2 (nearest, :func:`repeat_x2`) on those
-  axes, a stride-1 kernel of 3 on each; computed without the repeat (:func:`upsampled_conv`)
+  axes, with a 3x3x3 kernel and stride 1; computed without the repeat (:func:`upsampled_conv`)
   wherever that does fewer FLOPs (:func:`phases_save_flops`).
   """
 
@@ -377,8 +377,9 @@ class Conv3D(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
     if any(self.upsample):
-      if any(s != 1 for s in self.strides):
-        raise ValueError(f"an upsampling Conv3D has stride 1, got strides {self.strides}.")
+      if tuple(self.kernel_size) != (3, 3, 3) or any(s != 1 for s in self.strides):
+        raise ValueError(f"an upsampling Conv3D has a 3x3x3 kernel and stride 1, got kernel "
+                         f"{self.kernel_size} and strides {self.strides}.")
       if phases_save_flops(x.shape, self.upsample):
         y = upsampled_conv(x.astype(self.dtype), kernel, self.upsample, self.causal,
                            self.conv_impl, self.dtype)
