@@ -8,9 +8,9 @@ configs/ucf101.py's U-Net on the 4x8x8x4 latent). Each pass's FLOPs are XLA's co
 program (``cost_analysis``), used for both frameworks. Our upsampling convs run as phase convs
 (``layers.upsampled_conv``) with fewer FLOPs than PyTorch's conv of the repeated input, so on the
 decoder this count is lower than PyTorch's (paper decode: 115 against 172 GFLOP) and PyTorch's
-GFLOP/s are understated by as much; the time ratio is the comparison. Our conv forms and PyTorch's repetitions
-are interleaved (the machine's speed drifts) and the medians reported, beside this run's float32
-2048² matmul rate. PyTorch is the ``bench`` extra: ``pip install -e '.[bench]'``.
+GFLOP/s are understated by as much; the time ratio is the comparison. Our conv forms and
+PyTorch's repetitions are interleaved (the machine's speed drifts) and the medians reported,
+beside this run's float32 2048² matmul rate. PyTorch is the ``bench`` extra: ``pip install -e '.[bench]'``.
 
   python benchmarks/vs_pytorch.py                               # both shapes, ~15 min on 2 cores
   python benchmarks/vs_pytorch.py --shapes=paper --models=tokenizer --sweep   # XLA:CPU options

@@ -337,9 +337,8 @@ def upsampled_conv(x: jax.Array, kernel: jax.Array, axes: Sequence[bool], causal
   """
   _, frames, height, width, _ = x.shape
   form = resolve_upsampling_conv_impl(conv_impl, x.shape, axes)
-  time_pads = conv_padding((3,), (1,), causal)[0]
-  pads = tuple((1, 1) if upsampled else (time_pads if axis == 0 else (1, 1))
-               for axis, upsampled in enumerate(axes))
+  pads = tuple((1, 1) if upsampled else pad
+               for upsampled, pad in zip(axes, conv_padding((3, 3, 3), (1, 1, 1), causal)))
   x = replicate_pad(x, pads)  # type: ignore[arg-type]
   phase_kernel = upsampling_phase_kernel(kernel, axes).astype(dtype)
   y = globals()[_CONV_FORMS[form]](x, phase_kernel, (1, 1, 1))
