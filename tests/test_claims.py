@@ -17,8 +17,9 @@ import pytest
 from helpers import load_config, stage1_options_config
 
 import vqvdm_jax
-from vqvdm_jax import checkpointing
+from vqvdm_jax import checkpointing, losses
 from vqvdm_jax import workdir as workdir_lib
+from vqvdm_jax.data import pipeline
 from vqvdm_jax.inference import sampling
 from vqvdm_jax.inference.tokenizer import Tokenizer, init_variables
 from vqvdm_jax.models.vqgan import latent_shape, make_vqgan
@@ -284,6 +285,48 @@ def test_only_process_0_writes_summaries_and_videos(ema_workdir, tmp_path, monke
   assert _files(tmp_path / "process_1") == []
 
 
+def _adaptive_weight_and_gradient_norm(config, trainer, state, batch):
+  """λ = ‖∇_{G_L} L_rec‖ / (‖∇_{G_L} L_disc‖ + δ) at the decoder's last conv (Taming eq. 7), and
+  ‖∇ (L_rec + w_VQ L_VQ + w_disc λ L_disc + w_aux L_disc_aux)‖, of the first step of ``state``,
+  each gradient of its own forward pass."""
+  loss = config.vqgan.loss
+  model, discriminator = make_vqgan(config), vqgan_trainer.make_discriminator(config)
+  video = pipeline.to_model_input(batch["video"])
+  rng = jax.random.split(jax.random.fold_in(state.rng, state.step))[0]
+  lpips_rng, quantizer_rng = jax.random.split(rng)
+
+  def terms(params):
+    (x_hat, quantized), _ = model.apply(
+        {"params": params, "quantizer_state": state.quantizer_state}, video, train=True,
+        mutable=["quantizer_state"], rngs={"quantizer": quantizer_rng})
+    reconstruction = (loss.l2_weight * losses.l2_reconstruction_loss(video, x_hat)
+                      + loss.lpips_weight * losses.video_lpips(
+                          trainer.lpips_module, trainer.lpips_params, video, x_hat,
+                          loss.lpips_frames, lpips_rng))
+    logits_fake, features_fake = discriminator.apply({"params": state.disc_params}, x_hat)
+    _, features_real = discriminator.apply({"params": state.disc_params}, video)
+    return {"reconstruction": reconstruction, "vq": quantized.loss,
+            "adversarial": losses.generator_adversarial_loss(logits_fake, loss.gan_loss),
+            "feature_matching": losses.feature_matching_loss(features_real, features_fake)}
+
+  @jax.jit
+  def weight_and_norm(params):
+    def last_layer(term):
+      grads = jax.grad(lambda p: terms(p)[term])(params)
+      return jnp.linalg.norm(grads["decoder"]["conv_out"]["kernel"])
+    weight = jnp.clip(last_layer("reconstruction") / (last_layer("adversarial") + 1e-6), 0.0,
+                      loss.adaptive_weight_max)
+    def total(p):
+      t = terms(p)
+      return (t["reconstruction"] + loss.vq_weight * t["vq"]
+              + loss.disc_weight * weight * t["adversarial"]
+              + loss.feature_matching_weight * t["feature_matching"])
+    grads = jax.grad(total)(params)
+    return weight, jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads)))
+
+  return jax.device_get(weight_and_norm(state.params))
+
+
 def test_stage1_options_through_the_trainer_ema_codebook_hinge_adaptive_weight_lecam(tmp_path):
   """One compiled step with every optional stage-1 term on: each moves what it should."""
   config = stage1_options_config()
@@ -303,8 +346,12 @@ def test_stage1_options_through_the_trainer_ema_codebook_hinge_adaptive_weight_l
   assert float(metrics["loss/reconstruction"]) == pytest.approx(
       config.vqgan.loss.l2_weight * float(metrics["loss/l2"]) + float(metrics["loss/lpips"]),
       rel=1e-5)
-  # Taming's ratio, not the fixed weight 1.
+  # Taming's ratio (eq. 7) and the gradient it scales, computed here as plain gradients of each
+  # term's own forward pass: the step takes them from one forward pass and its pullbacks.
+  weight, grad_norm = _adaptive_weight_and_gradient_norm(config, trainer, before, batch)
   assert float(metrics["gan/adaptive_weight"]) != pytest.approx(1.0)
+  assert float(metrics["gan/adaptive_weight"]) == pytest.approx(weight, rel=1e-4)
+  assert float(metrics["grad_norm/generator"]) == pytest.approx(grad_norm, rel=1e-4)
   # The EMA codebook moves without a gradient: it is quantizer state, not a parameter.
   assert any(not np.array_equal(a, b) for a, b in zip(
       _host(state.quantizer_state), _host(before.quantizer_state), strict=True))

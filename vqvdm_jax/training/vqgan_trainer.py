@@ -136,12 +136,17 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
     return (losses.generator_adversarial_loss(logits_fake, loss_config.gan_loss),
             losses.feature_matching_loss(features_real, features_fake))
 
-  def generator_terms(params, quantizer_state, disc_params, lpips_params, video, rng, gan_active):
-    """Every generator loss term; the discriminator only runs once the GAN is active."""
-    lpips_rng, quantizer_rng = jax.random.split(rng)
+  def generator_forward(params, quantizer_state, video, quantizer_rng):
+    """((x̂, L_VQ), (the quantizer's output, its updated state)): the tokenizer's half of the
+    generator loss, differentiated once per step (:func:`jax.vjp`)."""
     (x_hat, quantized), updated = model.apply(
         {"params": params, "quantizer_state": quantizer_state}, video, train=True,
         mutable=["quantizer_state"], rngs={"quantizer": quantizer_rng})
+    return (x_hat, quantized.loss), (quantized, updated.get("quantizer_state", {}))
+
+  def loss_heads(x_hat, disc_params, lpips_params, video, lpips_rng, gan_active):
+    """((L_rec, L_disc, L_disc_aux), (L2, LPIPS)) of the reconstruction x̂; the discriminator
+    only runs once the GAN is active."""
     l2 = losses.l2_reconstruction_loss(video, x_hat)
     zero = jnp.zeros((), jnp.float32)
     if with_lpips:
@@ -157,19 +162,51 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
           gan_active, lambda x: gan_terms(disc_params, video, x), lambda x: (zero, zero), x_hat)
     else:
       adversarial = feature_matching = zero
-    return dict(x_hat=x_hat, quantized=quantized, quantizer_state=updated.get("quantizer_state", {}),
-                l2=l2, lpips=perceptual, reconstruction=reconstruction,
-                adversarial=adversarial, feature_matching=feature_matching)
+    return (reconstruction, adversarial, feature_matching), (l2, perceptual)
 
-  def adaptive_weight(params, quantizer_state, disc_params, lpips_params, video, rng):
-    """Taming eq. 7 at the decoder's output conv; costs two extra backward passes."""
-    def last_layer_grad(term):
-      grads = jax.grad(lambda p: generator_terms(
-          p, quantizer_state, disc_params, lpips_params, video, rng, True)[term])(params)
+  def generator_gradients(state, video, lpips_params, rng, gan_active):
+    """(the generator loss, its gradient, λ, the terms): one forward pass of the tokenizer and
+    of the loss heads, whatever ``adaptive_disc_weight`` says.
+
+    The loss is linear in its heads, so its gradient is the tokenizer's pullback of
+    ∂L/∂x̂ = ∂L_rec/∂x̂ + w_disc λ ∂L_disc/∂x̂ + w_aux ∂L_disc_aux/∂x̂ (and of w_VQ for L_VQ).
+    Taming's λ (eq. 7) needs ∇_{G_L} of L_rec and of L_disc alone at the decoder's last layer:
+    the same two pullbacks, each with one head's cotangent, of which XLA keeps only what reaches
+    that layer (before, each was a gradient of its own forward pass of the whole model).
+    """
+    lpips_rng, quantizer_rng = jax.random.split(rng)
+    (x_hat, vq_loss), pull_generator, (quantized, quantizer_state) = jax.vjp(
+        lambda params: generator_forward(params, state.quantizer_state, video, quantizer_rng),
+        state.params, has_aux=True)
+    (reconstruction, adversarial, feature_matching), pull_heads, (l2, perceptual) = jax.vjp(
+        lambda x: loss_heads(x, state.disc_params, lpips_params, video, lpips_rng, gan_active),
+        x_hat, has_aux=True)
+    zero, one = jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32)
+
+    def last_layer_grad(head_cotangents):
+      d_x_hat, = pull_heads(head_cotangents)
+      grads, = pull_generator((d_x_hat, zero))
       return grads["decoder"]["conv_out"]["kernel"]
-    return losses.adaptive_disc_weight(last_layer_grad("reconstruction"),
-                                       last_layer_grad("adversarial"),
-                                       loss_config.adaptive_weight_max)
+
+    if loss_config.adaptive_disc_weight and with_gan:
+      disc_factor = jax.lax.cond(
+          gan_active,
+          lambda: losses.adaptive_disc_weight(last_layer_grad((one, zero, zero)),
+                                              last_layer_grad((zero, one, zero)),
+                                              loss_config.adaptive_weight_max),
+          lambda: one)
+    else:
+      disc_factor = one
+    adversarial_weight = loss_config.disc_weight * disc_factor
+    total = (reconstruction + loss_config.vq_weight * vq_loss + adversarial_weight * adversarial
+             + loss_config.feature_matching_weight * feature_matching)
+    d_x_hat, = pull_heads((one, adversarial_weight,
+                           jnp.asarray(loss_config.feature_matching_weight, jnp.float32)))
+    grads, = pull_generator((d_x_hat, jnp.asarray(loss_config.vq_weight, vq_loss.dtype)))
+    terms = dict(x_hat=x_hat, quantized=quantized, quantizer_state=quantizer_state, l2=l2,
+                 lpips=perceptual, reconstruction=reconstruction, adversarial=adversarial,
+                 feature_matching=feature_matching, disc_factor=disc_factor)
+    return total, grads, terms
 
   def discriminator_update(state, video, x_hat):
     """One discriminator step on (x, x̂): its params, optimizer state, LeCam EMAs and metrics."""
@@ -211,25 +248,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
     video = pipeline.to_model_input(batch["video"])
     gan_active = state.step >= loss_config.disc_start
 
-    if loss_config.adaptive_disc_weight and with_gan:
-      disc_factor = jax.lax.cond(
-          gan_active,
-          lambda: adaptive_weight(state.params, state.quantizer_state, state.disc_params,
-                                  lpips_params, video, gen_rng),
-          lambda: jnp.ones((), jnp.float32))
-    else:
-      disc_factor = jnp.ones((), jnp.float32)
     gan_gate = gan_active.astype(jnp.float32)
-
-    def generator_loss(params):
-      terms = generator_terms(params, state.quantizer_state, state.disc_params, lpips_params,
-                              video, gen_rng, gan_active)
-      total = (terms["reconstruction"] + loss_config.vq_weight * terms["quantized"].loss
-               + loss_config.disc_weight * disc_factor * terms["adversarial"]
-               + loss_config.feature_matching_weight * terms["feature_matching"])
-      return total, terms
-
-    (gen_loss, terms), gen_grads = jax.value_and_grad(generator_loss, has_aux=True)(state.params)
+    gen_loss, gen_grads, terms = generator_gradients(state, video, lpips_params, gen_rng,
+                                                     gan_active)
     updates, gen_opt_state = gen_tx.update(gen_grads, state.gen_opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if ema_decay > 0:
@@ -250,7 +271,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
         "loss/reconstruction": terms["reconstruction"], "loss/vq": quantized.loss,
         "loss/adversarial": terms["adversarial"],
         "loss/feature_matching": terms["feature_matching"],
-        "gan/active": gan_gate, "gan/adaptive_weight": disc_factor,
+        "gan/active": gan_gate, "gan/adaptive_weight": terms["disc_factor"],
         "grad_norm/generator": optax.tree.norm(gen_grads),
         **disc_metrics,
     }
