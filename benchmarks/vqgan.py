@@ -5,6 +5,8 @@ float32 matmul rate, and peak device memory (where reported), for each conv impl
 
   python benchmarks/vqgan.py                                  # paper model, 16x64x64 on CPU
   python benchmarks/vqgan.py --resolution=128 --batch_sizes=1,8   # the paper's shape (GPU/TPU)
+  python benchmarks/vqgan.py --config=configs/demo.py --frames=8 --resolution=32 --batch_sizes=4 \
+      --conv_impls=auto --adaptive_disc_weight                  # the demo's step, Taming's weight
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ flags.DEFINE_list("batch_sizes", ["1", "4"], "Batch sizes to measure.")
 flags.DEFINE_list("conv_impls", ["native", "taps"], "3D conv implementations to compare.")
 flags.DEFINE_integer("repeats", 3, "Timed calls per row (median reported).")
 flags.DEFINE_bool("train", True, "Also time the full train step.")
+flags.DEFINE_bool("adaptive_disc_weight", False,
+                  "Train step with Taming's adaptive discriminator weight (vqgan.loss).")
 FLAGS = flags.FLAGS
 
 
@@ -51,6 +55,7 @@ def main(argv):
       config.data.resolution = resolution
       config.vqgan.model.conv_impl = conv_impl
       config.vqgan.loss.disc_start = 0  # time the full step, discriminator included
+      config.vqgan.loss.adaptive_disc_weight = FLAGS.adaptive_disc_weight
       config.vqgan.train.batch_size = batch_size
       config.mesh.shape = (1, 1)
       with tempfile.TemporaryDirectory() as workdir:
