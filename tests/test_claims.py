@@ -13,6 +13,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from helpers import load_config, stage1_options_config
 
@@ -322,7 +323,7 @@ def _adaptive_weight_and_gradient_norm(config, trainer, state, batch):
               + loss.disc_weight * weight * t["adversarial"]
               + loss.feature_matching_weight * t["feature_matching"])
     grads = jax.grad(total)(params)
-    return weight, jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads)))
+    return weight, optax.tree.norm(grads)
 
   return jax.device_get(weight_and_norm(state.params))
 
