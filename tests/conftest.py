@@ -33,6 +33,18 @@ import pytest  # noqa: E402
 from xla_flags import (  # noqa: E402
     CACHE_MAX_SIZE_BYTES, CACHE_MIN_COMPILE_TIME_SECS, COMPILATION_CACHE_DIR)
 
+# The xdist workers split the CPUs between them (on two cores, a core each), and the subprocesses
+# a test starts inherit their worker's share. A worker stepping a program on eight simulated
+# devices runs a dozen busy threads; unpinned, they took the CPU from the other worker's
+# single-threaded compiles (the tiny stage-2 step's level-3 compile took 35 s in the suite against
+# 11 s alone). Pinned, the cold suite took 714 s against 810 s unpinned (2-core AVX2 VM, matmul
+# 159-167 GFLOP/s, 2026-12-04). Set before JAX starts its thread pools, which inherit the mask.
+_worker = os.environ.get("PYTEST_XDIST_WORKER")
+if _worker is not None and hasattr(os, "sched_setaffinity"):
+  _cpus = sorted(os.sched_getaffinity(0))
+  _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+  _share = _cpus[int(_worker.removeprefix("gw")) % len(_cpus)::_workers] or _cpus
+  os.sched_setaffinity(0, set(_share))
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
 
