@@ -64,24 +64,30 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPIL
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_SIZE_BYTES)
 
-# The heaviest files first (seconds of worker time in a cold run of the suite, 2-core CPU,
-# 2026-12-02). `--dist loadfile` runs each file on one worker, and xdist's default order (files with
-# the most tests first; pyproject.toml turns it off) left few-test heavy files such as the
-# two-process runs and the priors dry run to run alone at the end while the other worker idled.
+# The heaviest files first (seconds of worker time in a cold run of the suite with the workers
+# pinned, 2-core CPU, 2026-12-04). `--dist loadfile` runs each file on one worker, and xdist's
+# default order (files with the most tests first; pyproject.toml turns it off) left few-test heavy
+# files such as the two-process runs and the priors dry run to run alone at the end while the
+# other worker idled.
 _HEAVIEST_FILES_FIRST = (
-    "test_diffusion_training.py",  # ~270 s
-    "test_vqgan_training.py",  # ~210 s
-    "test_hierarchy.py",  # ~175 s
-    "test_multiprocess.py",  # ~170 s
-    "test_benchmarks.py",  # ~160 s
-    "test_claims.py",  # ~140 s
-    "test_preemption.py",  # ~125 s
-    "test_recovery.py",  # ~105 s
-    "test_token_training.py",  # ~95 s
-    "test_inference.py",  # ~85 s
-    "test_errors.py",  # ~80 s
-    "test_two_level_priors.py",  # ~80 s
-    "test_notebooks.py",  # ~75 s
+    "test_diffusion_training.py",  # ~150 s
+    "test_vqgan_training.py",  # ~145 s
+    "test_multiprocess.py",  # ~110 s
+    "test_benchmarks.py",  # ~95 s
+    "test_preemption.py",  # ~85 s
+    "test_claims.py",  # ~80 s
+    "test_hierarchy.py",  # ~75 s
+    "test_recovery.py",  # ~70 s
+    "test_token_training.py",  # ~60 s
+    "test_evaluate.py",  # ~60 s
+    "test_notebooks.py",  # ~50 s
+    "test_inference.py",  # ~50 s
+    "test_sharding.py",  # ~40 s
+    "test_remote_workdir.py",  # ~40 s
+    "test_two_level_priors.py",  # ~35 s
+    "test_unet3d.py",  # ~28 s
+    "test_config.py",  # ~26 s
+    "test_vqgan.py",  # ~26 s
 )
 
 
