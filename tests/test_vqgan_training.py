@@ -155,8 +155,9 @@ def test_tiny_run_learns_more_than_a_constant_colour(tmp_path):
   single colour's, whatever the CPU's instruction set (see README, Reproducibility).
 
   Clipping on and a moderate learning rate keep the trajectory smooth; the median of the last
-  ten steps ignores a lone spike. Measured (median of the last 10 / first step): 0.066 / 0.515
-  with XLA:CPU's default, AVX and SSE4_2 code on an AVX2 EPYC; the bounds are 0.129 and 0.080.
+  ten steps ignores a lone spike. Measured (median of the last 10 / first step, the tests' XLA
+  flags, on an AVX2 EPYC): 0.055 / 0.515 with XLA:CPU's default code, 0.053 with AVX, 0.057 with
+  SSE4_2; the bounds are 0.129 and 0.080.
   """
   config = load_config("tiny")
   config.data.num_train_clips = 4
