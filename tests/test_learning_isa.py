@@ -32,7 +32,7 @@ def test_learning_tests_pass_with_sse4_2_code():
   env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_cpu_max_isa=SSE4_2"  # + conftest's
   result = subprocess.run(
       [sys.executable, "-m", "pytest", "-q", "-m", "learning", "-p", "no:cacheprovider",
-       "-p", "no:xdist", str(REPO / "tests")],
+       "-n", "0", str(REPO / "tests")],
       capture_output=True, text=True, cwd=REPO, env=env, timeout=540)
   assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
   passed = re.search(r"(\d+) passed", result.stdout)
