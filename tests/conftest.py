@@ -44,9 +44,10 @@ _worker = os.environ.get("PYTEST_XDIST_WORKER")
 if _worker is not None and hasattr(os, "sched_setaffinity"):
   _cpus = sorted(os.sched_getaffinity(0))
   _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-  _share = _cpus[int(_worker.removeprefix("gw")) % len(_cpus)::_workers] or _cpus
+  _share = _cpus[int(_worker.removeprefix("gw")) % len(_cpus)::_workers]
   with contextlib.suppress(OSError):  # a container that forbids it: unpinned, only slower
     os.sched_setaffinity(0, set(_share))
+
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
 
